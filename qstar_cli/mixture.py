@@ -199,5 +199,5 @@ def token_diagnostics(
         "ess_ratio": ess_ratio,
         "entropy_theta": entropy(logp_theta),
         "entropy_t": entropy(logp_t),
-        "entropy_q": entropy(logp_q),
+        "entropy_q": -torch.where(q > 0, q * logp_q, 0.0).sum(dim=-1),
     }

@@ -79,6 +79,8 @@ def sampling_logprobs(logp_q: Tensor, params: SamplingParams) -> Tensor:
     if params.temperature == 0:
         top = logp_q.argmax(dim=-1, keepdim=True)
         return torch.full_like(logp_q, -math.inf).scatter_(-1, top, 0.0)
+    if params.temperature == 1 and params.top_k == 0 and params.top_p == 1:
+        return logp_q  # already normalised: nothing to transform
     logits = logp_q if params.temperature == 1 else logp_q / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]

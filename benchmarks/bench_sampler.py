@@ -1,0 +1,144 @@
+"""Generation throughput: DualModelSampler against the floor, one model's generate, and the naive loop.
+
+    python benchmarks/bench_sampler.py                        # demo + tiny models, batch 1 8 32, CPU
+    python benchmarks/bench_sampler.py --models demo --batches 8 --new-tokens 32
+
+For each model pair and batch size, all from one run, on the same prompts and the same number of new
+tokens per row (EOS is ignored so every variant does the same work):
+
+* floor: the two models' forward passes alone (prefill, then one cached forward each per step),
+  feeding fixed tokens: the physical floor of exact two-model sampling without speculation;
+* qstar: ``DualModelSampler.generate`` (kl_symmetry alpha, diagnostics, sampling);
+* generate: one model's own ``generate`` (a single model's cost, for scale);
+* naive: what a user would write from the design notes: per row, the two models one after the other,
+  20-step bisection per token, ``torch.multinomial``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from qstar_cli.mixture import mixture_logprobs
+from qstar_cli.models import LoadedModel
+from qstar_cli.sampler import DualModelSampler, ModelStream
+from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
+
+from bench_alpha import bisection_alpha
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me one tip for writing clear code.",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about autumn.",
+    "What is 17 times 23?",
+    "Name three uses of a paperclip.",
+    "How do I boil an egg?",
+    "Summarise the plot of Romeo and Juliet in one line.",
+]
+
+
+def pair(name: str) -> tuple[LoadedModel, LoadedModel]:
+    if name == "demo":
+        sampler = DualModelSampler.from_pretrained("demo", "demo", device="cpu", dtype="float32")
+        return sampler.theta, sampler.target
+    tok = build_tiny_tokenizer()
+    return (
+        LoadedModel(build_tiny_model(tok, seed=1, hidden_size=256, num_layers=4), tok, "tiny-theta"),
+        LoadedModel(build_tiny_model(tok, seed=2, hidden_size=256, num_layers=4), tok, "tiny-t"),
+    )
+
+
+def floor(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
+    """Both models' forwards alone: prefill, then one cached step each per token."""
+    ids_theta, ids_t = zip(*prompts)
+    theta = ModelStream(sampler.theta.model, list(ids_theta), 0, sampler.vocab)
+    target = ModelStream(sampler.target.model, list(ids_t), 0, sampler.vocab)
+    tokens = torch.full((len(prompts),), 5, dtype=torch.long)
+    for _ in range(new_tokens - 1):
+        theta.step(tokens)
+        target.step(tokens)
+
+
+def naive(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
+    """Per row: the two models one after the other, 20-step bisection, multinomial."""
+    for ids_theta, ids_t in prompts:
+        caches = [DynamicCache(), DynamicCache()]
+        inputs = [torch.tensor([ids_theta]), torch.tensor([ids_t])]
+        for _ in range(new_tokens):
+            logps = []
+            for i, loaded in enumerate((sampler.theta, sampler.target)):
+                out = loaded.model(input_ids=inputs[i], cache=caches[i], use_cache=True)
+                logps.append(out.logits[:, -1, : sampler.vocab].float().log_softmax(-1))
+            alpha = bisection_alpha(logps[0], logps[1])
+            token = torch.multinomial(mixture_logprobs(logps[0], logps[1], alpha).exp(), 1)
+            inputs = [token, token]
+
+
+def hf_generate(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
+    tok = sampler.target.tokenizer
+    ids = [p[1] for p in prompts]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    sampler.target.model.generate(
+        input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=True, pad_token_id=pad,
+    )
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "demo"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens}")
+    header = (
+        f"{'models':>6} {'batch':>5} | {'floor s':>8} {'qstar s':>8} {'generate s':>10} {'naive s':>8} | "
+        f"{'qstar tok/s':>11} | {'qstar/floor':>11} {'naive/qstar':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name in args.models:
+        theta, target = pair(name)
+        sampler = DualModelSampler(
+            theta, target, theta_format="plain", t_format="chat", max_new_tokens=args.new_tokens
+        )
+        sampler.eos = set()  # every row runs the full length in every variant
+        for batch in args.batches:
+            convs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
+            prompts = [sampler.encode_prompts(c) for c in convs]
+            t_floor = timed(lambda: floor(sampler, prompts, args.new_tokens), args.repeats)
+            t_qstar = timed(lambda: sampler.generate(convs), args.repeats)
+            t_gen = timed(lambda: hf_generate(sampler, prompts, args.new_tokens), args.repeats)
+            t_naive = float("nan")
+            if not args.no_naive:
+                t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1)
+            print(
+                f"{name:>6} {batch:>5} | {t_floor:>8.3f} {t_qstar:>8.3f} {t_gen:>10.3f} {t_naive:>8.3f} | "
+                f"{batch * args.new_tokens / t_qstar:>11.1f} | {t_qstar / t_floor:>10.3f}x {t_naive / t_qstar:>10.2f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

