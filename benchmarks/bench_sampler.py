@@ -17,8 +17,6 @@ tokens per row (EOS is ignored so every variant does the same work):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import DynamicCache
@@ -28,7 +26,7 @@ from qstar_cli.models import LoadedModel
 from qstar_cli.sampler import DualModelSampler, ModelStream
 from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
 
-from bench_alpha import bisection_alpha
+from bench_alpha import bisection_alpha, timed
 
 PROMPTS = [
     "What is the capital of France?",
@@ -92,16 +90,6 @@ def hf_generate(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
     )
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "demo"])
@@ -127,12 +115,13 @@ def main() -> None:
         for batch in args.batches:
             convs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
             prompts = [sampler.encode_prompts(c) for c in convs]
-            t_floor = timed(lambda: floor(sampler, prompts, args.new_tokens), args.repeats)
-            t_qstar = timed(lambda: sampler.generate(convs), args.repeats)
-            t_gen = timed(lambda: hf_generate(sampler, prompts, args.new_tokens), args.repeats)
+            # bench_alpha.timed gives median milliseconds; this table is in seconds.
+            t_floor = timed(lambda: floor(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
+            t_qstar = timed(lambda: sampler.generate(convs), args.repeats, "cpu") / 1e3
+            t_gen = timed(lambda: hf_generate(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
             t_naive = float("nan")
             if not args.no_naive:
-                t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1)
+                t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1, "cpu") / 1e3
             print(
                 f"{name:>6} {batch:>5} | {t_floor:>8.3f} {t_qstar:>8.3f} {t_gen:>10.3f} {t_naive:>8.3f} | "
                 f"{batch * args.new_tokens / t_qstar:>11.1f} | {t_qstar / t_floor:>10.3f}x {t_naive / t_qstar:>10.2f}x",
