@@ -1,16 +1,38 @@
-"""The ``qstar`` command line: a thin layer over the Python API."""
+"""The ``qstar`` command line: a thin layer over the Python API.
+
+Exit codes: 0 done, 1 run error, 2 bad usage or bad input (one line, no traceback), 130 stopped by
+Ctrl-C or SIGTERM after saving (re-run the same command to resume).
+"""
 
 from __future__ import annotations
 
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
 import typer
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 import qstar_cli
+from qstar_cli.errors import QstarInputError
 
 app = typer.Typer(
     help="Generate fine-tuning data from the per-token geometric mixture q = pi_theta^alpha * pi_t^(1-alpha) / Z.",
     no_args_is_help=True,
     add_completion=False,
 )
+err_console = Console(stderr=True)
+EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
 
 
 @app.callback()
@@ -22,3 +44,147 @@ def main() -> None:
 def version() -> None:
     """Print the qstar version."""
     typer.echo(qstar_cli.__version__)
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise QstarInputError(f"cannot read config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise QstarInputError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise QstarInputError(f"config {path} must be a mapping of setting: value")
+    return values
+
+
+class GenerateProgress:
+    """Samples, tokens/s and ETA: a rich bar on a terminal, a plain line per batch elsewhere."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.live = console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("samples  {task.fields[rate]:>8.1f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = None
+        self.total = self.done = self.new_tokens = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> GenerateProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def rate(self) -> float:
+        return self.new_tokens / max(time.perf_counter() - self.started, 1e-9)
+
+    def start(self, total: int, done: int) -> None:
+        self.total, self.done, self.started = total, done, time.perf_counter()
+        self.task = self.bar.add_task("generate", total=total, completed=done, rate=0.0)
+        if done:
+            self.console.print(f"resuming: {done} of {total} samples already done")
+
+    def tokens(self, count: int) -> None:
+        self.new_tokens += count
+        self.bar.update(self.task, rate=self.rate())
+
+    def samples(self, count: int) -> None:
+        self.done += count
+        self.bar.update(self.task, advance=count, rate=self.rate())
+        if not self.live:
+            self.console.print(f"{self.done}/{self.total} samples, {self.rate():.1f} tok/s", highlight=False)
+
+
+_CONFIG_HELP = "YAML file of settings (keys as the flags, e.g. model_theta); flags given here override it."
+
+
+@app.command()
+def generate(
+    model_theta: str = typer.Option(None, help="Policy pi_theta: hub id, local directory, .gguf file, or 'demo'."),
+    model_t: str = typer.Option(None, help="Target pi_t: hub id, local directory, .gguf file, or 'demo'."),
+    theta_format: str = typer.Option(None, help="Prompt format of pi_theta: chat, plain or a Jinja file. [default: chat if it has a template]"),
+    t_format: str = typer.Option(None, help="Prompt format of pi_t: chat, plain or a Jinja file. [default: chat if it has a template]"),
+    dataset: str = typer.Option(None, help="Hub dataset id, local .jsonl/.json/.parquet/.csv, or save_to_disk directory."),
+    subset: str = typer.Option(None, help="Hub dataset subset (config name)."),
+    split: str = typer.Option(None, help="Dataset split. [default: train]"),
+    adapter: str = typer.Option(None, help="auto, messages, sharegpt, deepscaler, MODULE:CLASS or FILE.py:CLASS. [default: auto]"),
+    prompt_field: str = typer.Option(None, help="Use this column as the user message."),
+    system_prompt: str = typer.Option(None, help="System message for conversations that have none."),
+    output: str = typer.Option(None, help="Main JSONL; sidecar and manifest beside it. [default: data/generated.jsonl]"),
+    num_samples: int = typer.Option(None, help="Rows to take. [default: all]"),
+    start_index: int = typer.Option(None, help="First row. [default: 0]"),
+    alpha_method: str = typer.Option(None, help="kl_symmetry, entropy or fixed. [default: kl_symmetry]"),
+    alpha: float = typer.Option(None, help="The alpha of --alpha-method fixed. [default: 0.5]"),
+    max_new_tokens: int = typer.Option(None, help="Response length cap. [default: 512]"),
+    temperature: float = typer.Option(None, help="Applied to q after alpha is solved; 0 is greedy. [default: 1.0]"),
+    top_k: int = typer.Option(None, help="Keep the k most likely tokens of q; 0 is off. [default: 0]"),
+    top_p: float = typer.Option(None, help="Nucleus of q. [default: 1.0]"),
+    batch_size: int = typer.Option(None, help="Prompts per batch. [default: 8]"),
+    seed: int = typer.Option(None, help="Seed of the counter-based sampler. [default: 0]"),
+    device: str = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps. [default: auto]"),
+    dtype: str = typer.Option(None, help="auto, float32, bfloat16 or float16. [default: auto]"),
+    diagnostics: str = typer.Option(None, help="Sidecar level: full, summary or none. [default: full]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh instead of resuming."),
+    config: Path = typer.Option(None, help=_CONFIG_HELP),
+) -> None:
+    """Sample a response to every prompt of a dataset from q*, resumably, with per-token diagnostics."""
+    flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
+    from qstar_cli.pipeline import GenerateConfig, run_generate, stop_on_signals
+
+    console = Console()
+    try:
+        settings = GenerateConfig.from_dict({**read_config_file(config), **flags}, source=str(config or "flags"))
+        _quiet_libraries()
+        with stop_on_signals() as stop, GenerateProgress(console) as progress:
+            summary = run_generate(settings, progress=progress, stop=stop)
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+    except Exception as err:  # a run error: keep the traceback for the bug report
+        err_console.print(traceback.format_exc(), highlight=False, markup=False)
+        raise fail(f"{type(err).__name__}: {err}", EXIT_RUN) from None
+
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items()))
+    console.print(
+        f"{summary.done}/{summary.total} samples in {summary.paths.main}"
+        + (f" (rows skipped: {skipped})" if skipped else "")
+        + f"; {summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tok/s)",
+        highlight=False,
+    )
+    if summary.status == "interrupted":
+        err_console.print(
+            f"stopped: {summary.done} of {summary.total} samples are saved; re-run the same command to resume",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    files = [summary.paths.main, summary.paths.diagnostics, summary.paths.meta]
+    console.print("files: " + ", ".join(str(p) for p in files if p.exists()), highlight=False)
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and load reports would interleave with ours."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

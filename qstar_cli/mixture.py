@@ -127,6 +127,14 @@ def entropy_alpha(logp_theta: Tensor, logp_t: Tensor) -> Tensor:
     return torch.where(total > 0, h_theta / torch.where(total > 0, total, 1.0), 0.5)
 
 
+def check_alpha_method(method: str, alpha: float = 0.5) -> None:
+    """Raise ``ValueError`` for an unknown method or a fixed alpha outside [0, 1]."""
+    if method not in ALPHA_METHODS:
+        raise ValueError(f"unknown alpha method {method!r}; choose one of {', '.join(ALPHA_METHODS)}")
+    if method == "fixed" and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"fixed alpha must lie in [0, 1], got {alpha}")
+
+
 def solve_alpha(
     logp_theta: Tensor,
     logp_t: Tensor,
@@ -140,15 +148,12 @@ def solve_alpha(
     ``method``: ``kl_symmetry`` (default, :func:`solve_kl_symmetry`), ``entropy``
     (:func:`entropy_alpha`) or ``fixed`` (the constant ``alpha``).
     """
+    check_alpha_method(method, alpha)
     if method == "kl_symmetry":
         return solve_kl_symmetry(logp_theta, logp_t, tol=tol, max_iter=max_iter)
     if method == "entropy":
         return entropy_alpha(logp_theta, logp_t)
-    if method == "fixed":
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"fixed alpha must lie in [0, 1], got {alpha}")
-        return torch.full(logp_theta.shape[:-1], alpha, dtype=logp_theta.dtype, device=logp_theta.device)
-    raise ValueError(f"unknown alpha method {method!r}; choose one of {', '.join(ALPHA_METHODS)}")
+    return torch.full(logp_theta.shape[:-1], alpha, dtype=logp_theta.dtype, device=logp_theta.device)
 
 
 def mixture_logprobs(logp_theta: Tensor, logp_t: Tensor, alpha: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ from pathlib import Path
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from qstar_cli.errors import QstarInputError
+
 Messages = list[dict[str, str]]
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -45,11 +47,11 @@ class PromptFormat:
         self._template: jinja2.Template | None = None
         if spec == "chat":
             if not tokenizer.chat_template:
-                raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; use 'plain' or a template file")
+                raise QstarInputError("prompt format 'chat' needs a tokenizer with a chat template; use 'plain' or a template file")
         elif spec != "plain":
             path = Path(spec)
             if not path.is_file():
-                raise ValueError(f"prompt format must be 'chat', 'plain' or a Jinja template file; not found: {spec}")
+                raise QstarInputError(f"prompt format must be 'chat', 'plain' or a Jinja template file; not found: {spec}")
             env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
             self._template = env.from_string(path.read_text(encoding="utf-8"))
 

@@ -8,13 +8,21 @@ model, or ``max_new_tokens``) are dropped from both caches, so the batch shrinks
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from qstar_cli.mixture import DIAGNOSTIC_FIELDS, AlphaMethod, mixture_logprobs, solve_alpha, token_diagnostics
+from qstar_cli.mixture import (
+    DIAGNOSTIC_FIELDS,
+    AlphaMethod,
+    check_alpha_method,
+    mixture_logprobs,
+    solve_alpha,
+    token_diagnostics,
+)
 from qstar_cli.models import LoadedModel, check_shared_vocabulary, load_model, resolve_device, resolve_dtype
 from qstar_cli.prompts import Messages, PromptFormat
 from qstar_cli.sampling import SamplingParams, draw
@@ -118,7 +126,7 @@ class DualModelSampler:
         self.theta_format = PromptFormat(theta_format, theta.tokenizer)
         self.t_format = PromptFormat(t_format, target.tokenizer)
         self.alpha_method, self.alpha = alpha_method, alpha
-        solve_alpha(torch.zeros(1, 2), torch.zeros(1, 2), method=alpha_method, alpha=alpha)  # validate early
+        check_alpha_method(alpha_method, alpha)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
@@ -146,15 +154,24 @@ class DualModelSampler:
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     @torch.inference_mode()
-    def generate(self, conversations: list[Messages], sample_indices: list[int] | None = None) -> list[SampleResult]:
+    def generate(
+        self,
+        conversations: list[Messages],
+        sample_indices: list[int] | None = None,
+        prompt_ids: list[tuple[list[int], list[int]]] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[SampleResult]:
         """Generate one response per conversation, all in one batch; results in input order.
 
         ``sample_indices`` (default 0..n-1) key the counter-based randomness: the same index, seed and
-        settings give the same response whatever else is in the batch.
+        settings give the same response whatever else is in the batch. ``prompt_ids`` are the
+        ``encode_prompts`` of the conversations when the caller has them already. ``on_step(n)`` is
+        called after each step with the number of tokens it produced; an exception it raises
+        abandons the batch.
         """
         if sample_indices is None:
             sample_indices = list(range(len(conversations)))
-        prompts = [self.encode_prompts(c) for c in conversations]
+        prompts = prompt_ids if prompt_ids is not None else [self.encode_prompts(c) for c in conversations]
         results = [
             SampleResult(i, "", [], p_theta, p_t, "length", {f: [] for f in PER_TOKEN_FIELDS})
             for i, (p_theta, p_t) in zip(sample_indices, prompts)
@@ -195,6 +212,8 @@ class DualModelSampler:
                     result.finish_reason = "stop"
                 elif step + 1 < self.max_new_tokens:
                     keep.append(row)
+            if on_step is not None:
+                on_step(len(host))
             if not keep:
                 break
             if len(keep) < len(alive):

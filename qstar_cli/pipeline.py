@@ -1,0 +1,298 @@
+"""``generate`` as a Python API: dataset rows in, resumable q* samples out.
+
+>>> from qstar_cli.pipeline import GenerateConfig, run_generate
+>>> summary = run_generate(GenerateConfig(model_theta="demo", model_t="demo", theta_format="plain",
+...                                       dataset="data/demo_prompts.jsonl", num_samples=4))
+
+The batching schedule is fixed by the configuration and the data: the usable rows, in row order, cut
+into consecutive batches of ``batch_size``. A resumed run regenerates the batch it stopped in and
+writes only its missing samples, so with the same batch size, device and dtype the files end up
+byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+
+import qstar_cli
+from qstar_cli.adapters import AdaptedDataset, Prompt, adapt_rows, load_source, resolve_adapter
+from qstar_cli.errors import QstarInputError
+from qstar_cli.mixture import check_alpha_method
+from qstar_cli.sampler import DualModelSampler
+from qstar_cli.sampling import SamplingParams
+from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, fingerprint
+
+#: Settings that do not change what is sampled, so a run may be resumed with other values.
+NOT_FINGERPRINTED = ("output", "num_samples", "batch_size", "device", "dtype", "overwrite")
+
+
+class ConfigError(QstarInputError):
+    """A setting is missing or out of range."""
+
+
+@dataclass
+class GenerateConfig:
+    """Every setting of ``qstar generate`` (SPEC section 6); field names are the flags with ``_``."""
+
+    model_theta: str | None = None
+    model_t: str | None = None
+    theta_format: str | None = None
+    t_format: str | None = None
+    dataset: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    adapter: str = "auto"
+    prompt_field: str | None = None
+    system_prompt: str | None = None
+    output: str = "data/generated.jsonl"
+    num_samples: int | None = None
+    start_index: int = 0
+    alpha_method: str = "kl_symmetry"
+    alpha: float = 0.5
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    diagnostics: str = "full"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("model_theta", "model_t", "dataset"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+        checks = {
+            "num_samples": self.num_samples is None or self.num_samples >= 1,
+            "start_index": self.start_index >= 0,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "batch_size": self.batch_size >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.diagnostics not in DIAGNOSTICS_LEVELS:
+            raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
+        try:
+            self.sampling_params()
+            check_alpha_method(self.alpha_method, self.alpha)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> GenerateConfig:
+        """Build from a mapping whose keys are field names or flag spellings (``model-theta``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(known))}")
+        return cls(**normalised)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+        if self.alpha_method != "fixed":
+            values["alpha"] = None  # unused by the other methods
+        return values
+
+
+class ProgressSink(Protocol):
+    """What ``run_generate`` reports as it goes; the CLI draws it as a progress bar."""
+
+    def start(self, total: int, done: int) -> None: ...
+
+    def tokens(self, count: int) -> None: ...
+
+    def samples(self, count: int) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def tokens(self, count: int) -> None:
+        pass
+
+    def samples(self, count: int) -> None:
+        pass
+
+
+@dataclass
+class RunSummary:
+    """How a ``run_generate`` call ended."""
+
+    paths: OutputPaths
+    status: str  # "complete" or "interrupted"
+    total: int  # samples the run will have when complete
+    done: int  # samples in the files now
+    resumed_from: int
+    new_tokens: int
+    seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C or SIGTERM); the samples committed so far are kept."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT or SIGTERM; a second signal acts as usual (immediate stop)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        stop.set()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def encode_all(sampler: DualModelSampler, adapted: AdaptedDataset) -> list[tuple[Prompt, tuple[list[int], list[int]]]]:
+    """Each usable prompt with its ids for both models; a prompt a template rejects is skipped and counted."""
+    encoded = []
+    for prompt in adapted.prompts:
+        try:
+            encoded.append((prompt, sampler.encode_prompts(prompt.messages)))
+        except jinja2.TemplateError as err:
+            adapted.skipped[f"prompt format error: {err}"] += 1
+    return encoded
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "datasets", "tokenizers", "numpy")
+    return {"qstar": qstar_cli.__version__, "python": platform.python_version(), **{n: metadata.version(n) for n in names}}
+
+
+def run_generate(
+    config: GenerateConfig,
+    progress: ProgressSink | None = None,
+    stop: threading.Event | None = None,
+    sampler: DualModelSampler | None = None,
+) -> RunSummary:
+    """Generate (or finish generating) the output of ``config``.
+
+    ``stop``, once set, ends the run after the current step; the batch in progress is dropped and
+    regenerated on resume. ``sampler`` reuses already loaded models (it must match ``config``).
+    """
+    progress = progress or _NoProgress()
+    stop = stop or threading.Event()
+    dataset = load_source(config.dataset, config.subset, config.split)
+    adapter = resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
+    adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
+    fp_config = config.fingerprint_config()
+
+    with CheckpointedWriter(Path(config.output), config.diagnostics) as writer:
+        previous = writer.check_config(fp_config, overwrite=config.overwrite)
+        if sampler is None:
+            sampler = DualModelSampler.from_pretrained(
+                config.model_theta,
+                config.model_t,
+                device=config.device,
+                dtype=config.dtype,
+                theta_format=config.theta_format,
+                t_format=config.t_format,
+                alpha_method=config.alpha_method,
+                alpha=config.alpha,
+                max_new_tokens=config.max_new_tokens,
+                sampling=config.sampling_params(),
+                seed=config.seed,
+            )
+        schedule = encode_all(sampler, adapted)
+        done = writer.resume([p.row_idx for p, _ in schedule])
+        device = sampler.theta.model.device
+        meta = {
+            "qstar_version": qstar_cli.__version__,
+            "status": "running",
+            "fingerprint": fingerprint(fp_config),
+            "fingerprint_config": fp_config,
+            "config": {**dataclasses.asdict(config), "adapter_resolved": adapted.adapter},
+            "device": str(device),
+            "dtype": str(sampler.theta.model.dtype).removeprefix("torch."),
+            "versions": package_versions(),
+            "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
+            "sessions": (previous or {}).get("sessions", []),
+        }
+        session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed_from": done}
+        meta["sessions"].append(session)
+        writer.write_meta(meta)
+
+        progress.start(len(schedule), done)
+        started, new_tokens, status = time.perf_counter(), 0, "complete"
+
+        def on_step(count: int) -> None:
+            nonlocal new_tokens
+            new_tokens += count
+            progress.tokens(count)
+            if stop.is_set():
+                raise Interrupted
+
+        first = done - done % config.batch_size
+        try:
+            for begin in range(first, len(schedule), config.batch_size):
+                batch = schedule[begin : begin + config.batch_size]
+                results = sampler.generate(
+                    [p.messages for p, _ in batch], [p.row_idx for p, _ in batch], [ids for _, ids in batch], on_step
+                )
+                # The first batch of a resumed run may be partly written already.
+                fresh = [(p, r) for (p, _), r, i in zip(batch, results, range(begin, begin + len(batch))) if i >= done]
+                for prompt, result in fresh:
+                    writer.write(prompt, result)
+                writer.commit()
+                done += len(fresh)
+                progress.samples(len(fresh))
+                _record_session(meta, session, done, new_tokens, time.perf_counter() - started, "running")
+                writer.write_meta(meta)
+                if stop.is_set():
+                    raise Interrupted
+        except Interrupted:
+            status = "interrupted"
+        seconds = time.perf_counter() - started
+        _record_session(meta, session, done, new_tokens, seconds, status)
+        writer.write_meta(meta)
+    return RunSummary(writer.paths, status, len(schedule), done, session["resumed_from"], new_tokens, seconds, dict(adapted.skipped))
+
+
+def _record_session(meta: dict, session: dict, done: int, tokens: int, seconds: float, status: str) -> None:
+    meta["status"] = status
+    meta["counts"]["done"] = done
+    session.update(
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        done=done,
+        new_tokens=tokens,
+        seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
+    )
