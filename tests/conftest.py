@@ -1,9 +1,15 @@
 """Shared fixtures: an offline tokenizer and tiny random Llama-style models (seconds on a CPU)."""
 
-import pytest
-import torch
+import os
 
-from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
+# Nothing in the test suite touches a model hub: set before transformers and datasets are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -28,4 +34,16 @@ def sharp_models(tiny_tokenizer):
     return (
         build_tiny_model(tiny_tokenizer, seed=3, sharpness=30.0),
         build_tiny_model(tiny_tokenizer, seed=4, sharpness=30.0),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """(theta_dir, target_dir): tiny models saved as ``from_pretrained`` directories."""
+    from qstar_cli.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return (
+        str(save_tiny_model(root / "theta", seed=1, sharpness=4.0)),
+        str(save_tiny_model(root / "target", seed=2, sharpness=4.0, extra_rows=5)),
     )

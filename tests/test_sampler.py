@@ -119,12 +119,23 @@ def test_first_token_frequencies_match_q(tiny_tokenizer, sharp_models):
     assert chi_square_pvalue(counts, logp_t.exp()[0]) < 1e-6
 
 
-def test_vocabulary_mismatch_names_the_first_differing_token(pair, tiny_tokenizer):
-    spec = json.loads(tiny_tokenizer.backend_tokenizer.to_str())
+def swapped_tokenizer(tokenizer, a=100, b=101):
+    """A copy of ``tokenizer`` with the tokens of ids ``a`` and ``b`` exchanged; and the original id->token map."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
     by_id = {i: t for t, i in vocab.items()}
-    vocab[by_id[100]], vocab[by_id[101]] = 101, 100
-    swapped = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>")
+    vocab[by_id[a]], vocab[by_id[b]] = b, a
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        chat_template=tokenizer.chat_template,
+    )
+    return swapped, by_id
+
+
+def test_vocabulary_mismatch_names_the_first_differing_token(pair, tiny_tokenizer):
+    swapped, by_id = swapped_tokenizer(tiny_tokenizer)
     with pytest.raises(VocabularyMismatchError, match=rf"token id 100 is {by_id[100]!r} for theta but {by_id[101]!r} for other"):
         DualModelSampler(pair[0], LoadedModel(pair[1].model, swapped, "other"))
 
