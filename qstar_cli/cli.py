@@ -169,6 +169,7 @@ def generate(
         + (f" (rows skipped: {skipped})" if skipped else "")
         + f"; {summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tok/s)",
         highlight=False,
+        soft_wrap=True,
     )
     if summary.status == "interrupted":
         err_console.print(
@@ -177,7 +178,7 @@ def generate(
         )
         raise typer.Exit(EXIT_INTERRUPTED)
     files = [summary.paths.main, summary.paths.diagnostics, summary.paths.meta]
-    console.print("files: " + ", ".join(str(p) for p in files if p.exists()), highlight=False)
+    console.print("files: " + ", ".join(str(p) for p in files if p.exists()), highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
@@ -188,3 +189,97 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _load_runs(sidecars: list[Path]):
+    from qstar_cli.analysis import analyze_sidecar
+
+    runs = []
+    for path in sidecars:
+        if not path.is_file():
+            raise QstarInputError(f"diagnostics file not found: {path}")
+        run = analyze_sidecar(path)
+        if run.corrupt_lines:
+            shown = ", ".join(map(str, run.corrupt_lines[:10])) + (" ..." if len(run.corrupt_lines) > 10 else "")
+            err_console.print(f"warning: {path}: skipped {len(run.corrupt_lines)} corrupt line(s): {shown}", highlight=False)
+        if not run.samples:
+            raise QstarInputError(f"{path} holds no readable samples")
+        runs.append(run)
+    return runs
+
+
+def _report(runs, labels, as_json: bool, plots: Path | None, single: bool) -> None:
+    import orjson
+
+    from qstar_cli.plots import plot_runs
+    from qstar_cli.report import field_table, overview_table
+
+    if as_json:
+        payload = {"label": labels[0], **runs[0].summary} if single else {"runs": [{"label": lb, **r.summary} for r, lb in zip(runs, labels)]}
+        typer.echo(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
+    else:
+        console = Console()
+        console.width = max(console.width, 100)  # the field tables need 100 columns; never drop one
+        console.print(overview_table(runs, labels))
+        if single:
+            console.print(field_table(runs[0], "tokens"))
+            console.print(field_table(runs[0], "samples"))
+    if plots is not None:
+        written = plot_runs(runs, labels, plots)
+        err_console.print("plots: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def analyze(
+    sidecar: Path = typer.Argument(..., help="A run's OUT.diagnostics.jsonl."),
+    json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of tables."),
+    plots: Path = typer.Option(None, help="Write PNG plots into this directory."),
+    export_weights: Path = typer.Option(None, help="Write per-sample training weights (JSONL) to this file."),
+    ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the exported weights w^gamma."),
+) -> None:
+    """Statistics, theoretical checks and importance weights of one run's diagnostics."""
+    try:
+        if not 0.0 < ess_floor <= 1.0:
+            raise QstarInputError(f"--ess-floor must lie in (0, 1], got {ess_floor}")
+        runs = _load_runs([sidecar])
+        _report(runs, [_labels([sidecar])[0]], json_output, plots, single=True)
+        if export_weights is not None:
+            _export(runs[0], export_weights, ess_floor)
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+
+
+@app.command()
+def compare(
+    sidecars: list[Path] = typer.Argument(..., help="Two or more OUT.diagnostics.jsonl files."),
+    json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of a table."),
+    plots: Path = typer.Option(None, help="Write overlaid PNG plots into this directory."),
+) -> None:
+    """Several runs side by side (e.g. fixed vs entropy vs kl_symmetry): one table, overlaid plots."""
+    try:
+        runs = _load_runs(sidecars)
+        _report(runs, _labels(sidecars), json_output, plots, single=False)
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+
+
+def _labels(sidecars: list[Path]) -> list[str]:
+    from qstar_cli.report import run_labels
+
+    return run_labels(sidecars)
+
+
+def _export(run, path: Path, ess_floor: float) -> None:
+    import orjson
+
+    from qstar_cli.analysis import ess_ratio, weight_records
+
+    records = weight_records(run, ess_floor)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
+    gamma = records[0]["gamma"]
+    err_console.print(
+        f"weights: {path} ({len(records)} samples, gamma {gamma:.4f}, ESS/n {ess_ratio(gamma * run.log_w):.3f})",
+        highlight=False,
+        soft_wrap=True,
+    )
