@@ -98,6 +98,9 @@ class GenerateProgress:
     def rate(self) -> float:
         return self.new_tokens / max(time.perf_counter() - self.started, 1e-9)
 
+    def message(self, text: str) -> None:
+        self.console.print(text, style="dim", highlight=False, soft_wrap=True)
+
     def start(self, total: int, done: int) -> None:
         self.total, self.done, self.started = total, done, time.perf_counter()
         self.task = self.bar.add_task("generate", total=total, completed=done, rate=0.0)

@@ -118,6 +118,8 @@ class GenerateConfig:
 class ProgressSink(Protocol):
     """What ``run_generate`` reports as it goes; the CLI draws it as a progress bar."""
 
+    def message(self, text: str) -> None: ...
+
     def start(self, total: int, done: int) -> None: ...
 
     def tokens(self, count: int) -> None: ...
@@ -126,6 +128,9 @@ class ProgressSink(Protocol):
 
 
 class _NoProgress:
+    def message(self, text: str) -> None:
+        pass
+
     def start(self, total: int, done: int) -> None:
         pass
 
@@ -218,6 +223,7 @@ def run_generate(
     with CheckpointedWriter(Path(config.output), config.diagnostics) as writer:
         previous = writer.check_config(fp_config, overwrite=config.overwrite)
         if sampler is None:
+            progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
             sampler = DualModelSampler.from_pretrained(
                 config.model_theta,
                 config.model_t,

@@ -156,7 +156,7 @@ def test_foreign_output_refused(base_args, tmp_path):
 def one_line_error(result, *fragments):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    [line] = result.output.strip().splitlines()
+    [line] = result.stderr.strip().splitlines()
     assert line.startswith("error:") and all(f in line for f in fragments), line
 
 
