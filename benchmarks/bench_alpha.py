@@ -65,6 +65,13 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def print_header(environment: str, columns: str) -> None:
+    """The run's environment line, then the table's column line underlined."""
+    print(f"torch={torch.__version__} threads={torch.get_num_threads()} {environment}")
+    print(columns)
+    print("-" * len(columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -75,13 +82,11 @@ def main() -> None:
     args = parser.parse_args()
     newton_kwargs = {} if args.max_iter is None else {"max_iter": args.max_iter}
 
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    header = (
+    print_header(
+        f"device={args.device}",
         f"{'batch':>5} {'vocab':>7} | {'bisect20 ms':>11} {'newton ms':>9} {'entropy ms':>10} | "
-        f"{'speed-up':>8} | {'err bisect':>10} {'err newton':>10}"
+        f"{'speed-up':>8} | {'err bisect':>10} {'err newton':>10}",
     )
-    print(header)
-    print("-" * len(header))
     for vocab in args.vocabs:
         for batch in args.batches:
             logp_theta, logp_t = lm_like_rows(batch, vocab, args.device)

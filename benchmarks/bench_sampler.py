@@ -26,7 +26,7 @@ from qstar_cli.models import LoadedModel
 from qstar_cli.sampler import DualModelSampler, ModelStream
 from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
 
-from bench_alpha import bisection_alpha, timed
+from bench_alpha import bisection_alpha, print_header, timed
 
 PROMPTS = [
     "What is the capital of France?",
@@ -99,13 +99,11 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens}")
-    header = (
+    print_header(
+        f"new_tokens={args.new_tokens}",
         f"{'models':>6} {'batch':>5} | {'floor s':>8} {'qstar s':>8} {'generate s':>10} {'naive s':>8} | "
-        f"{'qstar tok/s':>11} | {'qstar/floor':>11} {'naive/qstar':>11}"
+        f"{'qstar tok/s':>11} | {'qstar/floor':>11} {'naive/qstar':>11}",
     )
-    print(header)
-    print("-" * len(header))
     for name in args.models:
         theta, target = pair(name)
         sampler = DualModelSampler(
