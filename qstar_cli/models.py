@@ -149,3 +149,15 @@ def check_shared_vocabulary(theta: LoadedModel, target: LoadedModel) -> int:
         )
     # Ids >= vocab (padded rows, or tokens only one side knows) get probability zero under both.
     return vocab
+
+
+#: Tokenizers without a known limit report this huge placeholder as their ``model_max_length``.
+_NO_TOKENIZER_LIMIT = 10**12
+
+
+def context_limit(loaded: LoadedModel) -> int | None:
+    """Longest sequence the model takes: ``max_position_embeddings`` or the tokenizer's
+    ``model_max_length``, whichever is set and smaller; None when neither is."""
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None), getattr(loaded.tokenizer, "model_max_length", None)]
+    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < _NO_TOKENIZER_LIMIT]
+    return min(limits, default=None)

@@ -4,10 +4,14 @@
 >>> summary = run_generate(GenerateConfig(model_theta="demo", model_t="demo", theta_format="plain",
 ...                                       dataset="data/demo_prompts.jsonl", num_samples=4))
 
-The batching schedule is fixed by the configuration and the data: the usable rows, in row order, cut
-into consecutive batches of ``batch_size``. A resumed run regenerates the batch it stopped in and
-writes only its missing samples, so with the same batch size, device and dtype the files end up
-byte-identical to an uninterrupted run's.
+The schedule is the usable rows in row order, fed to ``batch_size`` slots (``scheduler``
+``continuous`` or ``static``, see :meth:`DualModelSampler.stream`). Samples finish out of order and
+are written in schedule order, so the files are always a prefix of the schedule. A resumed run
+replays the samples already written (their lengths come from the sidecar; nothing of them is
+recomputed unless a new sample shares its batch) so that every new sample sees the batches it saw
+in an uninterrupted run: with the same batch size, scheduler, device and dtype the files end up
+byte-identical to an uninterrupted run's. (At ``--diagnostics none`` there are no lengths to replay;
+a resumed run then starts its slots afresh, which changes float rounding only.)
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ import qstar_cli
 from qstar_cli.adapters import AdaptedDataset, Prompt, adapt_rows, load_source, resolve_adapter
 from qstar_cli.errors import QstarInputError
 from qstar_cli.mixture import check_alpha_method
-from qstar_cli.sampler import DualModelSampler
+from qstar_cli.sampler import SCHEDULERS, DualModelSampler, SampleRequest, StreamStats
 from qstar_cli.sampling import SamplingParams
 from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, fingerprint
 
 #: Settings that do not change what is sampled, so a run may be resumed with other values.
-NOT_FINGERPRINTED = ("output", "num_samples", "batch_size", "device", "dtype", "overwrite")
+NOT_FINGERPRINTED = ("output", "num_samples", "batch_size", "scheduler", "device", "dtype", "overwrite")
 
 
 class ConfigError(QstarInputError):
@@ -67,6 +71,7 @@ class GenerateConfig:
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 8
+    scheduler: str = "continuous"
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -86,6 +91,8 @@ class GenerateConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
@@ -259,40 +266,53 @@ def run_generate(
         progress.start(len(schedule), done)
         started, new_tokens, status = time.perf_counter(), 0, "complete"
 
+        lengths = writer.sample_lengths(done)
+        first = 0 if lengths is not None else done
+        requests = (
+            SampleRequest(prompt.row_idx, *ids, replay_tokens=lengths[i] if i < done else None)
+            for i, (prompt, ids) in enumerate(schedule[first:], start=first)
+        )
+        stats = StreamStats()
+        waiting: dict[int, Any] = {}  # finished samples after the first unfinished one, by position
+        unwritten = 0
+
+        def commit() -> None:
+            nonlocal unwritten
+            writer.commit()
+            progress.samples(unwritten)
+            unwritten = 0
+            _record_session(meta, session, done, new_tokens, time.perf_counter() - started, "running", stats, config.batch_size)
+            writer.write_meta(meta)
+
         def on_step(count: int) -> None:
             nonlocal new_tokens
             new_tokens += count
             progress.tokens(count)
+            if unwritten:
+                commit()
             if stop.is_set():
                 raise Interrupted
 
-        first = done - done % config.batch_size
         try:
-            for begin in range(first, len(schedule), config.batch_size):
-                batch = schedule[begin : begin + config.batch_size]
-                results = sampler.generate(
-                    [p.messages for p, _ in batch], [p.row_idx for p, _ in batch], [ids for _, ids in batch], on_step
-                )
-                # The first batch of a resumed run may be partly written already.
-                fresh = [(p, r) for (p, _), r, i in zip(batch, results, range(begin, begin + len(batch))) if i >= done]
-                for prompt, result in fresh:
-                    writer.write(prompt, result)
-                writer.commit()
-                done += len(fresh)
-                progress.samples(len(fresh))
-                _record_session(meta, session, done, new_tokens, time.perf_counter() - started, "running")
-                writer.write_meta(meta)
-                if stop.is_set():
-                    raise Interrupted
+            for position, result in sampler.stream(requests, config.batch_size, config.scheduler, on_step, stats=stats):
+                waiting[position + first] = result
+                while done in waiting:
+                    writer.write(schedule[done][0], waiting.pop(done))
+                    done += 1
+                    unwritten += 1
         except Interrupted:
             status = "interrupted"
+        if unwritten:
+            commit()
         seconds = time.perf_counter() - started
-        _record_session(meta, session, done, new_tokens, seconds, status)
+        _record_session(meta, session, done, new_tokens, seconds, status, stats, config.batch_size)
         writer.write_meta(meta)
     return RunSummary(writer.paths, status, len(schedule), done, session["resumed_from"], new_tokens, seconds, dict(adapted.skipped))
 
 
-def _record_session(meta: dict, session: dict, done: int, tokens: int, seconds: float, status: str) -> None:
+def _record_session(
+    meta: dict, session: dict, done: int, tokens: int, seconds: float, status: str, stats: StreamStats, slots: int
+) -> None:
     meta["status"] = status
     meta["counts"]["done"] = done
     session.update(
@@ -301,4 +321,7 @@ def _record_session(meta: dict, session: dict, done: int, tokens: int, seconds: 
         new_tokens=tokens,
         seconds=round(seconds, 3),
         tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        slot_utilisation=round(stats.utilisation(slots), 4),
+        steps=stats.steps,
+        prefills=stats.prefills,
     )

@@ -1,19 +1,20 @@
-"""The dual-model sampler: two causal LMs, two KV caches, one q* token per row per step.
+"""The dual-model sampler: two causal LMs, two slot KV caches, one q* token per running row per step.
 
-Per step, for the rows still running: one forward of each model over the last token with its own
-cache, log-softmax in float32 over the shared vocabulary, alpha / diagnostics / draw from the math
-core, and a single host transfer of the step's per-row results. Rows that finish (an EOS of either
-model, or ``max_new_tokens``) are dropped from both caches, so the batch shrinks.
+``--batch-size N`` is N slots. Per step, for the running rows: one forward of each model over each
+row's last token with its own :class:`~qstar_cli.slots.SlotCache`, log-softmax in float32 over the
+shared vocabulary, alpha / diagnostics / draw from the math core, and a single host transfer of the
+step's per-row results. A row that finishes (an EOS of either model, its token budget, or a model's
+context) frees its slot, which the next requests take after one batched prefill per model
+(continuous batching); ``static`` refills only an empty batch, as fixed batches would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from qstar_cli.mixture import (
     DIAGNOSTIC_FIELDS,
@@ -23,9 +24,19 @@ from qstar_cli.mixture import (
     solve_alpha,
     token_diagnostics,
 )
-from qstar_cli.models import LoadedModel, check_shared_vocabulary, load_model, resolve_device, resolve_dtype
+from qstar_cli.models import (
+    LoadedModel,
+    check_shared_vocabulary,
+    context_limit,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from qstar_cli.prompts import Messages, PromptFormat
 from qstar_cli.sampling import SamplingParams, draw
+from qstar_cli.slots import SlotCache
+
+SCHEDULERS: tuple[str, ...] = ("continuous", "static")
 
 #: Per-token arrays of a sample, in the sidecar's order (SPEC section 5).
 PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", "alpha", "logp_theta", "logp_t", "logp_q") + DIAGNOSTIC_FIELDS
@@ -42,53 +53,6 @@ class SampleResult:
     prompt_ids_t: list[int]
     finish_reason: str  # "stop" (an EOS was sampled; it is the last token) or "length"
     per_token: dict[str, list[float]] = field(default_factory=dict)
-
-
-class ModelStream:
-    """One model's side of a batch: its KV cache, attention mask and next positions.
-
-    Both models see the same generated tokens after different prompts, so each keeps its own
-    left-padded mask and positions. ``select`` drops finished rows; ``DynamicCache.crop`` would roll
-    back rejected speculative tokens the same way.
-    """
-
-    def __init__(self, model, prompts: list[list[int]], pad_id: int, vocab: int):
-        self.model = model
-        self.vocab = vocab
-        device = model.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            self.mask[row, width - len(prompt) :] = 1
-        ids, self.mask = ids.to(device), self.mask.to(device)
-        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        self.cache = DynamicCache(config=model.config)
-        self.logp = self._forward(ids, positions)
-        self.next_position = positions[:, -1] + 1
-
-    def _forward(self, ids: Tensor, positions: Tensor) -> Tensor:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        # Rows past the shared vocabulary (padded embeddings) get probability zero.
-        return out.logits[:, -1, : self.vocab].float().log_softmax(-1)
-
-    def step(self, tokens: Tensor) -> None:
-        """Feed one token per row; ``self.logp`` becomes the next-token log-probs."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        self.logp = self._forward(tokens.unsqueeze(-1), self.next_position.unsqueeze(-1))
-        self.next_position = self.next_position + 1
-
-    def select(self, rows: Tensor) -> None:
-        self.cache.batch_select_indices(rows)
-        self.mask, self.next_position, self.logp = self.mask[rows], self.next_position[rows], self.logp[rows]
 
 
 def eos_ids(*loaded: LoadedModel) -> set[int]:
@@ -133,6 +97,8 @@ class DualModelSampler:
         self.sampling = sampling or SamplingParams()
         self.seed = seed
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
+        #: Longest sequence (prompt + response) each model takes, or None where unknown.
+        self.context_limits = (context_limit(theta), context_limit(target))
 
     @classmethod
     def from_pretrained(
@@ -153,6 +119,14 @@ class DualModelSampler:
         tok = loaded.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
+    def token_budget(self, prompt_ids_theta: list[int], prompt_ids_t: list[int]) -> int:
+        """New tokens a sample may have: ``max_new_tokens``, less where either model's context ends first."""
+        budget = self.max_new_tokens
+        for limit, prompt in zip(self.context_limits, (prompt_ids_theta, prompt_ids_t)):
+            if limit is not None:
+                budget = min(budget, limit - len(prompt))
+        return budget
+
     @torch.inference_mode()
     def generate(
         self,
@@ -160,73 +134,262 @@ class DualModelSampler:
         sample_indices: list[int] | None = None,
         prompt_ids: list[tuple[list[int], list[int]]] | None = None,
         on_step: Callable[[int], None] | None = None,
+        batch_size: int | None = None,
+        scheduler: str = "continuous",
     ) -> list[SampleResult]:
-        """Generate one response per conversation, all in one batch; results in input order.
+        """One response per conversation; results in input order.
 
         ``sample_indices`` (default 0..n-1) key the counter-based randomness: the same index, seed and
         settings give the same response whatever else is in the batch. ``prompt_ids`` are the
-        ``encode_prompts`` of the conversations when the caller has them already. ``on_step(n)`` is
-        called after each step with the number of tokens it produced; an exception it raises
-        abandons the batch.
+        ``encode_prompts`` of the conversations when the caller has them already. ``batch_size``
+        slots (default: all conversations at once) are scheduled as in :meth:`stream`.
         """
         if sample_indices is None:
             sample_indices = list(range(len(conversations)))
         prompts = prompt_ids if prompt_ids is not None else [self.encode_prompts(c) for c in conversations]
-        results = [
-            SampleResult(i, "", [], p_theta, p_t, "length", {f: [] for f in PER_TOKEN_FIELDS})
-            for i, (p_theta, p_t) in zip(sample_indices, prompts)
-        ]
-        theta = ModelStream(self.theta.model, [p[0] for p in prompts], self._pad_id(self.theta), self.vocab)
-        target = ModelStream(self.target.model, [p[1] for p in prompts], self._pad_id(self.target), self.vocab)
-        device = theta.logp.device
-        alive = list(range(len(conversations)))  # result index of each running row
-        sample_idx = torch.tensor(sample_indices, dtype=torch.long, device=device)
+        requests = [SampleRequest(i, p_theta, p_t) for i, (p_theta, p_t) in zip(sample_indices, prompts)]
+        results: list[SampleResult | None] = [None] * len(requests)
+        for position, result in self.stream(requests, batch_size or max(len(requests), 1), scheduler, on_step):
+            results[position] = result
+        return results
 
-        for step in range(self.max_new_tokens):
-            logp_theta, logp_t = theta.logp, target.logp
-            alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
-            logp_q = mixture_logprobs(logp_theta, logp_t, alpha)
-            tokens, logp_sampled = draw(
-                logp_q, self.sampling, self.seed, sample_idx, torch.full_like(sample_idx, step)
-            )
-            picked = tokens.unsqueeze(-1)
-            columns = {
-                "token_id": tokens.to(torch.float64),
-                "alpha": alpha,
-                "logp_theta": logp_theta.gather(-1, picked).squeeze(-1),
-                "logp_t": logp_t.gather(-1, picked).squeeze(-1),
-                "logp_q": logp_sampled,
-                **token_diagnostics(logp_theta, logp_t, logp_q),
-            }
-            # The step's only host synchronisation.
-            host = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).tolist()
+    @torch.inference_mode()
+    def stream(
+        self,
+        requests: Iterable[SampleRequest],
+        slots: int = 8,
+        scheduler: str = "continuous",
+        on_step: Callable[[int], None] | None = None,
+        max_waiting: int | None = None,
+        stats: StreamStats | None = None,
+    ) -> Iterator[tuple[int, SampleResult]]:
+        """Generate the requests on ``slots`` slots; yield ``(position, result)`` as samples finish.
 
-            keep = []
-            for row, values in enumerate(host):
-                result = results[alive[row]]
-                for name, value in zip(PER_TOKEN_FIELDS, values):
-                    result.per_token[name].append(value)
+        ``position`` is the request's index in ``requests``, which is read lazily. Refill policy
+        (``continuous``): after a step, once at least :func:`refill_size` slots are free (or no row
+        runs), the next requests are prefilled together, one forward per model, and join the batch.
+        ``static`` refills only when every slot is free (batches of ``slots`` consecutive requests
+        that shrink as rows finish). A request is admitted only while it lies fewer than
+        ``max_waiting`` (default ``32 * slots``) positions after the oldest unfinished one, which
+        bounds the finished samples a caller holds back to write them in order.
+
+        The schedule depends on the requests and the sampled lengths alone, never on timing, so a
+        run that replays its already-written samples (``SampleRequest.replay_tokens``) gives every
+        other sample exactly the batches, slots and floats it had in the uninterrupted run.
+        ``on_step(n)`` is called after each step with the tokens it produced; an exception it raises
+        ends the stream.
+        """
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        stats = stats if stats is not None else StreamStats()
+        max_waiting = max_waiting or 32 * slots
+        refill = slots if scheduler == "static" else refill_size(slots)
+        pending = _Peekable(enumerate(requests))
+        models = (self.theta, self.target)
+        caches = tuple(SlotCache(m.model.config, slots, 1) for m in models)
+        device = self.theta.model.device
+        rows: list[_Row] = []
+        logps = tuple(torch.zeros(0, self.vocab, device=device) for _ in models)
+
+        while True:
+            free = slots - len(rows)
+            if pending and (free >= refill or not rows):
+                oldest = min((r.position for r in rows), default=pending.peek()[0])
+                group = []
+                while len(group) < free and pending and pending.peek()[0] < oldest + max_waiting:
+                    position, request = next(pending)
+                    group.append(self._admit(position, request))
+                if group:
+                    logps = self._prefill(caches, rows, group, logps, stats)
+                    rows.extend(group)
+            if not rows:
+                return
+
+            if all(r.result is None for r in rows):
+                # Only replayed samples: nothing to compute, jump to the next finish.
+                jump = min(r.budget - r.produced for r in rows)
+                for row in rows:
+                    row.produced += jump
+                tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+                finished = [i for i, r in enumerate(rows) if r.produced == r.budget]
+                computed = 0
+            else:
+                tokens, finished = self._step(rows, logps, stats)
+                computed = sum(r.result is not None for r in rows)
+            for i in finished:
+                if rows[i].result is not None:
+                    yield rows[i].position, self._finish(rows[i].result)
+            if computed and on_step is not None:
+                on_step(computed)
+
+            # Swap-remove finished rows so that the running ones stay packed in the leading slots.
+            order = list(range(len(rows)))
+            for i in sorted(finished, reverse=True):
+                last = order.pop()
+                if i < len(order):
+                    order[i] = last
+            for dst, src in enumerate(order):
+                if src != dst:
+                    for cache, prompt_len in zip(caches, rows[src].prompt_lengths):
+                        cache.move(src, dst, prompt_len + rows[src].produced)
+            rows = [rows[i] for i in order]
+            logps = self._decode(caches, rows, tokens[torch.tensor(order, dtype=torch.long, device=device)])
+
+    def _admit(self, position: int, request: SampleRequest) -> _Row:
+        if request.replay_tokens is not None:
+            return _Row(position, request, request.replay_tokens, None)
+        result = SampleResult(
+            request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
+            {f: [] for f in PER_TOKEN_FIELDS},
+        )
+        return _Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), result)
+
+    def _prefill(self, caches, rows: list[_Row], group: list[_Row], logps, stats: StreamStats):
+        """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model."""
+        computing = any(r.result is not None for r in rows + group)
+        new = []
+        for side, (cache, loaded, logp) in enumerate(zip(caches, (self.theta, self.target), logps)):
+            prompts = [r.prompt_lengths[side] for r in group]
+            cache.ensure_capacity(max(length + r.budget for length, r in zip(prompts, group)))
+            if not computing:
+                new.append(torch.cat([logp, logp.new_zeros(len(group), self.vocab)]))
+                continue
+            ids_list = [r.request.prompt_ids_theta if side == 0 else r.request.prompt_ids_t for r in group]
+            width = max(prompts)
+            ids = torch.full((len(group), width), self._pad_id(loaded), dtype=torch.long)
+            positions = torch.full((len(group), width), -1, dtype=torch.long)
+            for i, prompt in enumerate(ids_list):
+                ids[i, width - len(prompt) :] = torch.tensor(prompt)
+                positions[i, width - len(prompt) :] = torch.arange(len(prompt))
+            device = loaded.model.device
+            out = cache.forward(loaded.model, ids.to(device), positions.to(device), len(rows), self.vocab)
+            new.append(torch.cat([logp, out]))
+        stats.prefills += computing
+        return tuple(new)
+
+    def _decode(self, caches, rows: list[_Row], tokens: Tensor):
+        """Feed each running row its last token; the next-token log-probs of both models."""
+        if not any(r.result is not None for r in rows):
+            return tuple(tokens.new_zeros(len(rows), self.vocab, dtype=torch.float32) for _ in caches)
+        out = []
+        for side, (cache, loaded) in enumerate(zip(caches, (self.theta, self.target))):
+            positions = [r.prompt_lengths[side] + r.produced - 1 for r in rows]
+            positions = torch.tensor(positions, dtype=torch.long, device=tokens.device).unsqueeze(-1)
+            out.append(cache.forward(loaded.model, tokens.unsqueeze(-1), positions, 0, self.vocab))
+        return tuple(out)
+
+    def _step(self, rows: list[_Row], logps, stats: StreamStats) -> tuple[Tensor, list[int]]:
+        """Solve alpha, mix, draw and diagnose every row; record the new tokens; the rows that finished."""
+        logp_theta, logp_t = logps
+        device = logp_theta.device
+        sample_idx = torch.tensor([r.request.sample_idx for r in rows], dtype=torch.long, device=device)
+        step = torch.tensor([r.produced for r in rows], dtype=torch.long, device=device)
+        alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
+        logp_q = mixture_logprobs(logp_theta, logp_t, alpha)
+        tokens, logp_sampled = draw(logp_q, self.sampling, self.seed, sample_idx, step)
+        picked = tokens.unsqueeze(-1)
+        columns = {
+            "token_id": tokens,
+            "alpha": alpha,
+            "logp_theta": logp_theta.gather(-1, picked).squeeze(-1),
+            "logp_t": logp_t.gather(-1, picked).squeeze(-1),
+            "logp_q": logp_sampled,
+            **token_diagnostics(logp_theta, logp_t, logp_q),
+        }
+        # The step's only host synchronisation.
+        host = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).tolist()
+        stats.steps += 1
+        finished = []
+        for i, (row, values) in enumerate(zip(rows, host)):
+            row.produced += 1
+            result = row.result
+            if result is None:
+                done = row.produced == row.budget
+            else:
+                stats.tokens += 1
                 token = int(values[0])
                 result.token_ids.append(token)
+                result.per_token["token_id"].append(token)
+                for name, value in zip(PER_TOKEN_FIELDS[1:], values[1:]):
+                    result.per_token[name].append(value)
                 if token in self.eos:
                     result.finish_reason = "stop"
-                elif step + 1 < self.max_new_tokens:
-                    keep.append(row)
-            if on_step is not None:
-                on_step(len(host))
-            if not keep:
-                break
-            if len(keep) < len(alive):
-                rows = torch.tensor(keep, device=device)
-                theta.select(rows)
-                target.select(rows)
-                tokens, sample_idx = tokens[rows], sample_idx[rows]
-                alive = [alive[r] for r in keep]
-            theta.step(tokens)
-            target.step(tokens)
+                done = result.finish_reason == "stop" or row.produced == row.budget
+            if done:
+                finished.append(i)
+        return tokens, finished
 
-        for result in results:
-            result.per_token["token_id"] = [int(t) for t in result.per_token["token_id"]]
-            text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
-            result.text = self.target.tokenizer.decode(text_ids)
-        return results
+    def _finish(self, result: SampleResult) -> SampleResult:
+        text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+        result.text = self.target.tokenizer.decode(text_ids)
+        return result
+
+
+def refill_size(slots: int) -> int:
+    """Free slots that trigger a refill: 1 up to 8 slots, then an eighth of them (prefill stays batched)."""
+    return max(1, slots // 8)
+
+
+@dataclass
+class SampleRequest:
+    """One response to generate: the prompt ids each model sees, keyed by ``sample_idx``.
+
+    ``replay_tokens`` marks a sample already written by an earlier run: it holds its slot for exactly
+    that many steps (its outputs are not computed where no other row needs them, and not yielded), so
+    that the samples after it see the batches they saw in the uninterrupted run.
+    """
+
+    sample_idx: int
+    prompt_ids_theta: list[int]
+    prompt_ids_t: list[int]
+    replay_tokens: int | None = None
+
+
+@dataclass
+class StreamStats:
+    """What :meth:`DualModelSampler.stream` did: steps computed, slot occupancy, tokens, prefills."""
+
+    steps: int = 0  # steps computed (a stretch of replayed samples alone is skipped)
+    tokens: int = 0  # tokens of new (not replayed) samples
+    prefills: int = 0  # prefill forwards, per model
+
+    def utilisation(self, slots: int) -> float:
+        """Tokens produced / (steps x slots)."""
+        return self.tokens / (self.steps * slots) if self.steps else 0.0
+
+
+@dataclass
+class _Row:
+    """A request in a slot: its stream position, token budget, result so far (None when replayed)."""
+
+    position: int
+    request: SampleRequest
+    budget: int
+    result: SampleResult | None
+    produced: int = 0
+
+    @property
+    def prompt_lengths(self) -> tuple[int, int]:
+        return len(self.request.prompt_ids_theta), len(self.request.prompt_ids_t)
+
+
+class _Peekable:
+    """An iterator with one item of lookahead; true while items remain."""
+
+    _END = object()
+
+    def __init__(self, iterable):
+        self._it = iter(iterable)
+        self._next = next(self._it, self._END)
+
+    def __bool__(self) -> bool:
+        return self._next is not self._END
+
+    def peek(self):
+        return self._next
+
+    def __next__(self):
+        item, self._next = self._next, next(self._it, self._END)
+        return item

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ DIAGNOSTICS_LEVELS = ("full", "summary", "none")
 SUMMARY_FIELDS = PER_TOKEN_FIELDS[1:]
 SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+_NUM_TOKENS = re.compile(rb'"num_tokens":(\d+)')
 
 
 class ResumeError(QstarInputError):
@@ -215,6 +217,19 @@ class CheckpointedWriter:
             with path.open("r+b") as f:
                 f.truncate(path_ends[done - 1] if done else 0)
         return done
+
+    def sample_lengths(self, done: int) -> list[int] | None:
+        """Tokens of each of the first ``done`` samples (from the sidecar), or None without a sidecar."""
+        if self.level == "none":
+            return None
+        lengths: list[int] = []
+        if not done:
+            return lengths
+        with self.paths.diagnostics.open("rb") as f:
+            for line, _ in zip(f, range(done)):
+                # The key order is fixed: num_tokens sits near the start of the line.
+                lengths.append(int(_NUM_TOKENS.search(line, 0, 200).group(1)))
+        return lengths
 
     def write(self, prompt: Prompt, result: SampleResult) -> None:
         """Append one sample (not durable until :meth:`commit`)."""

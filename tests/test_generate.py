@@ -73,12 +73,12 @@ def test_generate_writes_what_the_sampler_samples(base_args, tiny_model_dirs, tm
     assert meta["status"] == "complete" and meta["counts"]["done"] == 8
     assert meta["counts"]["skipped"] == {"empty prompt": 1, "missing prompt": 1}
 
-    # The same batches through the Python API give the same samples, value for value.
+    # The same slots and schedule through the Python API give the same samples, value for value.
     device = resolve_device("cpu")
     theta, target = (load_model(d, device, __import__("torch").float32) for d in tiny_model_dirs)
     sampler = DualModelSampler(theta, target, theta_format="plain", max_new_tokens=16)
     conversations = [PROMPTS[i]["messages"] for i in VALID]
-    results = [r for b in range(0, 8, 3) for r in sampler.generate(conversations[b : b + 3], VALID[b : b + 3])]
+    results = sampler.generate(conversations, VALID, batch_size=3)
     for line, sidecar, expected in zip(main, side, results):
         assert line["messages"] == [*PROMPTS[expected.sample_idx]["messages"], {"role": "assistant", "content": expected.text}]
         assert line["finish_reason"] == sidecar["finish_reason"] == expected.finish_reason

@@ -1,0 +1,137 @@
+"""Per-slot KV storage: each model's keys and values preallocated per slot, written in place.
+
+A :class:`SlotCache` holds, for every layer, keys and values of shape ``[slots, kv_heads, capacity,
+head_dim]``. Slot ``r`` keeps its sequence's token at position ``p`` in column ``p``, so a row is
+written at its own position with no per-step copy of the cache, a finished row's slot is reused by
+overwriting it, and a row is rolled back by lowering its length (the columns past it are masked out
+and overwritten later). The attention mask needs no history: a query at position ``p`` sees exactly
+the columns ``0..p`` of its own slot, which :meth:`SlotCache.forward` passes as a 4D boolean mask
+(transformers uses a 4D mask as is).
+
+Every forward reads the same number of columns (the capacity), whatever the other rows hold: a row's
+logits are then bit-for-bit independent of its batch companions on the CPU, which keeps resumed runs
+byte-identical to uninterrupted ones. The capacity grows in chunks of :data:`CAPACITY_CHUNK` columns
+when a longer sequence arrives (one copy of the storage); memory is ``2 x layers x slots x capacity x
+kv_heads x head_dim`` elements per model.
+
+Rows taking part in a forward are always the leading slots ``[start, stop)``: the sampler keeps the
+running rows packed at the front (:meth:`SlotCache.move` copies one row into a freed slot) and
+prefills newcomers into the slots right after them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+#: Capacity is a multiple of this many columns (growth is rare and the attention width stays fixed).
+CAPACITY_CHUNK = 256
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for every slot; ``update`` writes at the columns the cache names."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, cache: SlotCache):
+        super().__init__()
+        self.cache = cache
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        slots, capacity = self.cache.slots, self.cache.capacity
+        self.keys = key_states.new_zeros((slots, key_states.shape[1], capacity, key_states.shape[-1]))
+        self.values = value_states.new_zeros((slots, value_states.shape[1], capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, stop = self.cache.rows
+        keys, values = self.keys[start:stop], self.values[start:stop]
+        rows, columns = self.cache.write_index
+        # Advanced indices on dims 0 and 2 put the indexed dims first: [rows, queries, heads, dim].
+        keys[rows, :, columns] = key_states.transpose(1, 2)
+        values[rows, :, columns] = value_states.transpose(1, 2)
+        return keys, values
+
+    def grow(self, capacity: int) -> None:
+        if self.is_initialized:
+            pad = capacity - self.keys.shape[2]
+            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
+            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        if self.is_initialized:
+            self.keys[dst, :, :length] = self.keys[src, :, :length]
+            self.values[dst, :, :length] = self.values[src, :, :length]
+
+    def get_seq_length(self) -> int:
+        return self.cache.capacity
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.capacity, 0
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+
+class SlotCache(Cache):
+    """KV storage for ``slots`` sequences of one model, each written at its own positions.
+
+    >>> cache = SlotCache(model.config, slots=8, capacity=1024)
+    >>> logp = cache.forward(model, ids, positions, start=0)   # ids, positions: [rows, q]
+    """
+
+    def __init__(self, config, slots: int, capacity: int):
+        self.slots = slots
+        self.capacity = _round_up(max(capacity, 1))
+        self.rows = (0, 0)
+        self.write_index: tuple[Tensor, Tensor] | None = None
+        super().__init__(layers=[SlotLayer(self) for _ in range(config.num_hidden_layers)])
+
+    def ensure_capacity(self, length: int) -> None:
+        """Make room for sequences of ``length`` tokens (plus the scratch column)."""
+        if length + 1 > self.capacity:
+            self.capacity = _round_up(length + 1)
+            for layer in self.layers:
+                layer.grow(self.capacity)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` columns of slot ``src`` into slot ``dst``."""
+        for layer in self.layers:
+            layer.move(src, dst, length)
+
+    def forward(self, model, ids: Tensor, positions: Tensor, start: int, vocab: int) -> Tensor:
+        """Run ``model`` on slots ``start .. start + len(ids)``; float32 log-probs after each row's last query.
+
+        ``ids`` and ``positions`` are ``[rows, q]``, left-padded: a position of ``-1`` marks padding,
+        which writes to the scratch column (the last one, never seen as valid) and is ignored.
+        """
+        n, q = ids.shape
+        self.rows = (start, start + n)
+        pad = positions < 0
+        columns = torch.where(pad, self.capacity - 1, positions)
+        self.write_index = (torch.arange(n, device=ids.device).unsqueeze(-1).expand(n, q), columns)
+        # A query at position p sees columns 0..p of its own slot; padding queries see column 0 only.
+        seen = torch.where(pad, 0, positions)
+        mask = torch.arange(self.capacity, device=ids.device) <= seen.unsqueeze(-1)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask.unsqueeze(1),
+            position_ids=seen,
+            cache=self,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # Embedding rows past the shared vocabulary (padding) get probability zero.
+        return out.logits[:, -1, :vocab].float().log_softmax(-1)
+
+
+def _round_up(length: int) -> int:
+    return CAPACITY_CHUNK * math.ceil(length / CAPACITY_CHUNK)
