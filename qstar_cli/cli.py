@@ -287,3 +287,29 @@ def _export(run, path: Path, ess_floor: float) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+def explain(
+    output: Path = typer.Option(Path("."), help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png."),
+    json_output: bool = typer.Option(False, "--json", help="Print the table as JSON instead of a table."),
+) -> None:
+    """q* on two 2-D Gaussians: the pictures and alpha* table, closed form beside solve_alpha on a grid."""
+    import orjson
+
+    from qstar_cli.explain import explain_cases
+    from qstar_cli.explain_plots import explain_table, write_figures
+
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise fail(f"cannot create the --output directory {output}: {err.strerror}") from None
+    explanation = explain_cases()
+    if json_output:
+        typer.echo(orjson.dumps({"cases": explanation.records()}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        console = Console()
+        console.width = max(console.width, 120)  # the table needs 120 columns; never drop one
+        console.print(explain_table(explanation))
+    written = write_figures(explanation, output)
+    err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
