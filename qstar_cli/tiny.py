@@ -52,11 +52,13 @@ def build_tiny_model(
     sharpness: float = 1.0,
     hidden_size: int = 64,
     num_layers: int = 2,
+    extra_eos: tuple[int, ...] = (),
 ) -> LlamaForCausalLM:
     """A random Llama-style causal LM over ``tokenizer``'s vocabulary, in eval mode.
 
     ``extra_rows`` pads the embedding matrix past the tokenizer (as many real checkpoints do);
-    ``sharpness`` scales the output head so the next-token distributions are peakier.
+    ``sharpness`` scales the output head so the next-token distributions are peakier; ``extra_eos``
+    ids also end a response (as a generation config may list several), so lengths spread.
     """
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -75,7 +77,7 @@ def build_tiny_model(
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpness)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *extra_eos] if extra_eos else tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 

@@ -47,3 +47,15 @@ def tiny_model_dirs(tmp_path_factory):
         str(save_tiny_model(root / "theta", seed=1, sharpness=4.0)),
         str(save_tiny_model(root / "target", seed=2, sharpness=4.0, extra_rows=5)),
     )
+
+
+@pytest.fixture(scope="session")
+def spread_model_dirs(tmp_path_factory):
+    """Like ``tiny_model_dirs``, but pi_theta lists 4 extra EOS ids: response lengths spread widely."""
+    from qstar_cli.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("spread_models")
+    return (
+        str(save_tiny_model(root / "theta", seed=1, sharpness=4.0, extra_eos=(100, 101, 102, 103))),
+        str(save_tiny_model(root / "target", seed=2, sharpness=4.0, extra_rows=5)),
+    )

@@ -180,12 +180,18 @@ def test_bad_input_exit_2_with_one_line(base_args, tiny_tokenizer, tmp_path):
 
 # --- Processes: locks, kill -9 and SIGTERM ---------------------------------------------------------
 
-SLOW = ["--max-new-tokens", "120", "--batch-size", "2"]
+
+@pytest.fixture(scope="module")
+def slow_args(spread_model_dirs, prompts_file):
+    """Long responses of spread lengths on 2 slots: samples finish out of order."""
+    theta, target = spread_model_dirs
+    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
+            "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
 
 
 def spawn(args, out):
     return subprocess.Popen(
-        [sys.executable, "-m", "qstar_cli", "generate", *args, *SLOW, "--output", str(out)],
+        [sys.executable, "-m", "qstar_cli", "generate", *args, "--output", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -199,21 +205,23 @@ def count_lines(path):
 
 
 @pytest.fixture(scope="module")
-def reference(base_args, tmp_path_factory):
-    """The files of an uninterrupted run in a separate process."""
+def reference(slow_args, tmp_path_factory):
+    """The files of an uninterrupted run in a separate process, and its samples' lengths."""
     out = tmp_path_factory.mktemp("reference") / "ref.jsonl"
-    proc = spawn(base_args, out)
+    proc = spawn(slow_args, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    lengths = [r["num_tokens"] for r in read_lines(paths(out)[1])]
+    assert len(set(lengths)) > 4 and min(lengths) < 60 and max(lengths) == 120, "lengths must spread"
     return file_bytes(out)
 
 
-def test_kill_9_and_resume_is_byte_identical(base_args, reference, tmp_path):
+def test_kill_9_and_resume_is_byte_identical(slow_args, reference, tmp_path):
     rng = np.random.default_rng(20261125)
     out = tmp_path / "k.jsonl"
     interrupted = 0
     for _ in range(3):
         before = count_lines(out)
-        proc = spawn(base_args, out)
+        proc = spawn(slow_args, out)
         # Wait for progress past the previous kill, then kill at a random moment of a later batch.
         while count_lines(out) <= before and proc.poll() is None:
             time.sleep(0.01)
@@ -223,14 +231,14 @@ def test_kill_9_and_resume_is_byte_identical(base_args, reference, tmp_path):
             interrupted += 1
         proc.wait()
     assert interrupted >= 2  # otherwise the test did not test resuming
-    proc = spawn(base_args, out)
+    proc = spawn(slow_args, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     assert file_bytes(out) == reference
 
 
-def test_sigterm_stops_cleanly_and_resumes(base_args, reference, tmp_path):
+def test_sigterm_stops_cleanly_and_resumes(slow_args, reference, tmp_path):
     out = tmp_path / "s.jsonl"
-    proc = spawn(base_args, out)
+    proc = spawn(slow_args, out)
     while count_lines(out) < 1 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -239,18 +247,18 @@ def test_sigterm_stops_cleanly_and_resumes(base_args, reference, tmp_path):
     assert "re-run the same command to resume" in stderr and "Traceback" not in stderr
     meta = json.loads(open(paths(out)[2]).read())
     assert meta["status"] == "interrupted" and meta["counts"]["done"] == count_lines(out) < 8
-    proc = spawn(base_args, out)
+    proc = spawn(slow_args, out)
     assert proc.wait(timeout=300) == 0
     assert file_bytes(out) == reference
 
 
-def test_second_writer_refused(base_args, tmp_path):
+def test_second_writer_refused(slow_args, tmp_path):
     out = tmp_path / "l.jsonl"
-    proc = spawn(base_args, out)
+    proc = spawn(slow_args, out)
     while count_lines(out) < 1 and proc.poll() is None:
         time.sleep(0.01)
     try:
-        result = cli(*base_args, "--output", str(out))
+        result = cli(*slow_args, "--output", str(out))
         one_line_error(result, "another qstar process is writing")
     finally:
         proc.kill()
