@@ -264,7 +264,7 @@ class DualModelSampler:
                 ids[i, width - len(prompt) :] = torch.tensor(prompt)
                 positions[i, width - len(prompt) :] = torch.arange(len(prompt))
             device = loaded.model.device
-            out = cache.forward(loaded.model, ids.to(device), positions.to(device), len(rows), self.vocab)
+            out = cache.forward(loaded.model, ids.to(device), positions.to(device), len(rows), width, self.vocab)
             new.append(torch.cat([logp, out]))
         stats.prefills += computing
         return tuple(new)
@@ -276,8 +276,9 @@ class DualModelSampler:
         out = []
         for side, (cache, loaded) in enumerate(zip(caches, (self.theta, self.target))):
             positions = [r.prompt_lengths[side] + r.produced - 1 for r in rows]
+            longest = max(positions) + 1
             positions = torch.tensor(positions, dtype=torch.long, device=tokens.device).unsqueeze(-1)
-            out.append(cache.forward(loaded.model, tokens.unsqueeze(-1), positions, 0, self.vocab))
+            out.append(cache.forward(loaded.model, tokens.unsqueeze(-1), positions, 0, longest, self.vocab))
         return tuple(out)
 
     def _step(self, rows: list[_Row], logps, stats: StreamStats) -> tuple[Tensor, list[int]]:

@@ -8,11 +8,11 @@ and overwritten later). The attention mask needs no history: a query at position
 the columns ``0..p`` of its own slot, which :meth:`SlotCache.forward` passes as a 4D boolean mask
 (transformers uses a 4D mask as is).
 
-Every forward reads the same number of columns (the capacity), whatever the other rows hold: a row's
-logits are then bit-for-bit independent of its batch companions on the CPU, which keeps resumed runs
-byte-identical to uninterrupted ones. The capacity grows in chunks of :data:`CAPACITY_CHUNK` columns
-when a longer sequence arrives (one copy of the storage); memory is ``2 x layers x slots x capacity x
-kv_heads x head_dim`` elements per model.
+A forward reads the columns up to the longest sequence among its rows (rounded up to
+:data:`WIDTH_STEP`), so attention costs what the batch needs. The capacity grows in chunks of
+:data:`CAPACITY_CHUNK` columns when a longer sequence arrives (one copy of the storage); memory is
+``2 x layers x slots x capacity x kv_heads x head_dim`` elements per model, with capacity the longest
+prompt + token budget seen so far, rounded up.
 
 Rows taking part in a forward are always the leading slots ``[start, stop)``: the sampler keeps the
 running rows packed at the front (:meth:`SlotCache.move` copies one row into a freed slot) and
@@ -27,8 +27,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-#: Capacity is a multiple of this many columns (growth is rare and the attention width stays fixed).
+#: Capacity is a multiple of this many columns (growth is rare).
 CAPACITY_CHUNK = 256
+#: Columns a forward reads are a multiple of this (fewer distinct shapes for the kernels).
+WIDTH_STEP = 64
 
 
 class SlotLayer(CacheLayerMixin):
@@ -58,7 +60,8 @@ class SlotLayer(CacheLayerMixin):
         # Advanced indices on dims 0 and 2 put the indexed dims first: [rows, queries, heads, dim].
         keys[rows, :, columns] = key_states.transpose(1, 2)
         values[rows, :, columns] = value_states.transpose(1, 2)
-        return keys, values
+        width = self.cache.width
+        return keys[:, :, :width], values[:, :, :width]
 
     def grow(self, capacity: int) -> None:
         if self.is_initialized:
@@ -72,10 +75,10 @@ class SlotLayer(CacheLayerMixin):
             self.values[dst, :, :length] = self.values[src, :, :length]
 
     def get_seq_length(self) -> int:
-        return self.cache.capacity
+        return self.cache.width
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.capacity, 0
+        return self.cache.width, 0
 
     def get_max_length(self) -> int:
         return self.cache.capacity
@@ -92,6 +95,7 @@ class SlotCache(Cache):
         self.slots = slots
         self.capacity = _round_up(max(capacity, 1))
         self.rows = (0, 0)
+        self.width = 0
         self.write_index: tuple[Tensor, Tensor] | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(config.num_hidden_layers)])
 
@@ -107,20 +111,22 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.move(src, dst, length)
 
-    def forward(self, model, ids: Tensor, positions: Tensor, start: int, vocab: int) -> Tensor:
+    def forward(self, model, ids: Tensor, positions: Tensor, start: int, longest: int, vocab: int) -> Tensor:
         """Run ``model`` on slots ``start .. start + len(ids)``; float32 log-probs after each row's last query.
 
         ``ids`` and ``positions`` are ``[rows, q]``, left-padded: a position of ``-1`` marks padding,
         which writes to the scratch column (the last one, never seen as valid) and is ignored.
+        ``longest`` is the largest position + 1 among the rows (known on the host, so no sync).
         """
         n, q = ids.shape
         self.rows = (start, start + n)
+        self.width = min(WIDTH_STEP * math.ceil(longest / WIDTH_STEP), self.capacity)
         pad = positions < 0
         columns = torch.where(pad, self.capacity - 1, positions)
         self.write_index = (torch.arange(n, device=ids.device).unsqueeze(-1).expand(n, q), columns)
         # A query at position p sees columns 0..p of its own slot; padding queries see column 0 only.
         seen = torch.where(pad, 0, positions)
-        mask = torch.arange(self.capacity, device=ids.device) <= seen.unsqueeze(-1)
+        mask = torch.arange(self.width, device=ids.device) <= seen.unsqueeze(-1)
         out = model(
             input_ids=ids,
             attention_mask=mask.unsqueeze(1),
