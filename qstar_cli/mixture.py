@@ -54,7 +54,7 @@ def _common_support(logp_theta: Tensor, logp_t: Tensor) -> tuple[Tensor, Tensor]
 
 def entropy(logp: Tensor) -> Tensor:
     """Shannon entropy (nats) of each row of a normalised log-probability tensor."""
-    return -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(dim=-1)
+    return -_expectation(logp.exp(), logp)
 
 
 def solve_kl_symmetry(
@@ -173,14 +173,14 @@ def mixture_logprobs(logp_theta: Tensor, logp_t: Tensor, alpha: Tensor) -> Tenso
     return torch.where(w == 1, logp_theta, torch.where(w == 0, logp_t, mixed))
 
 
-def _kl(logp_q: Tensor, q: Tensor, logp_other: Tensor) -> Tensor:
-    # q * (log q - log p) with 0 * anything = 0; +inf where q > 0 = p (never for alpha in (0, 1)).
-    return torch.where(q > 0, q * (logp_q - logp_other), 0.0).sum(dim=-1)
+def _expectation(p: Tensor, values: Tensor) -> Tensor:
+    """``sum_y p(y) * values(y)`` per row, with terms where ``p`` is 0 counting 0 (whatever ``values`` is)."""
+    return torch.linalg.vecdot(p, torch.where(p > 0, values, 0.0))
 
 
 def _ess(logp_q: Tensor, logp_other: Tensor) -> Tensor:
-    # 1 / sum p^2 / q in log space; p = 0 terms vanish, p > 0 = q terms make ESS 0.
-    log_terms = torch.where(logp_other > -math.inf, 2 * logp_other - logp_q, -math.inf)
+    # 1 / sum p^2 / q in log space: p = 0 terms (-inf - -inf = NaN) vanish, p > 0 = q terms make ESS 0.
+    log_terms = torch.nan_to_num(2 * logp_other - logp_q, nan=-math.inf, posinf=math.inf)
     return torch.exp(-torch.logsumexp(log_terms, dim=-1))
 
 
@@ -189,7 +189,9 @@ def token_diagnostics(
 ) -> dict[str, Tensor]:
     """Per-row diagnostics of SPEC section 2 for the full (untempered) mixture ``logp_q``.
 
-    Returns ``[batch]`` tensors keyed by :data:`DIAGNOSTIC_FIELDS`.
+    Returns ``[batch]`` tensors keyed by :data:`DIAGNOSTIC_FIELDS`. Each KL and entropy is one
+    masked dot product over the vocabulary (a token q cannot draw adds 0; one it can draw but a
+    model cannot emit makes that KL +inf).
     """
     q = logp_q.exp()
     ess_theta = _ess(logp_q, logp_theta)
@@ -197,12 +199,12 @@ def token_diagnostics(
     # Both 0 (each model has mass where q has none): equally degenerate, ratio 1 rather than 0/0.
     ess_ratio = torch.where(ess_t > 0, ess_theta / ess_t, torch.where(ess_theta > 0, math.inf, 1.0))
     return {
-        "kl_theta": _kl(logp_q, q, logp_theta),
-        "kl_t": _kl(logp_q, q, logp_t),
+        "kl_theta": _expectation(q, logp_q - logp_theta),
+        "kl_t": _expectation(q, logp_q - logp_t),
         "ess_theta": ess_theta,
         "ess_t": ess_t,
         "ess_ratio": ess_ratio,
         "entropy_theta": entropy(logp_theta),
         "entropy_t": entropy(logp_t),
-        "entropy_q": -torch.where(q > 0, q * logp_q, 0.0).sum(dim=-1),
+        "entropy_q": -_expectation(q, logp_q),
     }
