@@ -16,7 +16,8 @@ per-sample means and standard deviations. ``null`` values (non-finite, e.g. ``es
 Importance weights (SPEC section 9): ``w_i = exp(log w_i)``; the normalised effective sample size
 ``ESS / n = (sum w)^2 / (n sum w^2)`` is computed in log space. For training, ``w^gamma`` tempers
 the weights; :func:`choose_gamma` picks the largest gamma in [0, 1] whose ESS ratio stays at or above
-a floor.
+a floor. :func:`sequence_weights` gives the training weights that both ``analyze --export-weights``
+and ``export`` write.
 """
 
 from __future__ import annotations
