@@ -204,9 +204,8 @@ def _parse(record: dict[str, Any]) -> _Sample:
         rows = np.array([arrays[name] for name in SUMMARY_FIELDS], dtype=np.float64).T
         if rows.ndim != 2 or len(rows) != record["num_tokens"]:
             raise ValueError("per_token arrays do not match num_tokens")
-    return _Sample(
-        int(record["sample_idx"]), int(record["num_tokens"]), str(record["finish_reason"]), sequence_log_weight(record), stats, rows
-    )
+    identity = int(record["sample_idx"]), int(record["num_tokens"]), str(record["finish_reason"])
+    return _Sample(*identity, sequence_log_weight(record), stats, rows)
 
 
 def analyze_sidecar(path: str | Path, reservoir_size: int = RESERVOIR_SIZE) -> RunAnalysis:

@@ -86,6 +86,8 @@ class ExportConfig:
 
 @dataclass
 class ExportSummary:
+    """What an export wrote and left out."""
+
     output: Path
     exported: int
     truncated_left_out: int

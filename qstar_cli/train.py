@@ -58,7 +58,8 @@ class WeightedSFTTrainer(SFTTrainer):
             "compute_loss_func": self.compute_loss_func is not None,
         }
         if any(unsupported.values()):
-            raise ValueError(f"WeightedSFTTrainer keeps sequences whole and weights their loss; unset {[k for k, v in unsupported.items() if v]}")
+            named = ", ".join(name for name, on in unsupported.items() if on)
+            raise ValueError(f"WeightedSFTTrainer keeps sequences whole to weight their loss; unset {named}")
         if WEIGHT not in get_dataset_column_names(self.train_dataset):
             raise ValueError(f"the training set has no {WEIGHT!r} column (qstar export writes one)")
         self.data_collator = WeightCollator(self.data_collator)

@@ -61,8 +61,8 @@ def train_set(runs, tmp_path_factory):
 
 @pytest.mark.parametrize("include_truncated", [False, True])
 def test_rows_are_the_exact_ids_pi_theta_saw_and_sampled(runs, tiny_tokenizer, tmp_path, include_truncated):
-    out = tmp_path / "train.parquet"
-    result = invoke("export", runs["full"], "--output", out, *(["--include-truncated"] if include_truncated else []))
+    out, flags = tmp_path / "train.parquet", ["--include-truncated"] * include_truncated
+    result = invoke("export", runs["full"], "--output", out, *flags)
     assert result.exit_code == 0, result.output
     pairs = list(zip(read_lines(runs["full"]), read_lines(sidecar_of(runs["full"]))))
     finish = [side["finish_reason"] for _, side in pairs]
@@ -81,7 +81,7 @@ def test_rows_are_the_exact_ids_pi_theta_saw_and_sampled(runs, tiny_tokenizer, t
     left_out = finish.count("length")
     assert (f"left out {left_out} truncated" in result.stdout) != include_truncated
     # The JSONL form holds the same rows.
-    assert invoke("export", runs["full"], "--output", tmp_path / "train.jsonl", *(["--include-truncated"] * include_truncated)).exit_code == 0
+    assert invoke("export", runs["full"], "--output", tmp_path / "train.jsonl", *flags).exit_code == 0
     assert [json.loads(line) for line in open(tmp_path / "train.jsonl")] == pq.read_table(out).to_pylist()
 
 
@@ -184,10 +184,11 @@ def test_export_streams_a_large_run(tmp_path):
     with open(main, "wb") as m, open(sidecar_of(main), "wb") as s:
         for i in range(800):
             m.write(orjson.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "sample_idx": i}) + b"\n")
-            logp = rng.normal(-2.0, 1.0, (2, tokens))
-            per_token = {"token_id": rng.integers(0, 50_000, tokens).tolist(), "logp_theta": logp[0].tolist(), "logp_q": logp[1].tolist()}
-            record = {"sample_idx": i, "num_tokens": tokens, "finish_reason": "stop", "logp_theta_sum": logp[0].sum(), "logp_q_sum": logp[1].sum()}
-            s.write(orjson.dumps({**record, "prompt_ids_theta": [1, 2, 3], "per_token": per_token}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+            theta, q = rng.normal(-2.0, 1.0, (2, tokens))
+            per_token = {"token_id": rng.integers(0, 50_000, tokens).tolist(), "logp_theta": theta.tolist(), "logp_q": q.tolist()}
+            record = {"sample_idx": i, "num_tokens": tokens, "finish_reason": "stop", "logp_theta_sum": theta.sum(), "logp_q_sum": q.sum()}
+            record.update(prompt_ids_theta=[1, 2, 3], per_token=per_token)
+            s.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     size = main.stat().st_size + sidecar_of(main).stat().st_size
     tracemalloc.start()
     summary = export_training_set(ExportConfig(main, tmp_path / "big.parquet", chunk_tokens=4096))
