@@ -16,7 +16,8 @@ per-sample means and standard deviations. ``null`` values (non-finite, e.g. ``es
 Importance weights (SPEC section 9): ``w_i = exp(log w_i)``; the normalised effective sample size
 ``ESS / n = (sum w)^2 / (n sum w^2)`` is computed in log space. For training, ``w^gamma`` tempers
 the weights; :func:`choose_gamma` picks the largest gamma in [0, 1] whose ESS ratio stays at or above
-a floor.
+a floor. :func:`sequence_weights` gives the training weights that both ``analyze --export-weights``
+and ``export`` write.
 """
 
 from __future__ import annotations
@@ -90,6 +91,31 @@ def tempered_weights(log_w: np.ndarray, gamma: float) -> np.ndarray:
     """``w^gamma`` self-normalised to mean 1 (so a weighted loss keeps its scale)."""
     scaled = gamma * np.asarray(log_w, dtype=np.float64)
     return np.exp(scaled - logsumexp(scaled) + np.log(scaled.size))
+
+
+@dataclass(frozen=True)
+class SequenceWeights:
+    """Training weights of n samples: ``w^gamma`` self-normalised to mean 1, with its gamma and ESS/n."""
+
+    log_w: np.ndarray
+    gamma: float
+    weights: np.ndarray
+    ess_ratio: float
+
+
+def sequence_weights(log_w: np.ndarray, ess_floor: float = 0.3, gamma: float | None = None) -> SequenceWeights:
+    """The weights ``analyze --export-weights`` and ``export`` write: gamma fixed, or chosen at the ESS floor."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if gamma is None:
+        gamma = choose_gamma(log_w, ess_floor)
+    elif not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    return SequenceWeights(log_w, gamma, tempered_weights(log_w, gamma), ess_ratio(gamma * log_w))
+
+
+def sequence_log_weight(record: dict[str, Any]) -> float:
+    """``log w = logp_theta_sum - logp_q_sum`` of a sidecar line (NaN where a sum is ``null``)."""
+    return _number(record["logp_theta_sum"]) - _number(record["logp_q_sum"])
 
 
 def iter_sidecar(path: Path, corrupt: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -178,8 +204,8 @@ def _parse(record: dict[str, Any]) -> _Sample:
         rows = np.array([arrays[name] for name in SUMMARY_FIELDS], dtype=np.float64).T
         if rows.ndim != 2 or len(rows) != record["num_tokens"]:
             raise ValueError("per_token arrays do not match num_tokens")
-    log_w = _number(record["logp_theta_sum"]) - _number(record["logp_q_sum"])
-    return _Sample(int(record["sample_idx"]), int(record["num_tokens"]), str(record["finish_reason"]), log_w, stats, rows)
+    identity = int(record["sample_idx"]), int(record["num_tokens"]), str(record["finish_reason"])
+    return _Sample(*identity, sequence_log_weight(record), stats, rows)
 
 
 def analyze_sidecar(path: str | Path, reservoir_size: int = RESERVOIR_SIZE) -> RunAnalysis:
@@ -277,11 +303,11 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def weight_records(run: RunAnalysis, ess_floor: float = 0.3) -> list[dict[str, Any]]:
-    """Per-sample training weights: ``sample_idx``, ``log_w``, ``weight`` (tempered, mean 1), ``gamma``."""
-    gamma = choose_gamma(run.log_w, ess_floor)
-    weights = tempered_weights(run.log_w, gamma)
-    return [
-        {"sample_idx": int(i), "log_w": float(lw), "weight": float(w), "gamma": gamma}
-        for i, lw, w in zip(run.sample_idx, run.log_w, weights)
+def weight_records(run: RunAnalysis, ess_floor: float = 0.3) -> tuple[list[dict[str, Any]], SequenceWeights]:
+    """Per-sample training weights (``sample_idx``, ``log_w``, ``weight``, ``gamma``) and their summary."""
+    chosen = sequence_weights(run.log_w, ess_floor)
+    records = [
+        {"sample_idx": int(i), "log_w": float(lw), "weight": float(w), "gamma": chosen.gamma}
+        for i, lw, w in zip(run.sample_idx, chosen.log_w, chosen.weights)
     ]
+    return records, chosen

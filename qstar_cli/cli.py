@@ -18,6 +18,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -276,14 +277,13 @@ def _labels(sidecars: list[Path]) -> list[str]:
 def _export(run, path: Path, ess_floor: float) -> None:
     import orjson
 
-    from qstar_cli.analysis import ess_ratio, weight_records
+    from qstar_cli.analysis import weight_records
 
-    records = weight_records(run, ess_floor)
+    records, chosen = weight_records(run, ess_floor)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
-    gamma = records[0]["gamma"]
     err_console.print(
-        f"weights: {path} ({len(records)} samples, gamma {gamma:.4f}, ESS/n {ess_ratio(gamma * run.log_w):.3f})",
+        f"weights: {path} ({len(records)} samples, gamma {chosen.gamma:.4f}, ESS/n {chosen.ess_ratio:.3f})",
         highlight=False,
         soft_wrap=True,
     )
@@ -313,3 +313,57 @@ def explain(
         console.print(explain_table(explanation))
     written = write_figures(explanation, output)
     err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+
+
+class ExportProgress:
+    """The two passes of ``export`` as rich bars over the bytes read (on a terminal only)."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ExportProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total)
+        self.bar.update(self.tasks[phase], completed=done)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run's main OUT.jsonl; its OUT.diagnostics.jsonl (level full) must lie beside it."),
+    output: Path = typer.Option(..., help="The training set to write: FILE.parquet or FILE.jsonl."),
+    include_truncated: bool = typer.Option(False, "--include-truncated", help="Keep samples that hit max_new_tokens."),
+    ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the weights w^gamma."),
+    gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
+) -> None:
+    """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
+    from qstar_cli.export import ExportConfig, export_training_set
+
+    try:
+        config = ExportConfig(run, output, include_truncated, ess_floor, gamma)
+        with ExportProgress(err_console) as progress:
+            summary = export_training_set(config, progress)
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+    if summary.skipped_lines:
+        lines = summary.skipped_lines
+        shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
+        err_console.print(f"warning: skipped {len(lines)} torn or incomplete sample line(s): {shown}", highlight=False)
+    left_out = f"; left out {summary.truncated_left_out} truncated (hit max_new_tokens)" if summary.truncated_left_out else ""
+    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}")
+    typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
