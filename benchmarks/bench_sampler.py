@@ -6,8 +6,11 @@
 For each model pair and batch size, all from one run, on the same prompts and the same number of new
 tokens per row (EOS is ignored so every variant does the same work):
 
-* floor: the two models' forward passes alone (prefill, then one cached forward each per step),
-  feeding fixed tokens: the physical floor of exact two-model sampling without speculation;
+* floor: the two models' forward passes alone on the sampler's slot caches (prefill, then one cached
+  forward each per step), feeding fixed tokens: the physical floor of exact two-model sampling
+  without speculation;
+* dynamic: the same forwards on transformers' ``DynamicCache`` (left-padded batch, which copies the
+  whole cache at each step), for scale;
 * qstar: ``DualModelSampler.generate`` (kl_symmetry alpha, diagnostics, sampling);
 * generate: one model's own ``generate`` (a single model's cost, for scale);
 * naive: what a user would write from the design notes: per row, the two models one after the other,
@@ -23,7 +26,8 @@ from transformers import DynamicCache
 
 from qstar_cli.mixture import mixture_logprobs
 from qstar_cli.models import LoadedModel
-from qstar_cli.sampler import DualModelSampler, ModelStream
+from qstar_cli.sampler import DualModelSampler
+from qstar_cli.slots import SlotCache
 from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
 
 from bench_alpha import bisection_alpha, print_header, timed
@@ -51,15 +55,41 @@ def pair(name: str) -> tuple[LoadedModel, LoadedModel]:
     )
 
 
+def left_padded(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and their positions (-1 on padding), left-padded to the longest prompt."""
+    width = max(map(len, ids))
+    tokens = torch.tensor([[0] * (width - len(x)) + x for x in ids])
+    positions = torch.tensor([[-1] * (width - len(x)) + list(range(len(x))) for x in ids])
+    return tokens, positions
+
+
 def floor(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
-    """Both models' forwards alone: prefill, then one cached step each per token."""
-    ids_theta, ids_t = zip(*prompts)
-    theta = ModelStream(sampler.theta.model, list(ids_theta), 0, sampler.vocab)
-    target = ModelStream(sampler.target.model, list(ids_t), 0, sampler.vocab)
-    tokens = torch.full((len(prompts),), 5, dtype=torch.long)
-    for _ in range(new_tokens - 1):
-        theta.step(tokens)
-        target.step(tokens)
+    """Both models' forwards alone on slot caches: prefill, then one cached step each per token."""
+    for side, loaded in enumerate((sampler.theta, sampler.target)):
+        ids = [p[side] for p in prompts]
+        cache = SlotCache(loaded.model.config, len(ids), max(map(len, ids)) + new_tokens)
+        tokens, positions = left_padded(ids)
+        cache.forward(loaded.model, tokens, positions, 0, tokens.shape[1], sampler.vocab)
+        lengths = torch.tensor([len(x) for x in ids])
+        feed = torch.full((len(ids), 1), 5, dtype=torch.long)
+        for step in range(new_tokens - 1):
+            longest = max(map(len, ids)) + step + 1
+            cache.forward(loaded.model, feed, (lengths + step).unsqueeze(-1), 0, longest, sampler.vocab)
+
+
+def dynamic(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
+    """The same forwards on DynamicCache (concatenating the cache at every step)."""
+    for side, loaded in enumerate((sampler.theta, sampler.target)):
+        tokens, positions = left_padded([p[side] for p in prompts])
+        mask = (positions >= 0).long()
+        cache = DynamicCache(config=loaded.model.config)
+        loaded.model(input_ids=tokens, attention_mask=mask, position_ids=positions.clamp_min(0), cache=cache, logits_to_keep=1)
+        feed = torch.full((len(prompts), 1), 5, dtype=torch.long)
+        next_position = positions[:, -1:] + 1
+        for step in range(new_tokens - 1):
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            out = loaded.model(input_ids=feed, attention_mask=mask, position_ids=next_position + step, cache=cache, logits_to_keep=1)
+            out.logits[:, -1, : sampler.vocab].float().log_softmax(-1)
 
 
 def naive(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
@@ -101,7 +131,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print_header(
         f"new_tokens={args.new_tokens}",
-        f"{'models':>6} {'batch':>5} | {'floor s':>8} {'qstar s':>8} {'generate s':>10} {'naive s':>8} | "
+        f"{'models':>6} {'batch':>5} | {'floor s':>8} {'dynamic s':>9} {'qstar s':>8} {'generate s':>10} {'naive s':>8} | "
         f"{'qstar tok/s':>11} | {'qstar/floor':>11} {'naive/qstar':>11}",
     )
     for name in args.models:
@@ -115,13 +145,14 @@ def main() -> None:
             prompts = [sampler.encode_prompts(c) for c in convs]
             # bench_alpha.timed gives median milliseconds; this table is in seconds.
             t_floor = timed(lambda: floor(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
+            t_dyn = timed(lambda: dynamic(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
             t_qstar = timed(lambda: sampler.generate(convs), args.repeats, "cpu") / 1e3
             t_gen = timed(lambda: hf_generate(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
             t_naive = float("nan")
             if not args.no_naive:
                 t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1, "cpu") / 1e3
             print(
-                f"{name:>6} {batch:>5} | {t_floor:>8.3f} {t_qstar:>8.3f} {t_gen:>10.3f} {t_naive:>8.3f} | "
+                f"{name:>6} {batch:>5} | {t_floor:>8.3f} {t_dyn:>9.3f} {t_qstar:>8.3f} {t_gen:>10.3f} {t_naive:>8.3f} | "
                 f"{batch * args.new_tokens / t_qstar:>11.1f} | {t_qstar / t_floor:>10.3f}x {t_naive / t_qstar:>10.2f}x",
                 flush=True,
             )

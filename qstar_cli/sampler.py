@@ -10,6 +10,7 @@ context) frees its slot, which the next requests take after one batched prefill 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from qstar_cli.models import (
     resolve_dtype,
 )
 from qstar_cli.prompts import Messages, PromptFormat
-from qstar_cli.sampling import SamplingParams, draw
+from qstar_cli.sampling import SamplingParams, draw, sample_key
 from qstar_cli.slots import SlotCache
 
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
@@ -53,6 +54,7 @@ class SampleResult:
     prompt_ids_t: list[int]
     finish_reason: str  # "stop" (an EOS was sampled; it is the last token) or "length"
     per_token: dict[str, list[float]] = field(default_factory=dict)
+    response_idx: int = 0  # which of the row's responses (``--samples-per-prompt``)
 
 
 def eos_ids(*loaded: LoadedModel) -> set[int]:
@@ -186,7 +188,7 @@ class DualModelSampler:
         stats = stats if stats is not None else StreamStats()
         max_waiting = max_waiting or 32 * slots
         refill = slots if scheduler == "static" else refill_size(slots)
-        pending = _Peekable(enumerate(requests))
+        pending = _Lookahead(enumerate(requests))
         models = (self.theta, self.target)
         caches = tuple(SlotCache(m.model.config, slots, 1) for m in models)
         device = self.theta.model.device
@@ -197,12 +199,17 @@ class DualModelSampler:
             free = slots - len(rows)
             if pending and (free >= refill or not rows):
                 oldest = min((r.position for r in rows), default=pending.peek()[0])
-                group = []
-                while len(group) < free and pending and pending.peek()[0] < oldest + max_waiting:
-                    position, request = next(pending)
-                    group.append(self._admit(position, request))
+                group: list[_Row] = []
+                while pending and pending.peek()[0] < oldest + max_waiting:
+                    # A prompt's responses go in together (at most ``slots`` at a time).
+                    same = 1
+                    while same < slots and (nxt := pending.peek(same)) and nxt[1].sample_idx == pending.peek()[1].sample_idx:
+                        same += 1
+                    if same > free - len(group):
+                        break
+                    group.extend(self._admit(*next(pending)) for _ in range(same))
                 if group:
-                    logps = self._prefill(caches, rows, group, logps, stats)
+                    logps, group = self._prefill(caches, rows, group, logps, stats)
                     rows.extend(group)
             if not rows:
                 return
@@ -242,12 +249,21 @@ class DualModelSampler:
             return _Row(position, request, request.replay_tokens, None)
         result = SampleResult(
             request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
-            {f: [] for f in PER_TOKEN_FIELDS},
+            {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
         )
         return _Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), result)
 
     def _prefill(self, caches, rows: list[_Row], group: list[_Row], logps, stats: StreamStats):
-        """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model."""
+        """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its
+        distinct prompts, whose caches and log-probs are then copied to their other responses.
+
+        Returns the log-probs of ``rows`` + group, and the group in slot order (distinct prompts first).
+        """
+        distinct = [r for i, r in enumerate(group) if i == 0 or r.request.sample_idx != group[i - 1].request.sample_idx]
+        copies = [r for r in group if not any(r is d for d in distinct)]
+        source = {r.request.sample_idx: i for i, r in enumerate(distinct)}
+        group = distinct + copies
+        start = len(rows)
         computing = any(r.result is not None for r in rows + group)
         new = []
         for side, (cache, loaded, logp) in enumerate(zip(caches, (self.theta, self.target), logps)):
@@ -256,18 +272,23 @@ class DualModelSampler:
             if not computing:
                 new.append(torch.cat([logp, logp.new_zeros(len(group), self.vocab)]))
                 continue
-            ids_list = [r.request.prompt_ids_theta if side == 0 else r.request.prompt_ids_t for r in group]
-            width = max(prompts)
-            ids = torch.full((len(group), width), self._pad_id(loaded), dtype=torch.long)
-            positions = torch.full((len(group), width), -1, dtype=torch.long)
-            for i, prompt in enumerate(ids_list):
-                ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            ids = [r.request.prompt_ids_theta if side == 0 else r.request.prompt_ids_t for r in distinct]
+            width = max(map(len, ids))
+            tokens = torch.full((len(ids), width), self._pad_id(loaded), dtype=torch.long)
+            positions = torch.full((len(ids), width), -1, dtype=torch.long)
+            for i, prompt in enumerate(ids):
+                tokens[i, width - len(prompt) :] = torch.tensor(prompt)
                 positions[i, width - len(prompt) :] = torch.arange(len(prompt))
             device = loaded.model.device
-            out = cache.forward(loaded.model, ids.to(device), positions.to(device), len(rows), width, self.vocab)
-            new.append(torch.cat([logp, out]))
-        stats.prefills += computing
-        return tuple(new)
+            out = cache.forward(loaded.model, tokens.to(device), positions.to(device), start, width, self.vocab)
+            origin = [source[r.request.sample_idx] for r in copies]
+            for j, i in enumerate(origin):
+                cache.move(start + i, start + len(distinct) + j, len(ids[i]))
+            new.append(torch.cat([logp, out, out[torch.tensor(origin, dtype=torch.long, device=device)]]))
+        if computing:
+            stats.prefills += 1
+            stats.prompts_prefilled += len(distinct)
+        return tuple(new), group
 
     def _decode(self, caches, rows: list[_Row], tokens: Tensor):
         """Feed each running row its last token; the next-token log-probs of both models."""
@@ -285,11 +306,11 @@ class DualModelSampler:
         """Solve alpha, mix, draw and diagnose every row; record the new tokens; the rows that finished."""
         logp_theta, logp_t = logps
         device = logp_theta.device
-        sample_idx = torch.tensor([r.request.sample_idx for r in rows], dtype=torch.long, device=device)
-        step = torch.tensor([r.produced for r in rows], dtype=torch.long, device=device)
+        keys = torch.tensor([(r.request.sample_idx, r.request.response_idx, r.produced) for r in rows], device=device)
+        sample, step = sample_key(keys[:, 0], keys[:, 1]), keys[:, 2]
         alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
         logp_q = mixture_logprobs(logp_theta, logp_t, alpha)
-        tokens, logp_sampled = draw(logp_q, self.sampling, self.seed, sample_idx, step)
+        tokens, logp_sampled = draw(logp_q, self.sampling, self.seed, sample, step)
         picked = tokens.unsqueeze(-1)
         columns = {
             "token_id": tokens,
@@ -335,8 +356,10 @@ def refill_size(slots: int) -> int:
 
 @dataclass
 class SampleRequest:
-    """One response to generate: the prompt ids each model sees, keyed by ``sample_idx``.
+    """One response to generate: the prompt ids each model sees, keyed by ``sample_idx`` and ``response_idx``.
 
+    Requests of one ``sample_idx`` (the K responses to one prompt) must come one after another and
+    share their prompt ids: they are admitted together and the prompt is prefilled once.
     ``replay_tokens`` marks a sample already written by an earlier run: it holds its slot for exactly
     that many steps (its outputs are not computed where no other row needs them, and not yielded), so
     that the samples after it see the batches they saw in the uninterrupted run.
@@ -346,6 +369,7 @@ class SampleRequest:
     prompt_ids_theta: list[int]
     prompt_ids_t: list[int]
     replay_tokens: int | None = None
+    response_idx: int = 0
 
 
 @dataclass
@@ -355,6 +379,7 @@ class StreamStats:
     steps: int = 0  # steps computed (a stretch of replayed samples alone is skipped)
     tokens: int = 0  # tokens of new (not replayed) samples
     prefills: int = 0  # prefill forwards, per model
+    prompts_prefilled: int = 0  # prompts those forwards ran over (each prompt's responses share one)
 
     def utilisation(self, slots: int) -> float:
         """Tokens produced / (steps x slots)."""
@@ -376,21 +401,21 @@ class _Row:
         return len(self.request.prompt_ids_theta), len(self.request.prompt_ids_t)
 
 
-class _Peekable:
-    """An iterator with one item of lookahead; true while items remain."""
-
-    _END = object()
+class _Lookahead:
+    """An iterator that can look ahead: ``peek(i)`` is the i-th next item (None past the end)."""
 
     def __init__(self, iterable):
         self._it = iter(iterable)
-        self._next = next(self._it, self._END)
+        self._ahead: deque = deque()
+
+    def peek(self, i: int = 0):
+        while len(self._ahead) <= i and (item := next(self._it, None)) is not None:
+            self._ahead.append(item)
+        return self._ahead[i] if i < len(self._ahead) else None
 
     def __bool__(self) -> bool:
-        return self._next is not self._END
-
-    def peek(self):
-        return self._next
+        return self.peek() is not None
 
     def __next__(self):
-        item, self._next = self._next, next(self._it, self._END)
-        return item
+        self.peek()
+        return self._ahead.popleft()

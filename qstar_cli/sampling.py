@@ -3,7 +3,9 @@
 The token drawn for sample ``i`` at step ``s`` is a function of ``(seed, i, s)`` and the distribution
 only: each row's uniform number is a hash of that triple (SplitMix64, computed on the device in int64
 arithmetic), and the token is found by inverse-CDF. Batch size, batch composition, order, and the
-point at which a run was resumed therefore never change a draw.
+point at which a run was resumed therefore never change a draw. Response ``k`` of dataset row ``r``
+(``--samples-per-prompt``) is sample ``sample_key(r, k) = r + k * 2^32``, so response 0 draws
+exactly as a single response did.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def _splitmix64(x: Tensor) -> Tensor:
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2
     return x ^ _shr(x, 31)
+
+
+def sample_key(sample_idx: Tensor, response_idx: Tensor) -> Tensor:
+    """The counter key of response ``response_idx`` of dataset row ``sample_idx`` (rows below 2^32)."""
+    return sample_idx + (response_idx << 32)
 
 
 def counter_uniform(seed: int, sample_idx: Tensor, step: Tensor, stream: int = 0) -> Tensor:
