@@ -13,9 +13,10 @@ log-weights (two bounded heaps) and a seeded uniform draw of the rest (the small
 only their lines are held. Token strings come from pi_t's tokenizer, so that the spans join to the
 decoded response exactly.
 
-Per-token values are embedded as the shortest decimal of their float32 value where that is exact
-(the sampler computes them in float32), else in full; the page turns them back into the sidecar's
-float64 values, so the numbers shown on hover are the sidecar's.
+Per-token values are embedded as the base64 of their little-endian float32 bytes where float32
+holds them exactly (the sampler computes them in float32; 5.3 characters a value instead of about
+11 as decimals), else of their float64 bytes: the page reads back the sidecar's values bit for bit,
+so the numbers shown on hover are the sidecar's.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ class Candidate:
 
     ordinal: int  # index into RunAnalysis.log_w
     log_w: float
-    key: float  # uniform random key of the draw
     sidecar: dict[str, Any]
     main: dict[str, Any]
 
@@ -96,21 +96,20 @@ class SampleSelection:
     def offer(self, ordinal: int, log_w: float, load: Callable[[], Candidate | None]) -> None:
         """Consider one sample; ``load`` reads its lines, only when a heap takes it (None: unusable)."""
         key = float(self.rng.random())
-        weighted = not math.isnan(log_w)
+        weighted = not math.isnan(log_w)  # a sample without a weight can only be drawn at random
         priorities = (log_w if weighted else None, -log_w if weighted else None, -key)
-        wanted = [
-            heap
-            for heap, size, priority in zip((self._high, self._low, self._draw), self._sizes, priorities)
-            if priority is not None and size and (len(heap) < size or priority > heap[0][0])
+        heaps = (self._high, self._low, self._draw)
+        takes = [
+            priority is not None and size > 0 and (len(heap) < size or priority > heap[0][0])
+            for heap, size, priority in zip(heaps, self._sizes, priorities)
         ]
-        if not wanted:
+        if not any(takes):
             return
         candidate = load()
         if candidate is None:
             return
-        candidate.key = key
-        for heap, size, priority in zip((self._high, self._low, self._draw), self._sizes, priorities):
-            if heap in wanted:
+        for heap, size, priority, take in zip(heaps, self._sizes, priorities, takes):
+            if take:
                 entry = (priority, ordinal, candidate)
                 heapq.heappush(heap, entry) if len(heap) < size else heapq.heapreplace(heap, entry)
 
@@ -120,9 +119,9 @@ class SampleSelection:
         for why, heap in (("highest weight", self._high), ("lowest weight", self._low)):
             for _, ordinal, candidate in heap:
                 picked.setdefault(ordinal, (why, candidate))
-        rest = sorted((c for _, o, c in self._draw if o not in picked), key=lambda c: c.key)
-        for candidate in rest[: self.random]:
-            picked[candidate.ordinal] = ("random", candidate)
+        rest = sorted((entry for entry in self._draw if entry[1] not in picked), reverse=True)  # smallest keys first
+        for _, ordinal, candidate in rest[: self.random]:
+            picked[ordinal] = ("random", candidate)
         return [picked[o] for o in sorted(picked)]
 
 
@@ -133,10 +132,11 @@ class _MainLines:
         self.file, self.number, self.raw = file, 0, b""
 
     def line(self, number: int) -> bytes:
-        while self.number < number and self.raw is not None:
-            self.raw = self.file.readline() or None
+        """Line ``number`` (counted from 1, never going back); empty past the end of the file."""
+        while self.number < number:
+            self.raw = self.file.readline()
             self.number += 1
-        return self.raw or b""
+        return self.raw
 
 
 def _main_record(raw: bytes, sidecar: dict[str, Any]) -> dict[str, Any] | None:
@@ -180,13 +180,13 @@ def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str
     return pieces
 
 
-def exact_values(values: list[float | None]) -> tuple[np.ndarray, bool]:
-    """``values`` as float32 when that keeps every one exactly (shorter JSON), else float64; nulls are NaN."""
-    array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    narrow = array.astype(np.float32)
+def packed_values(values: list[float | None]) -> tuple[str, str]:
+    """``(base64 of the little-endian bytes, "float32" or "float64")``: float32 where it holds every value exactly; nulls are NaN."""
+    array = np.array([np.nan if v is None else v for v in values], dtype="<f8")
+    narrow = array.astype("<f4")
     if np.array_equal(narrow.astype(np.float64), array, equal_nan=True):
-        return narrow, True
-    return array, False
+        return base64.b64encode(narrow.tobytes()).decode("ascii"), "float32"
+    return base64.b64encode(array.tobytes()).decode("ascii"), "float64"
 
 
 def sample_view(why: str, candidate: Candidate, weight: float, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
@@ -217,21 +217,16 @@ def sample_view(why: str, candidate: Candidate, weight: float, tokenizer: PreTra
     view["end_token"] = tokenizer.decode(ids[-1:]) if stopped else None
     view["joins"] = "".join(view["tokens"]) == view["response"]
     view["token_id"] = ids
-    view["values"], view["float32"] = {}, []
+    view["values"], view["dtypes"] = {}, {}
     for name in EMBEDDED_FIELDS:
-        view["values"][name], narrow = exact_values(per_token[name])
-        if narrow:
-            view["float32"].append(name)
+        view["values"][name], view["dtypes"][name] = packed_values(per_token[name])
     return view
 
 
-def colour_scales(views: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each colourable field's label, meaning and range, robust to outliers (1st/99th percentiles)."""
-    columns = {name: [] for name in EMBEDDED_FIELDS}
-    for view in views:
-        for name in columns:
-            if "values" in view:
-                columns[name].append(np.asarray(view["values"][name], dtype=np.float64))
+def colour_scales(per_token: list[dict[str, list[float | None]]]) -> dict[str, dict[str, Any]]:
+    """Each colourable field's label, meaning and range over the embedded samples' ``per_token``
+    arrays, robust to outliers (1st/99th percentiles)."""
+    columns = {name: [np.array(arrays[name], dtype=np.float64) for arrays in per_token] for name in EMBEDDED_FIELDS}
 
     def finite(*names: str) -> np.ndarray:
         joined = np.concatenate([a for n in names for a in columns[n]] or [np.zeros(0)])
@@ -317,14 +312,31 @@ def run_facts(meta: dict[str, Any], run: RunAnalysis) -> list[tuple[str, str]]:
         ("alpha method", f"fixed, alpha = {config.get('alpha')}" if method == "fixed" else str(method)),
         (
             "sampling",
-            f"temperature {config.get('temperature')}, top-k {top_k if top_k else 'off'}, top-p {config.get('top_p')}, "
-            f"max {config.get('max_new_tokens')} new tokens, seed {config.get('seed')}",
+            (
+                f"temperature {config.get('temperature')}, top-k {top_k if top_k else 'off'}, top-p {config.get('top_p')}, "
+                f"max {config.get('max_new_tokens')} new tokens, seed {config.get('seed')}"
+            ),
         ),
-        ("dataset", f"{config.get('dataset')} (split {config.get('split')}, adapter {config.get('adapter_resolved', config.get('adapter'))})"),
+        (
+            "dataset",
+            f"{config.get('dataset')} (split {config.get('split')}, adapter {config.get('adapter_resolved', config.get('adapter'))})",
+        ),
         ("diagnostics", f"{config.get('diagnostics')} (sidecar read as {run.level})"),
-        ("status", f"{meta.get('status', '?')}: {counts.get('done', '?')} of {counts.get('samples', '?')} samples done, {counts.get('rows', '?')} rows read, skipped: {skipped}"),
-        ("in the sidecar", f"{run.samples} samples, {run.tokens} tokens" + (f", {len(run.corrupt_lines)} corrupt lines skipped" if run.corrupt_lines else "")),
-        ("throughput", f"{tokens} new tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s over {len(sessions)} session(s)" if seconds > 0 else "-"),
+        (
+            "status",
+            f"{meta.get('status', '?')}: {counts.get('done', '?')} of {counts.get('samples', '?')} samples done, {counts.get('rows', '?')} rows read, skipped: {skipped}",
+        ),
+        (
+            "in the sidecar",
+            f"{run.samples} samples, {run.tokens} tokens"
+            + (f", {len(run.corrupt_lines)} corrupt lines skipped" if run.corrupt_lines else ""),
+        ),
+        (
+            "throughput",
+            f"{tokens} new tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s over {len(sessions)} session(s)"
+            if seconds > 0
+            else "-",
+        ),
         ("device", f"{meta.get('device', '?')}, {meta.get('dtype', '?')}"),
     ]
     return facts
@@ -341,7 +353,7 @@ class ReportSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def _selection_note(chosen: list[tuple[str, Candidate]], samples: int, selection: SampleSelection, seed: int) -> str:
+def _selection_note(chosen: list[tuple[str, Candidate]], samples: int, seed: int) -> str:
     if len(chosen) == samples:
         return f"All {samples} samples of the run are embedded."
     count = {why: sum(1 for w, _ in chosen if w == why) for why in ("highest weight", "lowest weight", "random")}
@@ -352,42 +364,26 @@ def _selection_note(chosen: list[tuple[str, Candidate]], samples: int, selection
     )
 
 
-def build_report(
-    run_path: str | Path,
-    output: str | Path | None = None,
-    tokenizer: str | None = None,
-    max_samples: int = DEFAULT_MAX_SAMPLES,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> ReportSummary:
-    """Write the HTML report of the run whose main file is ``run_path``; ``progress(bytes read, total)``."""
-    paths = OutputPaths(Path(run_path))
-    for path, what in ((paths.main, "run file"), (paths.diagnostics, "diagnostics sidecar")):
-        if not path.is_file():
-            hint = " (a run made with --diagnostics none has none)" if path == paths.diagnostics else ""
-            raise QstarInputError(f"{what} not found: {path}{hint}")
-    meta = _read_manifest(paths.meta)
-    selection = SampleSelection(max_samples, seed)
-    # Level summary has no per-token arrays, so no token strings are needed.
-    pi_t_tokenizer = _tokenizer(tokenizer, meta["config"]) if meta["config"].get("diagnostics", "full") == "full" else None
+def read_run(paths: OutputPaths, selection: SampleSelection, progress: Callable[[int, int], None] | None = None) -> tuple[RunAnalysis, int]:
+    """The one streaming pass: the sidecar's statistics, and ``selection`` offered every sample with its
+    main-file line; also how many samples had no usable main-file line."""
     total_bytes = paths.main.stat().st_size
     unmatched = 0
-
+    ordinals = itertools.count()
     with paths.main.open("rb") as main_file:
         main_lines = _MainLines(main_file)
 
-        ordinals = itertools.count()
-
         def on_sample(number: int, record: dict[str, Any], sample) -> None:
             ordinal = next(ordinals)
+            raw = main_lines.line(number)
 
             def load() -> Candidate | None:
                 nonlocal unmatched
-                main = _main_record(main_lines.line(number), record)
+                main = _main_record(raw, record)
                 if main is None:
                     unmatched += 1
                     return None
-                return Candidate(ordinal, sample.log_w, 0.0, record, main)
+                return Candidate(ordinal, sample.log_w, record, main)
 
             selection.offer(ordinal, sample.log_w, load)
             if progress is not None and ordinal % 256 == 0:
@@ -396,6 +392,46 @@ def build_report(
         run = analyze_sidecar(paths.diagnostics, on_sample=on_sample)
     if progress is not None:
         progress(total_bytes, total_bytes)
+    return run, unmatched
+
+
+def _notes(run: RunAnalysis, unmatched: int, views: list[dict[str, Any]], main_name: str) -> list[str]:
+    """What the reader must know about samples left out or shown differently."""
+    notes = []
+    if run.corrupt_lines:
+        shown = ", ".join(map(str, run.corrupt_lines[:10])) + (" ..." if len(run.corrupt_lines) > 10 else "")
+        notes.append(f"{len(run.corrupt_lines)} unreadable sidecar line(s) skipped (line {shown}); those samples are left out.")
+    if unmatched:
+        notes.append(f"{unmatched} sample(s) left out: their line in {main_name} is torn or belongs to another sample.")
+    broken = sum(1 for v in views if "tokens" in v and not v["joins"])
+    if broken:
+        notes.append(
+            f"In {broken} sample(s) the tokenizer's decoding of the sampled ids differs from the stored response "
+            "(is it the tokenizer pi_t used?); the stored text is shown under them."
+        )
+    return notes
+
+
+def build_report(
+    run_path: str | Path,
+    output: str | Path | None = None,
+    tokenizer: str | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReportSummary:
+    """Write the HTML report of the run whose main file is ``run_path`` (default output:
+    ``OUT.report.html`` beside it); ``progress(bytes read, total)`` is called as the run is read."""
+    paths = OutputPaths(Path(run_path))
+    for path, what in ((paths.main, "run file"), (paths.diagnostics, "diagnostics sidecar")):
+        if not path.is_file():
+            hint = " (a run made with --diagnostics none has none)" if path == paths.diagnostics else ""
+            raise QstarInputError(f"{what} not found: {path}{hint}")
+    meta = _read_manifest(paths.meta)
+    selection = SampleSelection(max_samples, seed)
+    # Level summary has no per-token arrays, so it needs no token strings; a missing tokenizer fails before the pass.
+    pi_t_tokenizer = _tokenizer(tokenizer, meta["config"]) if meta["config"].get("diagnostics", "full") == "full" else None
+    run, unmatched = read_run(paths, selection, progress)
     if not run.samples:
         raise QstarInputError(f"{paths.diagnostics} holds no readable samples")
 
@@ -403,35 +439,24 @@ def build_report(
     weights = tempered_weights(run.log_w, gamma)
     chosen = selection.chosen()
     views = [sample_view(why, c, float(weights[c.ordinal]), pi_t_tokenizer) for why, c in chosen]
-    label = run_label(paths.diagnostics)
-
-    notes = []
-    if run.corrupt_lines:
-        shown = ", ".join(map(str, run.corrupt_lines[:10])) + (" ..." if len(run.corrupt_lines) > 10 else "")
-        notes.append(f"{len(run.corrupt_lines)} unreadable sidecar line(s) skipped (line {shown}); those samples are left out.")
-    if unmatched:
-        notes.append(f"{unmatched} sample(s) left out: their line in {paths.main.name} is torn or belongs to another sample.")
-    broken = sum(1 for v in views if "tokens" in v and not v["joins"])
-    if broken:
-        notes.append(
-            f"In {broken} sample(s) the tokenizer's decoding of the sampled ids differs from the stored response "
-            "(is it the tokenizer pi_t used?); the stored text is shown under them."
-        )
     coloured = any("values" in v for v in views)
+    data = {
+        "samples": views,
+        "fields": colour_scales([c.sidecar["per_token"] for _, c in chosen if "per_token" in c.sidecar]),
+        "coloured": coloured,
+        "selected": len(views) < run.samples,
+    }
+    label = run_label(paths.diagnostics)
+    summary = run.summary
+    notes = _notes(run, unmatched, views, paths.main.name)
     why_plain = None
     if not coloured:
         why_plain = (
             f"This run's diagnostics level is {run.level}: its sidecar holds no per-token arrays, so responses are "
             "shown without token colouring. Generate with --diagnostics full to see them token by token."
         )
-    data = {
-        "samples": views,
-        "fields": colour_scales(views),
-        "coloured": coloured,
-        "selected": len(views) < run.samples,
-    }
-    summary = run.summary
-    page = _environment().get_template(TEMPLATE).render(
+    template = _environment().get_template(TEMPLATE)
+    page = template.render(
         title=f"qstar report: {paths.main.name}",
         run_file=str(paths.main),
         label=label,
@@ -450,7 +475,7 @@ def build_report(
         checks=[(CHECKS[k], fmt(v, 4)) for k, v in summary["checks"].items()],
         tables=[table_view(t) for t in (overview_table([run], [label]), field_table(run, "tokens"), field_table(run, "samples"))],
         plots=plot_images(run, label),
-        selection_note=_selection_note(chosen, run.samples, selection, seed),
+        selection_note=_selection_note(chosen, run.samples, seed),
         weight_note=(
             f"log w = logp_theta_sum - logp_q_sum; weight = w^gamma normalised to mean 1 over all {run.samples} samples, "
             f"gamma = {gamma:.4g} (the largest in [0, 1] with ESS/n >= {ESS_FLOOR}; ESS/n {ess_ratio(gamma * run.log_w):.3f})"

@@ -3,6 +3,8 @@
 The browser tests skip where Chromium is absent, except in CI (``CI`` set), where they fail instead.
 """
 
+import base64
+import itertools
 import json
 import os
 import re
@@ -39,8 +41,15 @@ def lines(path):
 def page_data(page):
     """The JSON block of a page, as the page's script reads it."""
     text = page.read_text(encoding="utf-8")
-    [block] = re.findall(r'<script type="application/json" id="qstar-data">(.*?)</script>', text, flags=re.S)
+    [block] = re.findall(r'<script type="application/json" id="qstar-data">(.*?)</script>', text, flags=re.DOTALL)
     return json.loads(block)
+
+
+def unpack(view, name):
+    """A per-token array of a page's sample, as the page's script reads it."""
+    return np.frombuffer(
+        base64.b64decode(view["values"][name]), dtype="<" + {"float32": "f4", "float64": "f8"}[view["dtypes"][name]]
+    ).astype(np.float64)
 
 
 def copy_run(src, dst_dir, **config_changes):
@@ -92,6 +101,10 @@ def write_synthetic_run(root, tokenizer_dir, tokenizer, samples, max_tokens, see
             values = {name: rng.random(length, dtype=np.float32).astype(np.float64) for name in SUMMARY_FIELDS}
             for name in ("logp_theta", "logp_t", "logp_q"):
                 values[name] = -4 * values[name]
+            if i % 5 == 1:
+                values["alpha"] = rng.random(length)  # not float32 values: embedded as float64
+            if i % 5 == 2:
+                values["logp_t"][0] = np.nan  # written as null, as the writer does for non-finite values
             record = {"sample_idx": i, "num_tokens": length, "finish_reason": finish}
             for name, v in values.items():
                 record.update({f"{name}_mean": v.mean(), f"{name}_std": v.std(), f"{name}_min": v.min(), f"{name}_max": v.max()})
@@ -129,11 +142,7 @@ def test_page_values_are_the_sidecars(runs, full_page, tiny_tokenizer):
         per_token = record["per_token"]
         assert view["token_id"] == per_token["token_id"]
         for name in COMPARED:
-            # float32 decimals on the page read back as the sidecar's float64 values, exactly.
-            page_values = np.array(view["values"][name], dtype=np.float64)
-            if name in view["float32"]:
-                page_values = page_values.astype(np.float32).astype(np.float64)
-            assert np.array_equal(page_values, np.array(per_token[name], dtype=np.float64), equal_nan=True), name
+            assert np.array_equal(unpack(view, name), np.array(per_token[name], dtype=np.float64), equal_nan=True), name
         assert view["response"] == line["messages"][-1]["content"]
         assert "".join(view["tokens"]) == view["response"] and view["joins"]
         stopped = record["finish_reason"] == "stop"
@@ -143,7 +152,7 @@ def test_page_values_are_the_sidecars(runs, full_page, tiny_tokenizer):
         assert view["weight"] == pytest.approx(weight["weight"], rel=1e-12)
         assert view["prompt"] == line["messages"][:-1]
     # The float32 form is what keeps the page small: every array here takes it.
-    assert all(set(v["float32"]) == set(COMPARED) for v in data["samples"])
+    assert all(v["dtypes"] == dict.fromkeys(COMPARED, "float32") for v in data["samples"])
 
 
 def test_page_references_nothing_outside_itself(full_page):
@@ -191,21 +200,22 @@ def test_token_pieces_join_across_split_characters(tiny_tokenizer):
 def test_selection_is_the_extremes_and_a_uniform_draw_in_bounded_memory():
     rng = np.random.default_rng(5)
     log_w = rng.normal(size=10_000)
+    log_w[::500] = np.nan  # no weight (a null sum): never an extreme
     selection = SampleSelection(400, seed=3)
     live = weakref.WeakSet()
     most = 0
 
     def load(i):
-        candidate = Candidate(i, log_w[i], 0.0, {}, {})
+        candidate = Candidate(i, log_w[i], {}, {})
         live.add(candidate)
         return candidate
 
     for i in range(len(log_w)):
-        selection.offer(i, log_w[i], lambda: load(i))
+        selection.offer(i, log_w[i], lambda i=i: load(i))
         most = max(most, len(live))
     assert most <= 400 + 2 * 100  # the draw's keys and the two extremes; nothing else is held
     chosen = selection.chosen()
-    order = np.argsort(log_w)
+    order = np.argsort(log_w)[: 10_000 - 20]  # NaNs sort last
     by_why = {why: sorted(c.ordinal for w, c in chosen if w == why) for why in ("highest weight", "lowest weight", "random")}
     assert by_why["highest weight"] == sorted(order[-100:]) and by_why["lowest weight"] == sorted(order[:100])
     assert len(by_why["random"]) == 200 and not set(by_why["random"]) & (set(order[:100]) | set(order[-100:]))
@@ -219,7 +229,7 @@ def test_page_of_20000_samples_stays_small(tiny_tokenizer, tokenizer_dir, tmp_pa
     main = write_synthetic_run(tmp_path, tokenizer_dir, tiny_tokenizer, samples=20_000, max_tokens=64)
     summary = build_report(main, tmp_path / "a.html")
     assert (summary.embedded, summary.samples) == (200, 20_000)
-    assert summary.bytes < 2_000_000, summary.bytes
+    assert summary.bytes < 1_600_000, summary.bytes  # 1.3 MB: plots 0.5 MB, 200 samples of 4 to 64 tokens
     data = page_data(summary.output)
     assert len(data["samples"]) == 200 and data["selected"]
     assert all(s["joins"] for s in data["samples"])
@@ -229,7 +239,10 @@ def test_page_of_20000_samples_stays_small(tiny_tokenizer, tokenizer_dir, tmp_pa
     assert top == set(np.argsort(log_w)[-50:].tolist())
     for view in data["samples"][:20]:
         assert view["token_id"] == side[view["sample_idx"]]["per_token"]["token_id"]
-    assert "the 50 with the highest and the 50 with the lowest sequence weights, and 100 drawn uniformly at random (seed 0)" in summary.output.read_text()
+    assert (
+        "the 50 with the highest and the 50 with the lowest sequence weights, and 100 drawn uniformly at random (seed 0)"
+        in summary.output.read_text()
+    )
 
 
 def test_same_seed_same_page_another_seed_another_draw(tiny_tokenizer, tokenizer_dir, tmp_path):
@@ -337,7 +350,7 @@ def test_page_in_chromium(driver, full_page, runs):
     assert "</script><script>alert(1)</script>" in driver.execute_script("return document.body.textContent")
 
     # Colours follow the picked field: alpha diverges around 0.5, KL grows from white towards red.
-    values = {name: [v for s in data["samples"] for v in s["values"][name]] for name in ("alpha", "kl_theta")}
+    values = {name: np.concatenate([unpack(s, name) for s in data["samples"]]) for name in ("alpha", "kl_theta")}
     alpha_colours = span_colours(driver)
     assert len(alpha_colours) == len(values["alpha"])
     for alpha, (r, _, b) in zip(values["alpha"], alpha_colours):
@@ -346,7 +359,7 @@ def test_page_in_chromium(driver, full_page, runs):
     kl_colours = span_colours(driver)
     assert sum(a != b for a, b in zip(alpha_colours, kl_colours)) > len(kl_colours) / 2
     greens = [g for _, (_, g, _) in sorted(zip(values["kl_theta"], kl_colours))]
-    assert all(a >= b for a, b in zip(greens, greens[1:])) and greens[0] > greens[-1]
+    assert all(a >= b for a, b in itertools.pairwise(greens)) and greens[0] > greens[-1]
 
     # Hovering shows the sidecar's numbers exactly.
     side = lines(runs["full"].with_name("full.diagnostics.jsonl"))
@@ -354,7 +367,10 @@ def test_page_in_chromium(driver, full_page, runs):
         span = driver.find_elements(By.CSS_SELECTOR, f'.sample[data-index="{sample}"] .tok')[token]
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", span)
         ActionChains(driver).move_to_element(span).perform()
-        shown = {row.get_attribute("data-field"): row.find_elements(By.TAG_NAME, "td")[1].text for row in driver.find_elements(By.CSS_SELECTOR, "#tip tr")}
+        shown = {
+            row.get_attribute("data-field"): row.find_elements(By.TAG_NAME, "td")[1].text
+            for row in driver.find_elements(By.CSS_SELECTOR, "#tip tr")
+        }
         per_token = side[sample]["per_token"]
         for name in COMPARED:
             assert float(shown[name]) == per_token[name][token], name
@@ -374,6 +390,7 @@ def test_page_in_chromium(driver, full_page, runs):
 
 
 def test_selected_and_summary_pages_in_chromium(driver, runs, tiny_tokenizer, tokenizer_dir, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -385,6 +402,21 @@ def test_selected_and_summary_pages_in_chromium(driver, runs, tiny_tokenizer, to
     assert texts == [s["response"] for s in data["samples"]]
     ends = driver.find_elements(By.CSS_SELECTOR, ".tok.end")
     assert len(ends) == sum(s["finish_reason"] == "stop" for s in data["samples"]) > 0
+    # float64 values and nulls come through: hover the first token of such samples.
+    Select(driver.find_element(By.ID, "field")).select_by_value("log_ratio")
+    side = lines(main.with_name("synthetic.diagnostics.jsonl"))
+    wide = next(i for i, s in enumerate(data["samples"]) if s["dtypes"]["alpha"] == "float64")
+    empty = next(i for i, s in enumerate(data["samples"]) if side[s["sample_idx"]]["per_token"]["logp_t"][0] is None)
+    for index, name in [(wide, "alpha"), (empty, "logp_t"), (empty, "log_ratio")]:
+        first = driver.find_element(By.CSS_SELECTOR, f'.sample[data-index="{index}"] .tok')
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", first)
+        ActionChains(driver).move_to_element(first).perform()
+        shown = driver.find_element(By.CSS_SELECTOR, f'#tip tr[data-field="{name}"] td:last-child').text
+        if name == "alpha":
+            assert float(shown) == side[data["samples"][index]["sample_idx"]]["per_token"]["alpha"][0]
+        else:
+            assert shown == "null"
+    assert first.value_of_css_property("background-color") == "rgba(221, 221, 221, 1)"  # grey: no value
     Select(driver.find_element(By.ID, "why")).select_by_value("random")
     assert len([e for e in driver.find_elements(By.CSS_SELECTOR, ".sample") if e.is_displayed()]) == 20
 
