@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,21 +134,40 @@ def iter_sidecar(path: Path, corrupt: list[int]) -> Iterator[tuple[int, dict[str
 
 
 class TokenReservoir:
-    """A uniform random sample of at most ``size`` token rows, as the ``size`` smallest random keys."""
+    """A uniform random sample of at most ``size`` token rows, as the ``size`` smallest random keys.
+
+    New rows wait in a buffer that is cut back to the ``size`` smallest keys once it holds
+    ``size / 4`` rows: a row costs amortised O(1) (cutting back at every add would cost O(size) per
+    sample), and memory peaks at 2.5 times the kept rows.
+    """
 
     def __init__(self, fields: tuple[str, ...], size: int = RESERVOIR_SIZE, seed: int = 0):
         self.fields, self.size = fields, size
         self.rng = np.random.default_rng(seed)
-        self.keys = np.empty(0)
-        self.rows = np.empty((0, len(fields)))
+        self._keys = [np.empty(0)]
+        self._rows = [np.empty((0, len(fields)))]
+        self._buffered = 0
 
     def add(self, rows: np.ndarray) -> None:
-        keys = np.concatenate([self.keys, self.rng.random(len(rows))])
-        rows = np.concatenate([self.rows, rows])
+        self._keys.append(self.rng.random(len(rows)))
+        self._rows.append(rows)
+        self._buffered += len(rows)
+        if self._buffered >= max(self.size // 4, 1):
+            self._cut()
+
+    def _cut(self) -> None:
+        keys, rows = np.concatenate(self._keys), np.concatenate(self._rows)
+        self._keys, self._rows = [], []  # free the parts before selecting
         if len(keys) > self.size:
             keep = np.argpartition(keys, self.size)[: self.size]
             keys, rows = keys[keep], rows[keep]
-        self.keys, self.rows = keys, rows
+        self._keys, self._rows, self._buffered = [keys], [rows], 0
+
+    @property
+    def rows(self) -> np.ndarray:
+        if len(self._rows) > 1:
+            self._cut()
+        return self._rows[0]
 
     def column(self, name: str) -> np.ndarray:
         return self.rows[:, self.fields.index(name)]
@@ -208,8 +227,16 @@ def _parse(record: dict[str, Any]) -> _Sample:
     return _Sample(*identity, sequence_log_weight(record), stats, rows)
 
 
-def analyze_sidecar(path: str | Path, reservoir_size: int = RESERVOIR_SIZE) -> RunAnalysis:
-    """Stream a ``.diagnostics.jsonl`` file into a :class:`RunAnalysis`."""
+def analyze_sidecar(
+    path: str | Path,
+    reservoir_size: int = RESERVOIR_SIZE,
+    on_sample: Callable[[int, dict[str, Any], _Sample], None] | None = None,
+) -> RunAnalysis:
+    """Stream a ``.diagnostics.jsonl`` file into a :class:`RunAnalysis`.
+
+    ``on_sample(line number, record, sample)`` sees every readable sample as it streams by, in file
+    order, so a caller (``qstar report``) needs no second pass over the file.
+    """
     path = Path(path)
     corrupt: list[int] = []
     stats = [array("d") for _ in range(4 * len(SUMMARY_FIELDS))]  # per sample, flattened [4, fields]
@@ -231,6 +258,8 @@ def analyze_sidecar(path: str | Path, reservoir_size: int = RESERVOIR_SIZE) -> R
         lengths.append(sample.num_tokens)
         finish[sample.finish_reason] += 1
         log_w.append(sample.log_w)
+        if on_sample is not None:
+            on_sample(number, record, sample)
         for store, value in zip(stats, sample.stats.ravel()):
             store.append(value)
         if sample.rows is None:

@@ -367,3 +367,25 @@ def export(
     left_out = f"; left out {summary.truncated_left_out} truncated (hit max_new_tokens)" if summary.truncated_left_out else ""
     typer.echo(f"{summary.exported} samples in {summary.output}{left_out}")
     typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
+
+def report(
+    run: Path = typer.Argument(..., help="A run's main OUT.jsonl; its sidecar and manifest are read beside it."),
+    output: Path = typer.Option(None, help="The HTML file to write. (default: OUT.report.html beside the run)"),
+    tokenizer: str = typer.Option(None, help="pi_t's tokenizer: local directory, hub id, .gguf or demo. (default: the manifest's model_t)"),
+    max_samples: int = typer.Option(200, help="Samples embedded: the highest and lowest weights and a random draw of the rest."),
+    seed: int = typer.Option(0, help="Seed of the random draw of samples."),
+) -> None:
+    """One self-contained HTML page of a run: settings, statistics, plots and its samples token by token."""
+    from qstar_cli.html_report import build_report
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("[bold]reading the run"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    try:
+        with bar:
+            task = bar.add_task("read", total=None)
+            summary = build_report(run, output, tokenizer, max_samples, seed, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+    for note in summary.notes:
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    typer.echo(f"report: {summary.output} ({summary.embedded} of {summary.samples} samples embedded, {summary.bytes / 1e6:.2f} MB)")

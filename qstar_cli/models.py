@@ -126,6 +126,15 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer alone of a model named as for :func:`load_model` (no weights are loaded)."""
+    path, _ = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {str(err).splitlines()[0]}") from err
+
+
 def emittable_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
     """Ids a model can emit that its tokenizer knows: extra (padded) embedding rows are excluded."""
     return min(model.get_output_embeddings().weight.shape[0], len(tokenizer))

