@@ -145,6 +145,7 @@ def generate(
     top_p: float = typer.Option(None, help="Nucleus of q. (default: 1.0)"),
     batch_size: int = typer.Option(None, help="Slots: responses generated at once. (default: 8)"),
     scheduler: str = typer.Option(None, help="continuous (a finished slot takes the next prompt) or static (fixed batches). (default: continuous)"),
+    samples_per_prompt: int = typer.Option(None, help="Responses per prompt (K), row-major, each line with its response_idx. (default: 1)"),
     seed: int = typer.Option(None, help="Seed of the counter-based sampler. (default: 0)"),
     device: str = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps. (default: auto)"),
     dtype: str = typer.Option(None, help="auto, float32, bfloat16 or float16. (default: auto)"),

@@ -4,7 +4,8 @@
 >>> summary = run_generate(GenerateConfig(model_theta="demo", model_t="demo", theta_format="plain",
 ...                                       dataset="data/demo_prompts.jsonl", num_samples=4))
 
-The schedule is the usable rows in row order, fed to ``batch_size`` slots (``scheduler``
+The schedule is the usable rows in row order, each ``samples_per_prompt`` times (row-major: row 0's
+responses, then row 1's ...), fed to ``batch_size`` slots (``scheduler``
 ``continuous`` or ``static``, see :meth:`DualModelSampler.stream`). Samples finish out of order and
 are written in schedule order, so the files are always a prefix of the schedule. A resumed run
 replays the samples already written (their lengths come from the sidecar; nothing of them is
@@ -72,6 +73,7 @@ class GenerateConfig:
     top_p: float = 1.0
     batch_size: int = 8
     scheduler: str = "continuous"
+    samples_per_prompt: int = 1
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -87,6 +89,7 @@ class GenerateConfig:
             "start_index": self.start_index >= 0,
             "max_new_tokens": self.max_new_tokens >= 1,
             "batch_size": self.batch_size >= 1,
+            "samples_per_prompt": self.samples_per_prompt >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -244,8 +247,9 @@ def run_generate(
                 sampling=config.sampling_params(),
                 seed=config.seed,
             )
-        schedule = encode_all(sampler, adapted)
-        done = writer.resume([p.row_idx for p, _ in schedule])
+        k = config.samples_per_prompt
+        schedule = [(prompt, ids, r) for prompt, ids in encode_all(sampler, adapted) for r in range(k)]
+        done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
         device = sampler.theta.model.device
         meta = {
             "qstar_version": qstar_cli.__version__,
@@ -269,8 +273,8 @@ def run_generate(
         lengths = writer.sample_lengths(done)
         first = 0 if lengths is not None else done
         requests = (
-            SampleRequest(prompt.row_idx, *ids, replay_tokens=lengths[i] if i < done else None)
-            for i, (prompt, ids) in enumerate(schedule[first:], start=first)
+            SampleRequest(prompt.row_idx, *ids, replay_tokens=lengths[i] if i < done else None, response_idx=r)
+            for i, (prompt, ids, r) in enumerate(schedule[first:], start=first)
         )
         stats = StreamStats()
         waiting: dict[int, Any] = {}  # finished samples after the first unfinished one, by position

@@ -64,7 +64,13 @@ class OutputPaths:
 def main_record(prompt: Prompt, result: SampleResult) -> dict[str, Any]:
     """One line of the main file: the conversation with the sampled answer, in OpenAI chat format."""
     messages = [*prompt.messages, {"role": "assistant", "content": result.text}]
-    return {"messages": messages, "sample_idx": result.sample_idx, "finish_reason": result.finish_reason, **prompt.metadata}
+    return {
+        "messages": messages,
+        "sample_idx": result.sample_idx,
+        "response_idx": result.response_idx,
+        "finish_reason": result.finish_reason,
+        **prompt.metadata,
+    }
 
 
 def diagnostics_record(result: SampleResult, level: str) -> dict[str, Any]:
@@ -72,6 +78,7 @@ def diagnostics_record(result: SampleResult, level: str) -> dict[str, Any]:
     arrays = {name: np.asarray(result.per_token[name], dtype=np.float64) for name in SUMMARY_FIELDS}
     record: dict[str, Any] = {
         "sample_idx": result.sample_idx,
+        "response_idx": result.response_idx,
         "num_tokens": len(result.token_ids),
         "finish_reason": result.finish_reason,
     }
@@ -124,7 +131,7 @@ class CheckpointedWriter:
 
     >>> with CheckpointedWriter(Path("out.jsonl"), "full") as writer:
     ...     writer.check_config(settings)
-    ...     done = writer.resume(expected_sample_idx)
+    ...     done = writer.resume(expected_samples)
     ...     writer.write(prompt, result); writer.commit()
     """
 
@@ -187,33 +194,37 @@ class CheckpointedWriter:
             )
         return meta
 
-    def resume(self, expected_sample_idx: list[int]) -> int:
+    def resume(self, expected_samples: list[tuple[int, int]]) -> int:
         """Open the data files for appending and return how many samples are already done.
 
-        The kept lines are checked against ``expected_sample_idx``, the run's sample order.
+        The kept lines are checked against ``expected_samples``, the run's ``(sample_idx,
+        response_idx)`` order.
         """
-        done = self._repair(expected_sample_idx)
+        done = self._repair(expected_samples)
         self._files = [path.open("ab") for path in self.data_files]
         return done
 
-    def _repair(self, expected_sample_idx: list[int]) -> int:
+    def _repair(self, expected_samples: list[tuple[int, int]]) -> int:
         """Cut every data file back to the samples all of them hold, checking they are the expected ones."""
         existing = [path for path in self.data_files if path.exists()]
         if not existing:
             return 0
         ends = {path: _line_ends(path) for path in existing}
         done = min(len(e) for e in ends.values()) if len(existing) == len(self.data_files) else 0
-        if done > len(expected_sample_idx):
+        if done > len(expected_samples):
             raise ResumeError(
-                f"{self.paths.main} holds {done} samples but this run has only {len(expected_sample_idx)}; "
+                f"{self.paths.main} holds {done} samples but this run has only {len(expected_samples)}; "
                 "add --overwrite to start afresh"
             )
         for path, path_ends in ends.items():
-            if done and _line_at(path, path_ends, done - 1).get("sample_idx") != expected_sample_idx[done - 1]:
-                raise ResumeError(
-                    f"{path} line {done} is not sample {expected_sample_idx[done - 1]}: the dataset changed; "
-                    "add --overwrite to start afresh"
-                )
+            if done:
+                line = _line_at(path, path_ends, done - 1)
+                if (line.get("sample_idx"), line.get("response_idx", 0)) != expected_samples[done - 1]:
+                    row, response = expected_samples[done - 1]
+                    raise ResumeError(
+                        f"{path} line {done} is not sample {row} response {response}: the dataset changed; "
+                        "add --overwrite to start afresh"
+                    )
             with path.open("r+b") as f:
                 f.truncate(path_ends[done - 1] if done else 0)
         return done
