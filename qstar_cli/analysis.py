@@ -189,6 +189,7 @@ class RunAnalysis:
     alpha_by_position: np.ndarray  # mean alpha at response position 0, 1, ... (full level)
     reservoir: TokenReservoir | None
     sample_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    response_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def _pooled(n: np.ndarray, means: np.ndarray, stds: np.ndarray) -> tuple[float | None, float | None]:
@@ -207,6 +208,7 @@ class _Sample:
     """What the analysis keeps of one sidecar line (``rows`` only at level full)."""
 
     sample_idx: int
+    response_idx: int
     num_tokens: int
     finish_reason: str
     log_w: float
@@ -223,7 +225,7 @@ def _parse(record: dict[str, Any]) -> _Sample:
         rows = np.array([arrays[name] for name in SUMMARY_FIELDS], dtype=np.float64).T
         if rows.ndim != 2 or len(rows) != record["num_tokens"]:
             raise ValueError("per_token arrays do not match num_tokens")
-    identity = int(record["sample_idx"]), int(record["num_tokens"]), str(record["finish_reason"])
+    identity = int(record["sample_idx"]), int(record.get("response_idx", 0)), int(record["num_tokens"]), str(record["finish_reason"])
     return _Sample(*identity, sequence_log_weight(record), stats, rows)
 
 
@@ -240,7 +242,7 @@ def analyze_sidecar(
     path = Path(path)
     corrupt: list[int] = []
     stats = [array("d") for _ in range(4 * len(SUMMARY_FIELDS))]  # per sample, flattened [4, fields]
-    lengths, log_w, indices, finish = array("d"), array("d"), array("q"), Counter()
+    lengths, log_w, indices, responses, finish = array("d"), array("d"), array("q"), array("q"), Counter()
     reservoir = TokenReservoir(SUMMARY_FIELDS, reservoir_size)
     hist = np.zeros(len(ALPHA_BINS) - 1, dtype=np.int64)
     pos_sum, pos_count = np.zeros(0), np.zeros(0, dtype=np.int64)
@@ -255,6 +257,7 @@ def analyze_sidecar(
             corrupt.append(number)
             continue
         indices.append(sample.sample_idx)
+        responses.append(sample.response_idx)
         lengths.append(sample.num_tokens)
         finish[sample.finish_reason] += 1
         log_w.append(sample.log_w)
@@ -311,6 +314,7 @@ def analyze_sidecar(
             "ess_ratio": ess_ratio(log_w_arr) if samples else None,
             "max_weight_share": float(np.exp(log_w_arr.max() - logsumexp(log_w_arr))) if samples else None,
         },
+        "per_prompt": per_prompt_spread(np.asarray(indices, dtype=np.int64), log_w_arr),
     }
     return RunAnalysis(
         path=path,
@@ -325,7 +329,30 @@ def analyze_sidecar(
         alpha_by_position=pos_sum / np.maximum(pos_count, 1),
         reservoir=reservoir if level == "full" else None,
         sample_idx=np.asarray(indices, dtype=np.int64),
+        response_idx=np.asarray(responses, dtype=np.int64),
     )
+
+
+def per_prompt_spread(sample_idx: np.ndarray, log_w: np.ndarray) -> dict[str, float] | None:
+    """How sequence log-weights spread among the responses to one prompt (None with one response each).
+
+    ``within_std_mean``: the mean over prompts of the std of their responses' log w;
+    ``within_share``: the share of log w's total variance that lies within prompts (1 - the
+    between-prompt share), i.e. how much weight variance is sampling noise rather than prompt
+    difficulty.
+    """
+    prompts, inverse, counts = np.unique(sample_idx, return_inverse=True, return_counts=True)
+    if not len(prompts) or counts.max() < 2:
+        return None
+    means = np.bincount(inverse, weights=log_w) / counts
+    within_ss = np.bincount(inverse, weights=(log_w - means[inverse]) ** 2)
+    total_ss = float(((log_w - log_w.mean()) ** 2).sum())
+    return {
+        "prompts": int(len(prompts)),
+        "responses_per_prompt": float(counts.mean()),
+        "within_std_mean": float(np.sqrt(within_ss / counts).mean()),
+        "within_share": float(within_ss.sum() / total_ss) if total_ss > 0 else None,
+    }
 
 
 def _number(value: Any) -> float:
@@ -333,10 +360,10 @@ def _number(value: Any) -> float:
 
 
 def weight_records(run: RunAnalysis, ess_floor: float = 0.3) -> tuple[list[dict[str, Any]], SequenceWeights]:
-    """Per-sample training weights (``sample_idx``, ``log_w``, ``weight``, ``gamma``) and their summary."""
+    """Per-sample training weights (``sample_idx``, ``response_idx``, ``log_w``, ``weight``, ``gamma``) and their summary."""
     chosen = sequence_weights(run.log_w, ess_floor)
     records = [
-        {"sample_idx": int(i), "log_w": float(lw), "weight": float(w), "gamma": chosen.gamma}
-        for i, lw, w in zip(run.sample_idx, chosen.log_w, chosen.weights)
+        {"sample_idx": int(i), "response_idx": int(k), "log_w": float(lw), "weight": float(w), "gamma": chosen.gamma}
+        for i, k, lw, w in zip(run.sample_idx, run.response_idx, chosen.log_w, chosen.weights)
     ]
     return records, chosen

@@ -80,6 +80,11 @@ def overview_table(runs: list[RunAnalysis], labels: list[str]) -> Table:
     row("sequence weight ESS / n", [fmt(s["weights"]["ess_ratio"], 3) for s in summaries])
     row("largest weight share", [fmt(s["weights"]["max_weight_share"], 3) for s in summaries])
     row("log w std", [fmt(s["weights"]["log_w"]["std"]) for s in summaries])
+    if any(s["per_prompt"] for s in summaries):
+        spread = [s["per_prompt"] or {} for s in summaries]
+        row("responses per prompt", [fmt(p.get("responses_per_prompt"), 3) for p in spread])
+        row("log w std within a prompt", [fmt(p.get("within_std_mean")) for p in spread])
+        row("log w variance within prompts", [fmt(p.get("within_share"), 3) for p in spread])
     for name in SUMMARY_FIELDS:
         row(f"{name} mean (tokens)", [fmt(s["fields"][name]["tokens"]["mean"], 4) for s in summaries])
     row("corrupt lines skipped", [str(s["corrupt_lines"]) for s in summaries])

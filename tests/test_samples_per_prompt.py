@@ -130,3 +130,29 @@ def test_each_prompt_is_prefilled_once_per_model(pair):
             hook.remove()
     assert len(results) == 12
     assert prefilled_rows == {id(pair[0].model): 3, id(pair[1].model): 3}
+
+
+def test_analyze_reports_the_spread_of_log_weights_within_prompts(base_args, tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from qstar_cli.cli import app
+
+    out = tmp_path / "k.jsonl"
+    assert cli(*base_args, "--output", str(out), "--samples-per-prompt", "3").exit_code == 0
+    side = read_lines(paths(out)[1])
+    result = CliRunner().invoke(app, ["analyze", paths(out)[1], "--json", "--export-weights", str(tmp_path / "w.jsonl")])
+    assert result.exit_code == 0, result.output
+    spread = json.loads(result.stdout)["per_prompt"]
+    by_prompt: dict[int, list[float]] = {}
+    for r in side:
+        by_prompt.setdefault(r["sample_idx"], []).append(r["logp_theta_sum"] - r["logp_q_sum"])
+    log_w = np.concatenate(list(by_prompt.values()))
+    within = sum(((np.array(v) - np.mean(v)) ** 2).sum() for v in by_prompt.values())
+    assert spread["prompts"] == len(VALID) and spread["responses_per_prompt"] == 3
+    assert spread["within_std_mean"] == pytest.approx(np.mean([np.std(v) for v in by_prompt.values()]), rel=1e-9)
+    assert spread["within_share"] == pytest.approx(within / ((log_w - log_w.mean()) ** 2).sum(), rel=1e-9)
+    weights = read_lines(tmp_path / "w.jsonl")
+    assert [(w["sample_idx"], w["response_idx"]) for w in weights] == [(r["sample_idx"], r["response_idx"]) for r in side]
