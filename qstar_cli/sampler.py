@@ -3,7 +3,8 @@
 Per step, for the rows still running: one forward of each model over the last token with its own
 cache, log-softmax in float32 over the shared vocabulary, alpha / diagnostics / draw from the math
 core, and a single host transfer of the step's per-row results. Rows that finish (an EOS of either
-model, or ``max_new_tokens``) are dropped from both caches, so the batch shrinks.
+model, ``max_new_tokens``, or a full context of either model) are dropped from both caches, so the
+batch shrinks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qstar_cli.mixture import (
     solve_alpha,
     token_diagnostics,
 )
-from qstar_cli.models import LoadedModel, check_shared_vocabulary, load_model, resolve_device, resolve_dtype
+from qstar_cli.models import LoadedModel, check_shared_vocabulary, context_limit, load_model, resolve_device, resolve_dtype
 from qstar_cli.prompts import Messages, PromptFormat
 from qstar_cli.sampling import SamplingParams, draw
 
@@ -133,6 +134,8 @@ class DualModelSampler:
         self.sampling = sampling or SamplingParams()
         self.seed = seed
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
+        #: (pi_theta, pi_t): the most tokens, prompt and response, each model takes (None: no limit known).
+        self.context_limits = (context_limit(theta), context_limit(target))
 
     @classmethod
     def from_pretrained(
@@ -148,6 +151,11 @@ class DualModelSampler:
     def encode_prompts(self, conversation: Messages) -> tuple[list[int], list[int]]:
         """The prompt ids each model sees for one conversation."""
         return self.theta_format.encode(conversation), self.t_format.encode(conversation)
+
+    def token_budget(self, prompt_theta: list[int], prompt_t: list[int]) -> int:
+        """New tokens a row may get: ``max_new_tokens``, and no more than either model's context leaves."""
+        room = [limit - len(p) for limit, p in zip(self.context_limits, (prompt_theta, prompt_t)) if limit is not None]
+        return min([self.max_new_tokens, *room])
 
     def _pad_id(self, loaded: LoadedModel) -> int:
         tok = loaded.tokenizer
@@ -172,6 +180,9 @@ class DualModelSampler:
         if sample_indices is None:
             sample_indices = list(range(len(conversations)))
         prompts = prompt_ids if prompt_ids is not None else [self.encode_prompts(c) for c in conversations]
+        budgets = [self.token_budget(*p) for p in prompts]  # a row ends with "length" at its budget
+        if min(budgets) < 1:
+            raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
         results = [
             SampleResult(i, "", [], p_theta, p_t, "length", {f: [] for f in PER_TOKEN_FIELDS})
             for i, (p_theta, p_t) in zip(sample_indices, prompts)
@@ -182,7 +193,7 @@ class DualModelSampler:
         alive = list(range(len(conversations)))  # result index of each running row
         sample_idx = torch.tensor(sample_indices, dtype=torch.long, device=device)
 
-        for step in range(self.max_new_tokens):
+        for step in range(max(budgets)):
             logp_theta, logp_t = theta.logp, target.logp
             alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
             logp_q = mixture_logprobs(logp_theta, logp_t, alpha)
@@ -210,7 +221,7 @@ class DualModelSampler:
                 result.token_ids.append(token)
                 if token in self.eos:
                     result.finish_reason = "stop"
-                elif step + 1 < self.max_new_tokens:
+                elif step + 1 < budgets[alive[row]]:
                     keep.append(row)
             if on_step is not None:
                 on_step(len(host))
