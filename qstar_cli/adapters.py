@@ -160,7 +160,7 @@ def _conversation(turns: Any, role_key: str, content_key: str, role_map: dict[st
     if not any(m["role"] == "user" for m in messages):
         raise SkipRow("no user turn")
     if messages[-1]["role"] not in ("user", "tool"):
-        raise SkipRow(f"conversation ends in a {messages[-1]['role']} turn")
+        raise SkipRow(f"last turn is {messages[-1]['role']}, not user or tool")
     _text(messages[-1]["content"])
     return messages
 
@@ -294,6 +294,8 @@ def load_source(spec: str, subset: str | None = None, split: str = "train") -> d
         raise
     except Exception as err:  # datasets raises many types (hub, parsing, schema); all mean "cannot load"
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if path.is_file() and "corresponds to no data" in first_line:  # how datasets meets a split of no rows
+            raise DatasetError(f"dataset {spec!r} has no rows") from err
         raise DatasetError(f"cannot load dataset {spec!r}: {first_line}") from err
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:

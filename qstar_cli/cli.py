@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 import yaml
 from rich.console import Console
@@ -34,6 +33,8 @@ from qstar_cli.paths import check_output_dir, check_output_file
 
 err_console = Console(stderr=True)
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
+#: Click's UsageError, from whichever click typer runs on (recent typers ship their own copy).
+UsageError = typer.BadParameter.__base__
 
 
 def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
@@ -46,22 +47,22 @@ def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
 def _usage_errors_on_one_line() -> Iterator[None]:
     try:
         yield
-    except click.UsageError as err:
+    except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: its help is the answer
             raise
-        where = f"; see '{err.ctx.command_path} --help'" if err.ctx is not None else ""
-        raise fail(" ".join(err.format_message().split()) + where, err.exit_code) from None
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        raise fail(" ".join(err.format_message().split()).rstrip(".") + where, err.exit_code) from None
 
 
 class OneLineUsageErrors(TyperGroup):
     """Click's own usage errors (unknown flag, bad value, missing argument) as one line and exit 2,
     like every other mistake, instead of a framed panel."""
 
-    def make_context(self, *args, **kwargs) -> click.Context:
+    def make_context(self, *args, **kwargs) -> typer.Context:
         with _usage_errors_on_one_line():
             return super().make_context(*args, **kwargs)
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         with _usage_errors_on_one_line():
             return super().invoke(ctx)
 
