@@ -234,6 +234,8 @@ def load_user_adapter(spec: str) -> DatasetAdapter:
             module = importlib.import_module(target)
     except ImportError as err:
         raise DatasetError(f"cannot import adapter module {target!r}: {err}") from err
+    except SyntaxError as err:
+        raise DatasetError(f"adapter {spec!r}: syntax error in {err.filename} line {err.lineno}: {err.msg}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise DatasetError(f"adapter {spec!r}: {target} has no {class_name}")
@@ -334,7 +336,7 @@ def adapt_rows(
     for row_idx, row in zip(range(start_index, stop), dataset.select(range(start_index, stop))):
         try:
             messages = adapter.messages(row)
-            _validate_messages(messages)
+            _validate_messages(messages, adapter)
         except SkipRow as skip:
             skipped[skip.reason] += 1
             continue
@@ -344,9 +346,12 @@ def adapt_rows(
     return AdaptedDataset(prompts, skipped, adapter.name, stop - start_index)
 
 
-def _validate_messages(messages: Any) -> None:
-    """User adapters return plain lists of role/content dicts; anything else is their bug."""
+def _validate_messages(messages: Any, adapter: DatasetAdapter) -> None:
+    """User adapters must return plain lists of role/content dicts; anything else is refused, naming it."""
     if not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
     ):
-        raise TypeError(f"an adapter's messages(row) must return a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.200}")
+        raise DatasetError(
+            f"adapter {type(adapter).__name__}: messages(row) must return a non-empty list of "
+            f"{{'role', 'content'}} dicts with roles {'/'.join(ROLES)}, got {messages!r:.200}"
+        )

@@ -134,6 +134,8 @@ def check_model_spec(spec: str) -> None:
         raise ModelLoadError(f"not a model directory or .gguf file: {spec}")
     if not path.exists() and not is_hub_id(spec):
         raise ModelLoadError(f"model directory not found: {spec}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"not a model directory (it has no config.json): {spec}")
 
 
 def resolve_model_path(spec: str) -> tuple[str, str | None]:

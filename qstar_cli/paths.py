@@ -52,7 +52,7 @@ def check_output_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> Non
     if path.is_dir():
         raise QstarInputError(f"{flag} {path} is a directory; give a file path")
     _check_parents(path, flag)
-    target = path.expanduser().resolve()
+    target = path.resolve()
     for source in inputs:
         if target == source or source in target.parents:
             raise QstarInputError(f"{flag} {path} would overwrite the input {source}; choose another path")
@@ -66,7 +66,7 @@ def check_output_dir(path: Path, flag: str) -> None:
 
 
 def _check_parents(path: Path, flag: str) -> None:
-    for parent in path.expanduser().parents:
+    for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise QstarInputError(f"{flag} {path}: {parent} is a file, not a directory")

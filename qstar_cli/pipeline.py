@@ -105,6 +105,8 @@ class GenerateConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 1 << 64:  # the counter-based generator's key is 64 bits
+            raise ConfigError(f"--seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:

@@ -112,10 +112,15 @@ def _line_ends(path: Path) -> list[int]:
 
 
 def _line_at(path: Path, ends: list[int], index: int) -> dict[str, Any]:
+    """Line ``index`` of a file as an object (empty if it is not one: a damaged line)."""
     start = ends[index - 1] if index else 0
     with path.open("rb") as f:
         f.seek(start)
-        return orjson.loads(f.read(ends[index] - start))
+        try:
+            record = orjson.loads(f.read(ends[index] - start))
+        except orjson.JSONDecodeError:
+            return {}
+    return record if isinstance(record, dict) else {}
 
 
 class CheckpointedWriter:
@@ -238,12 +243,13 @@ class CheckpointedWriter:
                 f"{self.paths.main} holds {done} samples but this run has only {len(expected_sample_idx)}; "
                 "add --overwrite to start afresh"
             )
-        for path, path_ends in ends.items():
+        for path, path_ends in ends.items():  # every file is checked before any is cut
             if done and _line_at(path, path_ends, done - 1).get("sample_idx") != expected_sample_idx[done - 1]:
                 raise ResumeError(
                     f"{path} line {done} is not sample {expected_sample_idx[done - 1]}: the dataset changed; "
                     "add --overwrite to start afresh"
                 )
+        for path, path_ends in ends.items():
             with path.open("r+b") as f:
                 f.truncate(path_ends[done - 1] if done else 0)
         return done

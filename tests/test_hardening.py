@@ -38,8 +38,9 @@ def invoke(*args):
 
 
 def snapshot(*roots):
-    """Every file under ``roots`` and a hash of its bytes, lock files aside (they stay by design)."""
-    files = (p for root in roots for p in Path(root).rglob("*") if p.is_file() and p.suffix != ".lock")
+    """Every file under ``roots`` and a hash of its bytes; lock files (they stay by design) and
+    Python's bytecode caches (of user adapters) aside."""
+    files = (p for root in roots for p in Path(root).rglob("*") if p.is_file() and p.suffix not in (".lock", ".pyc"))
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -81,6 +82,11 @@ def w(tmp_path_factory, tiny_model_dirs, tiny_tokenizer):
     for name, text in {"abc": "max_new_tokens: abc\n", "list": "temperature: [1]\n", "seq": "- a\n", "typo": "temprature: 0.5\n"}.items():
         (root / f"{name}.yaml").write_text(text)
     (root / "empty.jsonl").write_text("")
+    (root / "syntax.py").write_text("class Mine(:\n")
+    (root / "text.py").write_text(
+        "from qstar_cli.adapters import DatasetAdapter\n\n"
+        "class Mine(DatasetAdapter):\n    fields = ('prompt',)\n\n    def messages(self, row):\n        return 'oops'\n"
+    )
     (root / "header.csv").write_text("prompt,id\n")
     write_jsonl(root / "blank_prompts.jsonl", [{"prompt": " "}, {"prompt": ""}, {"prompt": "\n"}])
     (root / "m.meta.json").write_text(json.dumps(ROWS))  # a dataset named like run m's manifest
@@ -89,6 +95,13 @@ def w(tmp_path_factory, tiny_model_dirs, tiny_tokenizer):
     old = json.loads((root / "prev.meta.json").read_text())
     del old["fingerprint_config"]["fingerprint_version"]
     (root / "old.meta.json").write_text(json.dumps(old))
+
+    # A copy of the run whose sidecar's last line is damaged, and whose main file has one line more.
+    main = (root / "prev.jsonl").read_bytes()
+    (root / "torn.jsonl").write_bytes(main + main.splitlines(keepends=True)[-1])
+    side = (root / "prev.diagnostics.jsonl").read_bytes().splitlines(keepends=True)
+    (root / "torn.diagnostics.jsonl").write_bytes(b"".join(side[:-1]) + b"{damaged}\n")
+    shutil.copy(root / "prev.meta.json", root / "torn.meta.json")
 
     swapped, _ = swapped_tokenizer(tiny_tokenizer)
     w.swapped = root / "models" / "swapped"
@@ -154,6 +167,8 @@ CASES = [
     case("split of a local file", gen("--split", "test"), ["--split", "is one split"], True),
     case("subset of a local file", gen("--subset", "main"), ["--subset", "is one split"], True),
     case("adapter file missing", gen("--adapter", "nowhere.py:Mine"), ["adapter file not found"], True),
+    case("adapter with a syntax error", gen("--adapter", lambda w: f"{w.root / 'syntax.py'}:Mine"), ["syntax error in", "syntax.py line 1"], True),
+    case("adapter returning text", gen("--adapter", lambda w: f"{w.root / 'text.py'}:Mine"), ["adapter Mine: messages(row) must return", "'oops'"], True),
     case("adapter column missing", gen("--adapter", "deepscaler"), ["needs column 'problem'", "prompt, id"], True),
     # generate: models and settings
     case("model path missing", gen("--model-t", at("no_model")), ["model directory not found", "no_model"], True),
@@ -161,9 +176,13 @@ CASES = [
     case("model is a data file", gen("--model-theta", at("prompts.jsonl")), ["not a model directory or .gguf file"], True),
     case("gguf missing", gen("--model-theta", at("m.gguf")), ["model file not found"], True),
     case("num-samples zero", gen("--num-samples", "0"), ["--num-samples must be positive"], True),
+    case("negative top-k", gen("--top-k", "-1"), ["top_k must be >= 0"], True),
+    case("negative seed", gen("--seed", "-1"), ["--seed must be an integer from 0 to 2^64 - 1"], True),
+    case("model directory without config", gen("--model-t", at("a_dir")), ["not a model directory (it has no config.json)"], True),
     case("fixed alpha out of range", gen("--alpha-method", "fixed", "--alpha", "1.5"), ["alpha"], True),
     case("required flag missing", lambda w: ["generate", "--dataset", w.data], ["--model-theta is required"], True),
     # generate: found once the models are loaded
+    case("damaged line in a run", gen(out=at("torn.jsonl")), ["torn.diagnostics.jsonl line 6 is not sample 5"], False),
     case("hub id not there", gen("--model-t", "no-such-org/no-such-model"), ["cannot load model", "as a hub id"], False),
     case("vocabularies differ", gen("--model-t", lambda w: w.swapped), ["do not share a vocabulary"], False),
     case("no prompt fits the context", gen("--model-theta", lambda w: w.short), ["no usable prompt", "too long for the context of pi_theta (8 tokens)"], False),
