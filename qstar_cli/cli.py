@@ -17,7 +17,6 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
@@ -233,7 +233,6 @@ def _quiet_libraries() -> None:
 
 def _load_runs(sidecars: list[Path]):
     from qstar_cli.analysis import analyze_sidecar
-
     from qstar_cli.report import SIDECAR_SUFFIX
 
     runs = []
@@ -299,7 +298,7 @@ def analyze(
     except QstarInputError as err:
         raise fail(str(err)) from None
     except OSError as err:  # reading the sidecar, writing plots or weights
-        raise fail(f"{err.filename}: {err.strerror}") from None
+        raise fail(f"cannot read or write {err.filename}: {err.strerror}") from None
 
 
 @app.command()
@@ -319,7 +318,7 @@ def compare(
     except QstarInputError as err:
         raise fail(str(err)) from None
     except OSError as err:  # reading a sidecar, writing plots
-        raise fail(f"{err.filename}: {err.strerror}") from None
+        raise fail(f"cannot read or write {err.filename}: {err.strerror}") from None
 
 
 def _labels(sidecars: list[Path]) -> list[str]:

@@ -75,6 +75,8 @@ def w(tmp_path_factory, tiny_model_dirs, tiny_tokenizer):
     (root / "a_dir").mkdir()
     w.a_file = root / "a_file.txt"
     w.a_file.write_text("not a directory\n")
+    w.foreign = root / "foreign.jsonl"  # not a qstar run
+    w.foreign.write_text('{"not": "ours"}\n')
     w.bad_template = root / "bad.jinja"
     w.bad_template.write_text("{% for m in messages %}{{ m.content ")
     w.strict_template = root / "strict.jinja"  # renders no row: there is no message field 'nothing'
@@ -124,6 +126,7 @@ def at(name):
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
+
 def case(name, command, fragments, before_loading, marks=()):
     """A mistake: the command, fragments of its one error line, and whether it is found before the models load."""
     return pytest.param(command, fragments, before_loading, id=name, marks=marks)
@@ -147,7 +150,12 @@ CASES = [
     case("unknown dtype", gen("--dtype", "fp8"), ["unknown dtype 'fp8'"], True),
     case("template syntax error", gen("--t-format", at("bad.jinja")), ["bad.jinja line 1", "end of template"], True),
     case("template missing", gen("--t-format", at("none.jinja")), ["not found", "none.jinja"], True),
-    case("config value of the wrong type", lambda w: ["generate", "--config", w.root / "abc.yaml", "--model-theta", w.theta, "--model-t", w.target, "--dataset", w.data, "--output", w.new], ["max_new_tokens must be an integer", "'abc'"], True),
+    case(
+        "config value of the wrong type",  # (without the base flags: --max-new-tokens would override the file)
+        lambda w: ["generate", "--config", w.root / "abc.yaml", "--model-theta", w.theta, "--model-t", w.target, "--dataset", w.data, "--output", w.new],
+        ["max_new_tokens must be an integer", "'abc'"],
+        True,
+    ),
     case("config list for a number", gen("--config", at("list.yaml")), ["temperature must be a number", "[1]"], True),
     case("config not a mapping", gen("--config", at("seq.yaml")), ["must be a mapping"], True),
     case("config unknown key", gen("--config", at("typo.yaml")), ["unknown setting 'temprature'"], True),
@@ -157,7 +165,7 @@ CASES = [
     case("manifest not an object", gen(out=at("list.jsonl")), ["list.meta.json is damaged"], True),
     case("manifest of an older qstar", gen(out=at("old.jsonl")), ["older qstar", "fingerprint_version", "--overwrite"], True),
     case("resume with another temperature", gen("--temperature", "0.7", out="prev"), ["temperature (1.0 -> 0.7)"], True),
-    case("foreign file at the output", gen(out="a_file_jsonl"), ["without a manifest"], True),
+    case("foreign file at the output", gen(out="foreign"), ["without a manifest"], True),
     # generate: datasets
     case("empty dataset", gen("--dataset", at("empty.jsonl")), ["empty.jsonl is empty"], True),
     case("dataset with a header only", gen("--dataset", at("header.csv")), ["has no rows"], True),
@@ -211,14 +219,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def foreign_output(w):
-    w.a_file_jsonl = w.root / "foreign.jsonl"
-    w.a_file_jsonl.write_text('{"not": "ours"}\n')
-
-
 @pytest.mark.parametrize("command, fragments, before_loading", CASES)
-def test_mistake_is_one_line_and_changes_nothing(w, foreign_output, command, fragments, before_loading):
+def test_mistake_is_one_line_and_changes_nothing(w, command, fragments, before_loading):
     args = command(w)
     args = [a(w) if callable(a) else a for a in args]
     before = snapshot(w.root, w.theta, w.target)
