@@ -32,6 +32,7 @@ from typing import Any
 import datasets
 
 from qstar_cli.errors import QstarInputError
+from qstar_cli.paths import is_hub_id
 from qstar_cli.prompts import Messages
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -153,11 +154,13 @@ def _conversation(turns: Any, role_key: str, content_key: str, role_map: dict[st
         if not isinstance(turn, dict) or turn.get(role_key) not in role_map or not isinstance(turn.get(content_key), str):
             raise SkipRow("malformed conversation")
         messages.append({"role": role_map[turn[role_key]], "content": turn[content_key]})
-    # The model answers the last user turn; a reference answer at the end is kept as metadata.
+    # The model answers the last user turn (or a tool's result); a reference answer at the end is kept as metadata.
     if messages and messages[-1]["role"] == "assistant":
         messages.pop()
     if not any(m["role"] == "user" for m in messages):
         raise SkipRow("no user turn")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise SkipRow(f"last turn is {messages[-1]['role']}, not user or tool")
     _text(messages[-1]["content"])
     return messages
 
@@ -231,6 +234,8 @@ def load_user_adapter(spec: str) -> DatasetAdapter:
             module = importlib.import_module(target)
     except ImportError as err:
         raise DatasetError(f"cannot import adapter module {target!r}: {err}") from err
+    except SyntaxError as err:
+        raise DatasetError(f"adapter {spec!r}: syntax error in {err.filename} line {err.lineno}: {err.msg}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise DatasetError(f"adapter {spec!r}: {target} has no {class_name}")
@@ -254,20 +259,36 @@ def resolve_adapter(adapter: str, columns: list[str], prompt_field: str | None =
 
 
 def _is_local_path(spec: str) -> bool:
-    return Path(spec).suffix in LOCAL_BUILDERS or spec.startswith((".", "/", "~")) or Path(spec).exists()
+    return Path(spec).suffix in LOCAL_BUILDERS or Path(spec).exists() or not is_hub_id(spec)
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read only up to its first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def load_source(spec: str, subset: str | None = None, split: str = "train") -> datasets.Dataset:
-    """A ``datasets.Dataset`` from a hub id, a local data file or a ``save_to_disk`` directory."""
+    """A ``datasets.Dataset`` from a hub id, a local data file or a ``save_to_disk`` directory.
+
+    A local file is a single split: ``subset``, or a ``split`` other than ``train``, is refused there.
+    """
     path = Path(spec).expanduser()
     if _is_local_path(spec) and not path.exists():
         raise DatasetError(f"dataset not found: {spec}")
+    if path.is_file() and (subset is not None or split != "train"):
+        raise DatasetError(f"--subset and --split select part of a hub dataset or a saved DatasetDict; the local file {spec} is one split")
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
         elif path.is_file():
             if path.suffix not in LOCAL_BUILDERS:
                 raise DatasetError(f"unsupported dataset file {spec}; use {', '.join(LOCAL_BUILDERS)}")
+            if _is_blank(path):
+                raise DatasetError(f"dataset {spec} is empty")
             loaded = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
         else:
             loaded = datasets.load_dataset(str(path) if path.is_dir() else spec, subset, split=split)
@@ -275,11 +296,15 @@ def load_source(spec: str, subset: str | None = None, split: str = "train") -> d
         raise
     except Exception as err:  # datasets raises many types (hub, parsing, schema); all mean "cannot load"
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if path.is_file() and "corresponds to no data" in first_line:  # how datasets meets a split of no rows
+            raise DatasetError(f"dataset {spec!r} has no rows") from err
         raise DatasetError(f"cannot load dataset {spec!r}: {first_line}") from err
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DatasetError(f"dataset {spec!r} has no split {split!r}; splits: {', '.join(loaded)}")
         loaded = loaded[split]
+    if len(loaded) == 0:
+        raise DatasetError(f"dataset {spec!r} has no rows")
     return loaded
 
 
@@ -305,13 +330,13 @@ def adapt_rows(
     ``system_prompt`` is put first in conversations that have no system turn of their own.
     """
     stop = len(dataset) if num_samples is None else min(len(dataset), start_index + num_samples)
-    if start_index > len(dataset):
-        raise DatasetError(f"--start-index {start_index} is past the end of the dataset ({len(dataset)} rows)")
+    if start_index >= len(dataset):
+        raise DatasetError(f"--start-index {start_index} is past the last row of the dataset (rows 0 to {len(dataset) - 1})")
     prompts, skipped = [], Counter()
     for row_idx, row in zip(range(start_index, stop), dataset.select(range(start_index, stop))):
         try:
             messages = adapter.messages(row)
-            _validate_messages(messages)
+            _validate_messages(messages, adapter)
         except SkipRow as skip:
             skipped[skip.reason] += 1
             continue
@@ -321,9 +346,12 @@ def adapt_rows(
     return AdaptedDataset(prompts, skipped, adapter.name, stop - start_index)
 
 
-def _validate_messages(messages: Any) -> None:
-    """User adapters return plain lists of role/content dicts; anything else is their bug."""
+def _validate_messages(messages: Any, adapter: DatasetAdapter) -> None:
+    """User adapters must return plain lists of role/content dicts; anything else is refused, naming it."""
     if not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
     ):
-        raise TypeError(f"an adapter's messages(row) must return a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.200}")
+        raise DatasetError(
+            f"adapter {type(adapter).__name__}: messages(row) must return a non-empty list of "
+            f"{{'role', 'content'}} dicts with roles {'/'.join(ROLES)}, got {messages!r:.200}"
+        )

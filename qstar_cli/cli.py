@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,17 +26,54 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
+from qstar_cli.paths import check_output_dir, check_output_file
+
+err_console = Console(stderr=True)
+EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
+#: Click's UsageError, from whichever click typer runs on (recent typers ship their own copy).
+UsageError = typer.BadParameter.__base__
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+    """Print ``error: message`` on one line of stderr (never wrapped, never read as markup)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _usage_errors_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: its help is the answer
+            raise
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        raise fail(" ".join(err.format_message().split()).rstrip(".") + where, err.exit_code) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Click's own usage errors (unknown flag, bad value, missing argument) as one line and exit 2,
+    like every other mistake, instead of a framed panel."""
+
+    def make_context(self, *args, **kwargs) -> typer.Context:
+        with _usage_errors_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with _usage_errors_on_one_line():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="Generate fine-tuning data from the per-token geometric mixture q = pi_theta^alpha * pi_t^(1-alpha) / Z.",
     no_args_is_help=True,
     add_completion=False,
 )
-err_console = Console(stderr=True)
-EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
 
 
 @app.callback()
@@ -47,11 +87,6 @@ def version() -> None:
     typer.echo(qstar_cli.__version__)
 
 
-def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
 def read_config_file(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -59,6 +94,8 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise QstarInputError(f"cannot read config {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise QstarInputError(f"config {path} is not UTF-8 text") from err
     except yaml.YAMLError as err:
         raise QstarInputError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if values is None:
@@ -199,17 +236,23 @@ def _quiet_libraries() -> None:
 
 def _load_runs(sidecars: list[Path]):
     from qstar_cli.analysis import analyze_sidecar
+    from qstar_cli.report import SIDECAR_SUFFIX
 
     runs = []
     for path in sidecars:
+        if path.is_dir():
+            raise QstarInputError(f"{path} is a directory; give a run's {SIDECAR_SUFFIX} file")
         if not path.is_file():
             raise QstarInputError(f"diagnostics file not found: {path}")
         run = analyze_sidecar(path)
+        if not run.samples:
+            sidecar = path.with_name(path.name.removesuffix(".jsonl") + SIDECAR_SUFFIX)
+            hint = f"; its sidecar is {sidecar}" if sidecar.is_file() and not path.name.endswith(SIDECAR_SUFFIX) else ""
+            unreadable = f" ({len(run.corrupt_lines)} unreadable lines)" if run.corrupt_lines else ""
+            raise QstarInputError(f"{path} holds no readable samples{unreadable}{hint}")
         if run.corrupt_lines:
             shown = ", ".join(map(str, run.corrupt_lines[:10])) + (" ..." if len(run.corrupt_lines) > 10 else "")
             err_console.print(f"warning: {path}: skipped {len(run.corrupt_lines)} corrupt line(s): {shown}", highlight=False)
-        if not run.samples:
-            raise QstarInputError(f"{path} holds no readable samples")
         runs.append(run)
     return runs
 
@@ -247,12 +290,18 @@ def analyze(
     try:
         if not 0.0 < ess_floor <= 1.0:
             raise QstarInputError(f"--ess-floor must lie in (0, 1], got {ess_floor}")
+        if plots is not None:
+            check_output_dir(plots, "--plots")
+        if export_weights is not None:
+            check_output_file(export_weights, "--export-weights", [sidecar.resolve()])
         runs = _load_runs([sidecar])
         _report(runs, [_labels([sidecar])[0]], json_output, plots, single=True)
         if export_weights is not None:
             _export(runs[0], export_weights, ess_floor)
     except QstarInputError as err:
         raise fail(str(err)) from None
+    except OSError as err:  # reading the sidecar, writing plots or weights
+        raise fail(f"cannot read or write {err.filename}: {err.strerror}") from None
 
 
 @app.command()
@@ -263,10 +312,16 @@ def compare(
 ) -> None:
     """Several runs side by side (e.g. fixed vs entropy vs kl_symmetry): one table, overlaid plots."""
     try:
+        if len(sidecars) < 2:
+            raise QstarInputError(f"compare needs two or more runs, got {len(sidecars)}; for one run use qstar analyze")
+        if plots is not None:
+            check_output_dir(plots, "--plots")
         runs = _load_runs(sidecars)
         _report(runs, _labels(sidecars), json_output, plots, single=False)
     except QstarInputError as err:
         raise fail(str(err)) from None
+    except OSError as err:  # reading a sidecar, writing plots
+        raise fail(f"cannot read or write {err.filename}: {err.strerror}") from None
 
 
 def _labels(sidecars: list[Path]) -> list[str]:

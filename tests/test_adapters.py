@@ -90,7 +90,7 @@ def test_system_prompt_added_only_where_there_is_none():
 def test_row_range():
     out = run([{"prompt": str(i)} for i in range(10)], start_index=3, num_samples=4)
     assert [p.row_idx for p in out.prompts] == [3, 4, 5, 6] and out.rows == 4
-    with pytest.raises(DatasetError, match="past the end"):
+    with pytest.raises(DatasetError, match="past the last row"):
         run([{"prompt": "x"}], start_index=5)
 
 

@@ -1,0 +1,73 @@
+"""What a command-line path names, and whether a command may write there.
+
+Every check raises :class:`QstarInputError` with a one-line message naming the flag and the path,
+so that a mistake is reported before any model loads and before any file is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from qstar_cli.errors import QstarInputError
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` is spelled as a hub repository id (``name`` or ``owner/name``)."""
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def local_path(spec: str) -> Path | None:
+    """The absolute path ``spec`` names if it exists on this machine, else ``None`` (a hub id).
+
+    ``./data/x.jsonl``, ``data/x.jsonl``, its absolute path and ``data/x/`` for a directory all give
+    the same path, so resumed runs compare inputs, not their spellings.
+    """
+    path = Path(spec).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def resolved_spec(spec: str | None) -> str | None:
+    """``spec`` as an absolute path when it names a local file or directory; hub ids as spelled."""
+    if spec is None:
+        return None
+    path = local_path(spec)
+    return str(path) if path is not None else spec
+
+
+def check_output_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
+    """Refuse a file path that cannot be written, or whose writing would replace one of ``inputs``.
+
+    An input directory (a model, a ``save_to_disk`` dataset) protects everything inside it.
+    """
+    if str(path) in ("", "."):
+        raise QstarInputError(f"{flag} is empty; give a file path")
+    if path.is_dir():
+        raise QstarInputError(f"{flag} {path} is a directory; give a file path")
+    _check_parents(path, flag)
+    target = path.resolve()
+    for source in inputs:
+        if target == source or source in target.parents:
+            raise QstarInputError(f"{flag} {path} would overwrite the input {source}; choose another path")
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse a directory path that is a file or lies under one."""
+    if path.exists() and not path.is_dir():
+        raise QstarInputError(f"{flag} {path} is a file, not a directory")
+    _check_parents(path, flag)
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QstarInputError(f"{flag} {path}: {parent} is a file, not a directory")
+            return
