@@ -424,6 +424,8 @@ def export(
     typer.echo(f"{summary.exported} samples in {summary.output}{left_out}")
     typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
 
+
+@app.command()
 def report(
     run: Path = typer.Argument(..., help="A run's main OUT.jsonl; its sidecar and manifest are read beside it."),
     output: Path = typer.Option(None, help="The HTML file to write. (default: OUT.report.html beside the run)"),
