@@ -38,7 +38,7 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 import qstar_cli
-from qstar_cli.analysis import CHECKS, RunAnalysis, analyze_sidecar, choose_gamma, ess_ratio, tempered_weights
+from qstar_cli.analysis import CHECKS, RunAnalysis, analyze_sidecar, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.models import ModelLoadError, load_tokenizer
 from qstar_cli.plots import plot_runs
@@ -435,8 +435,8 @@ def build_report(
     if not run.samples:
         raise QstarInputError(f"{paths.diagnostics} holds no readable samples")
 
-    gamma = choose_gamma(run.log_w, ESS_FLOOR)
-    weights = tempered_weights(run.log_w, gamma)
+    chosen_weights = sequence_weights(run.log_w, ESS_FLOOR)
+    gamma, weights = chosen_weights.gamma, chosen_weights.weights
     chosen = selection.chosen()
     views = [sample_view(why, c, float(weights[c.ordinal]), pi_t_tokenizer) for why, c in chosen]
     coloured = any("values" in v for v in views)
@@ -478,7 +478,7 @@ def build_report(
         selection_note=_selection_note(chosen, run.samples, seed),
         weight_note=(
             f"log w = logp_theta_sum - logp_q_sum; weight = w^gamma normalised to mean 1 over all {run.samples} samples, "
-            f"gamma = {gamma:.4g} (the largest in [0, 1] with ESS/n >= {ESS_FLOOR}; ESS/n {ess_ratio(gamma * run.log_w):.3f})"
+            f"gamma = {gamma:.4g} (the largest in [0, 1] with ESS/n >= {ESS_FLOOR}; ESS/n {chosen_weights.ess_ratio:.3f})"
         ),
         notes=notes,
         why_plain=why_plain,

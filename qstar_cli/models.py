@@ -120,10 +120,11 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def check_model_spec(spec: str) -> None:
+def check_model_spec(spec: str, weights: bool = True) -> None:
     """Refuse, before anything loads, a model that cannot exist: a missing local path, a file that is not ``.gguf``.
 
-    What is not spelled as a hub id (``name`` or ``owner/name``) is a local path.
+    What is not spelled as a hub id (``name`` or ``owner/name``) is a local path. ``weights=False``
+    accepts a local directory without ``config.json`` (a tokenizer alone).
     """
     if spec == DEMO:
         return
@@ -134,13 +135,15 @@ def check_model_spec(spec: str) -> None:
         raise ModelLoadError(f"not a model directory or .gguf file: {spec}")
     if not path.exists() and not is_hub_id(spec):
         raise ModelLoadError(f"model directory not found: {spec}")
-    if path.is_dir() and not (path / "config.json").is_file():
+    if weights and path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"not a model directory (it has no config.json): {spec}")
 
 
-def resolve_model_path(spec: str) -> tuple[str, str | None]:
-    """``(path_or_id, gguf_file)`` for ``from_pretrained``; GGUF files are converted and cached first."""
-    check_model_spec(spec)
+def resolve_model_path(spec: str, weights: bool = True) -> tuple[str, str | None]:
+    """``(path_or_id, gguf_file)`` for ``from_pretrained``; GGUF files are converted and cached first.
+
+    ``weights=False`` accepts a directory holding a tokenizer alone."""
+    check_model_spec(spec, weights)
     if spec == DEMO:
         return str(convert_gguf(demo_gguf_path(), cache_dir() / "SmolLM2-135M-Instruct")), None
     path = Path(spec).expanduser()
@@ -166,7 +169,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """The tokenizer alone of a model named as for :func:`load_model` (no weights are loaded)."""
-    path, _ = resolve_model_path(spec)
+    path, _ = resolve_model_path(spec, weights=False)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

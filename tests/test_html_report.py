@@ -135,7 +135,7 @@ def tokenizer_dir(tiny_tokenizer, tmp_path_factory):
 def test_page_values_are_the_sidecars(runs, full_page, tiny_tokenizer):
     main, side = lines(runs["full"]), lines(runs["full"].with_name("full.diagnostics.jsonl"))
     data = page_data(full_page)
-    weights = weight_records(analyze_sidecar(runs["full"].with_name("full.diagnostics.jsonl")))
+    weights, _ = weight_records(analyze_sidecar(runs["full"].with_name("full.diagnostics.jsonl")))
     assert data["coloured"] and not data["selected"]
     assert [s["sample_idx"] for s in data["samples"]] == [r["sample_idx"] for r in side]
     for view, record, line, weight in zip(data["samples"], side, main, weights):
