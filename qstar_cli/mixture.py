@@ -164,13 +164,13 @@ def mixture_logprobs(logp_theta: Tensor, logp_t: Tensor, alpha: Tensor) -> Tenso
     no token, where q is undefined for alpha in (0, 1), falls back to ``logp_t``.
     """
     w = alpha.unsqueeze(-1)
-    term_theta = torch.where(w > 0, w * logp_theta, 0.0)
-    term_t = torch.where(w < 1, (1 - w) * logp_t, 0.0)
-    unnorm = term_theta + term_t
+    # At the end points a zero weight would meet -inf (NaN): mix at 0.5 there and select the model below.
+    inner = torch.where((w > 0) & (w < 1), w, 0.5)
+    unnorm = torch.addcmul(logp_t * (1.0 - inner), logp_theta, inner)
     log_z = torch.logsumexp(unnorm, dim=-1, keepdim=True)
-    mixed = unnorm - log_z
-    mixed = torch.where(log_z == -math.inf, logp_t, mixed)
-    return torch.where(w == 1, logp_theta, torch.where(w == 0, logp_t, mixed))
+    mixed = unnorm.sub_(log_z)
+    target = (w == 0) | (log_z == -math.inf)
+    return torch.where(target, logp_t, torch.where(w == 1, logp_theta, mixed))
 
 
 def _expectation(p: Tensor, values: Tensor) -> Tensor:

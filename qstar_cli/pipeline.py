@@ -465,4 +465,5 @@ def _record_session(
         slot_utilisation=round(stats.utilisation(slots), 4),
         steps=stats.steps,
         prefills=stats.prefills,
+        prompts_prefilled=stats.prompts_prefilled,
     )

@@ -14,6 +14,22 @@ from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def write_prompts(root, prompts) -> str:
+    """``root/prompts.jsonl`` holding one JSON object per prompt; its path."""
+    import json
+
+    path = root / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    return str(path)
+
+
+def tiny_generate_args(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
+    """``qstar generate`` arguments of a CPU run of the tiny models (pi_theta on the plain format)."""
+    theta, target = model_dirs
+    return ["generate", "--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(dataset),
+            "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size), "--device", "cpu"]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

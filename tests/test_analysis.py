@@ -18,6 +18,7 @@ from qstar_cli.analysis import (
 )
 from qstar_cli.cli import app
 from qstar_cli.writer import SUMMARY_FIELDS
+from tests.conftest import tiny_generate_args, write_prompts
 
 PROMPTS = [{"prompt": f"Tell me about the number {i}."} for i in range(12)]
 PLOTS = {"alpha_histogram.png", "alpha_by_position.png", "kl_scatter.png", "ess_scatter.png", "response_length.png", "log_weights.png"}
@@ -32,10 +33,7 @@ def invoke(*args):
 def runs(tiny_model_dirs, tmp_path_factory):
     """Sidecars of three tiny-model runs: kl_symmetry (full), fixed 0.3 (full), kl_symmetry (summary)."""
     root = tmp_path_factory.mktemp("runs")
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    theta, target = tiny_model_dirs
-    common = ["generate", "--model-theta", theta, "--model-t", target, "--theta-format", "plain",
-              "--dataset", str(root / "prompts.jsonl"), "--max-new-tokens", "24", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    common = tiny_generate_args(tiny_model_dirs, write_prompts(root, PROMPTS), 24, 4)
     variants = {
         "kl": [],
         "fixed": ["--alpha-method", "fixed", "--alpha", "0.3"],

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from qstar_cli.cli import app
 from qstar_cli.export import ExportConfig, export_training_set
 from qstar_cli.train import WeightedSFTTrainer
+from tests.conftest import tiny_generate_args, write_prompts
 
 PROMPTS = [{"prompt": f"Tell me about the number {i}."} for i in range(12)]
 
@@ -41,10 +42,7 @@ def load_parquet(path):
 def runs(tiny_model_dirs, tmp_path_factory):
     """Main files of a tiny-model run at level full (some samples stop, some hit the cap) and at level summary."""
     root = tmp_path_factory.mktemp("runs")
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    theta, target = tiny_model_dirs
-    common = ["generate", "--model-theta", theta, "--model-t", target, "--theta-format", "plain",
-              "--dataset", root / "prompts.jsonl", "--max-new-tokens", "64", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    common = tiny_generate_args(tiny_model_dirs, write_prompts(root, PROMPTS), 64, 4)
     for level, extra in (("full", []), ("summary", ["--num-samples", "2", "--max-new-tokens", "4"])):
         result = invoke(*common, *extra, "--diagnostics", level, "--output", root / f"{level}.jsonl")
         assert result.exit_code == 0, result.output

@@ -23,6 +23,7 @@ from qstar_cli.cli import app
 from qstar_cli.html_report import Candidate, SampleSelection, build_report, token_pieces
 from qstar_cli.writer import SEQUENCE_SUMS, SUMMARY_FIELDS
 from tests import browser
+from tests.conftest import tiny_generate_args, write_prompts
 
 PROMPTS = [{"prompt": f"Tell me about the number {i}."} for i in range(9)]
 # Text that must not end the page's JSON block nor run as markup, and a URL that is text, not a reference.
@@ -67,10 +68,7 @@ def copy_run(src, dst_dir, **config_changes):
 def runs(tiny_model_dirs, tmp_path_factory):
     """Main files of two tiny-model runs of the same prompts: diagnostics full and summary."""
     root = tmp_path_factory.mktemp("report-runs")
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    theta, target = tiny_model_dirs
-    common = ["generate", "--model-theta", theta, "--model-t", target, "--theta-format", "plain",
-              "--dataset", root / "prompts.jsonl", "--max-new-tokens", 24, "--batch-size", 5, "--device", "cpu"]  # fmt: skip
+    common = tiny_generate_args(tiny_model_dirs, write_prompts(root, PROMPTS), 24, 5)
     for level in ("full", "summary"):
         result = invoke(*common, "--diagnostics", level, "--output", root / f"{level}.jsonl")
         assert result.exit_code == 0, result.output
