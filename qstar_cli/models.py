@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qstar_cli.errors import QstarInputError
 
@@ -115,11 +115,19 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode on ``device`` in ``dtype``."""
+    """Load a causal LM and its tokenizer in eval mode on ``device`` in ``dtype``.
+
+    On the ``meta`` device no weights are read: the architecture alone, enough to encode prompts and
+    check vocabularies where the sampling happens elsewhere (the driver of ``--engine ray``).
+    """
     path, _ = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if device.type == "meta":
+            with device:
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
     model.to(device).eval().requires_grad_(False)

@@ -12,6 +12,10 @@ recomputed unless a new sample shares its batch) so that every new sample sees t
 in an uninterrupted run: with the same batch size, scheduler, device and dtype the files end up
 byte-identical to an uninterrupted run's. (At ``--diagnostics none`` there are no lengths to replay;
 a resumed run then starts its slots afresh, which changes float rounding only.)
+
+Beyond one device: ``num_shards``/``shard_index`` run one part of the schedule
+(:func:`shard_positions`) into files of its own, joined by :mod:`qstar_cli.merge`; ``engine="ray"``
+takes the samples from model replicas on Ray (:mod:`qstar_cli.ray_engine`), this process writing.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jinja2
+import numpy as np
 
 import qstar_cli
 from qstar_cli.adapters import AdaptedDataset, Prompt, adapt_rows, load_source, resolve_adapter
@@ -39,8 +44,13 @@ from qstar_cli.sampler import SCHEDULERS, DualModelSampler, SampleRequest, Strea
 from qstar_cli.sampling import SamplingParams
 from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, fingerprint
 
-#: Settings that do not change what is sampled, so a run may be resumed with other values.
-NOT_FINGERPRINTED = ("output", "num_samples", "batch_size", "scheduler", "device", "dtype", "overwrite")
+#: Settings that do not change what is sampled, so a run may be resumed with other values. A shard's
+#: files are named after its index and count, so all shards of a run (and their merge) share one.
+NOT_FINGERPRINTED = (
+    "output", "num_samples", "batch_size", "scheduler", "device", "dtype", "overwrite",
+    "num_shards", "shard_index", "engine", "replicas", "ray_address",
+)  # fmt: skip
+ENGINES = ("local", "ray")
 
 
 class ConfigError(QstarInputError):
@@ -77,6 +87,11 @@ class GenerateConfig:
     dtype: str = "auto"
     diagnostics: str = "full"
     overwrite: bool = False
+    num_shards: int = 1
+    shard_index: int = 0
+    engine: str = "local"
+    replicas: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_theta", "model_t", "dataset"):
@@ -87,12 +102,18 @@ class GenerateConfig:
             "start_index": self.start_index >= 0,
             "max_new_tokens": self.max_new_tokens >= 1,
             "batch_size": self.batch_size >= 1,
+            "num_shards": self.num_shards >= 1,
+            "replicas": self.replicas >= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"--shard-index must lie in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), got {self.shard_index}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
@@ -113,6 +134,27 @@ class GenerateConfig:
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def output_paths(self) -> OutputPaths:
+        """This run's files: those of ``output``, or of shard ``shard_index`` when ``num_shards`` > 1."""
+        paths = OutputPaths(Path(self.output))
+        return paths.shard(self.shard_index, self.num_shards) if self.num_shards > 1 else paths
+
+    def load_sampler(self, device: str | None = None) -> DualModelSampler:
+        """Both models as configured (on ``device`` instead of ``self.device`` where given)."""
+        return DualModelSampler.from_pretrained(
+            self.model_theta,
+            self.model_t,
+            device=device or self.device,
+            dtype=self.dtype,
+            theta_format=self.theta_format,
+            t_format=self.t_format,
+            alpha_method=self.alpha_method,
+            alpha=self.alpha,
+            max_new_tokens=self.max_new_tokens,
+            sampling=self.sampling_params(),
+            seed=self.seed,
+        )
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
@@ -204,6 +246,18 @@ def encode_all(sampler: DualModelSampler, adapted: AdaptedDataset) -> list[tuple
     return encoded
 
 
+def shard_positions(prompt_lengths: list[int], num_shards: int, index: int) -> list[int]:
+    """The schedule positions of shard ``index`` of ``num_shards``, in schedule order.
+
+    Positions sorted by prompt length are dealt to the shards in snake order (0..N-1, N-1..0, ...),
+    so that each shard gets its share of long and short prompts and the sizes differ by one at most.
+    """
+    by_length = np.argsort(np.asarray(prompt_lengths, dtype=np.int64), kind="stable")
+    round_, seat = np.divmod(np.arange(len(by_length)), num_shards)
+    shard = np.where(round_ % 2 == 0, seat, num_shards - 1 - seat)
+    return np.sort(by_length[shard == index]).tolist()
+
+
 def package_versions() -> dict[str, str]:
     names = ("torch", "transformers", "datasets", "tokenizers", "numpy")
     return {"qstar": qstar_cli.__version__, "python": platform.python_version(), **{n: metadata.version(n) for n in names}}
@@ -219,47 +273,52 @@ def run_generate(
 
     ``stop``, once set, ends the run after the current step; the batch in progress is dropped and
     regenerated on resume. ``sampler`` reuses already loaded models (it must match ``config``).
+    With ``engine="ray"`` the samples come from Ray replicas (:mod:`qstar_cli.ray_engine`); this
+    process loads the models' shapes alone, encodes the prompts and stays the only writer.
     """
     progress = progress or _NoProgress()
     stop = stop or threading.Event()
+    ray_engine = None
+    if config.engine == "ray":
+        from qstar_cli.ray_engine import RayEngine
+
+        ray_engine = RayEngine(config)
     dataset = load_source(config.dataset, config.subset, config.split)
     adapter = resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
     adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
     fp_config = config.fingerprint_config()
 
-    with CheckpointedWriter(Path(config.output), config.diagnostics) as writer:
+    with CheckpointedWriter(config.output_paths().main, config.diagnostics) as writer:
         previous = writer.check_config(fp_config, overwrite=config.overwrite)
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
-            sampler = DualModelSampler.from_pretrained(
-                config.model_theta,
-                config.model_t,
-                device=config.device,
-                dtype=config.dtype,
-                theta_format=config.theta_format,
-                t_format=config.t_format,
-                alpha_method=config.alpha_method,
-                alpha=config.alpha,
-                max_new_tokens=config.max_new_tokens,
-                sampling=config.sampling_params(),
-                seed=config.seed,
-            )
+            sampler = config.load_sampler("meta" if ray_engine else None)
         schedule = encode_all(sampler, adapted)
+        schedule_samples = len(schedule)
+        if config.num_shards > 1:
+            lengths = [len(ids_theta) + len(ids_t) for _, (ids_theta, ids_t) in schedule]
+            schedule = [schedule[p] for p in shard_positions(lengths, config.num_shards, config.shard_index)]
         done = writer.resume([p.row_idx for p, _ in schedule])
-        device = sampler.theta.model.device
         meta = {
             "qstar_version": qstar_cli.__version__,
             "status": "running",
             "fingerprint": fingerprint(fp_config),
             "fingerprint_config": fp_config,
             "config": {**dataclasses.asdict(config), "adapter_resolved": adapted.adapter},
-            "device": str(device),
-            "dtype": str(sampler.theta.model.dtype).removeprefix("torch."),
+            # Under Ray, as asked: each replica's resolved device and dtype are in its session's engine.
+            "device": config.device if ray_engine else str(sampler.theta.model.device),
+            "dtype": config.dtype if ray_engine else str(sampler.theta.model.dtype).removeprefix("torch."),
             "versions": package_versions(),
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
             "sessions": (previous or {}).get("sessions", []),
         }
-        session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed_from": done}
+        if config.num_shards > 1:
+            meta["shard"] = {"index": config.shard_index, "count": config.num_shards, "schedule_samples": schedule_samples}
+        session = {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "resumed_from": done,
+            "engine": ray_engine.record if ray_engine else {"name": "local"},
+        }
         meta["sessions"].append(session)
         writer.write_meta(meta)
 
@@ -293,8 +352,12 @@ def run_generate(
             if stop.is_set():
                 raise Interrupted
 
+        if ray_engine:
+            results = ray_engine.stream(requests, on_step, stats)
+        else:
+            results = sampler.stream(requests, config.batch_size, config.scheduler, on_step, stats=stats)
         try:
-            for position, result in sampler.stream(requests, config.batch_size, config.scheduler, on_step, stats=stats):
+            for position, result in results:
                 waiting[position + first] = result
                 while done in waiting:
                     writer.write(schedule[done][0], waiting.pop(done))
