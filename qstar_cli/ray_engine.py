@@ -25,12 +25,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from qstar_cli.errors import QstarInputError
 from qstar_cli.sampler import SampleRequest, SampleResult, StreamStats
@@ -84,6 +88,7 @@ class Replica:
             "pid": os.getpid(),
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),  # on CPU: Ray gives each replica its CPU's worth
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,8 +137,11 @@ class RayEngine:
             return
         started_here = not ray.is_initialized()
         if started_here:
+            sigterm = signal.getsignal(signal.SIGTERM)
             # address None: RAY_ADDRESS if set, else a new local Ray that lives as long as this run.
             ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)  # Ray's own would end the run at once, unsaved
         try:
             context = DataContext.get_current()
             context.execution_options.preserve_order = True  # groups come back in schedule order
@@ -143,26 +151,24 @@ class RayEngine:
             logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. that its progress bars are off
             gpus = ray.cluster_resources().get("GPU", 0) >= 1 and self.config.device != "cpu"
             self.record["address"] = ray.get_runtime_context().gcs_address
-            finished = (
-                ray.data.from_items([{"group": g} for g in groups], override_num_blocks=len(groups))
-                .map_batches(
-                    Replica,
-                    fn_constructor_kwargs={"settings": dataclasses.asdict(self.config)},
-                    batch_size=1,
-                    batch_format="numpy",
-                    compute=ActorPoolStrategy(size=self.config.replicas),
-                    **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
-                )
-                .iter_rows()
+            finished = ray.data.from_items([{"group": g} for g in groups], override_num_blocks=len(groups)).map_batches(
+                Replica,
+                fn_constructor_kwargs={"settings": dataclasses.asdict(self.config)},
+                batch_size=1,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(size=self.config.replicas),
+                **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
             )
-            for row in finished:
-                group: GroupResult = row["result"]
-                yield from group.results
-                stats.steps += group.stats.steps
-                stats.tokens += group.stats.tokens
-                stats.prefills += group.stats.prefills
-                self._account(group)
-                on_step(group.stats.tokens)
+            # Closed however the loop ends, so that Ray Data's executor stops before Ray does.
+            with closing(iter(finished.iter_rows())) as rows:
+                for row in rows:
+                    group: GroupResult = row["result"]
+                    yield from group.results
+                    stats.steps += group.stats.steps
+                    stats.tokens += group.stats.tokens
+                    stats.prefills += group.stats.prefills
+                    self._account(group)
+                    on_step(group.stats.tokens)
         finally:
             if started_here:
                 ray.shutdown()

@@ -133,10 +133,18 @@ def test_a_replica_killed_mid_run_costs_nothing(ray_address, ray_args, reference
     assert len(killed["pids"]) == 2
 
 
-def test_a_killed_driver_resumes(ray_address, ray_args, reference, tmp_path):
+def test_a_stopped_or_killed_driver_resumes(ray_address, ray_args, reference, tmp_path):
     out = tmp_path / "d.jsonl"
     proc = spawn(ray_args, out, ray_address)
     wait_for(lambda: count_lines(out) >= 8, proc, out)
+    proc.send_signal(signal.SIGTERM)  # Ray's own SIGTERM handler would abort; the run's stops it after saving
+    assert proc.wait(timeout=120) == 130, log_of(out)
+    assert "re-run the same command to resume" in log_of(out)
+    stopped = manifest(out)
+    assert stopped["status"] == "interrupted" and stopped["counts"]["done"] == count_lines(out) < 48
+
+    proc = spawn(ray_args, out, ray_address)
+    wait_for(lambda: count_lines(out) > stopped["counts"]["done"], proc, out)
     proc.kill()
     proc.wait()
     written = count_lines(out)
@@ -146,7 +154,8 @@ def test_a_killed_driver_resumes(ray_address, ray_args, reference, tmp_path):
     assert result.exit_code == 0, result.output
     assert "resuming:" in result.output and file_bytes(out) == file_bytes(reference)
     sessions = manifest(out)["sessions"]
-    assert len(sessions) == 2 and 0 < sessions[1]["resumed_from"] <= written
+    assert len(sessions) == 3 and sessions[1]["resumed_from"] == stopped["counts"]["done"]
+    assert stopped["counts"]["done"] < sessions[2]["resumed_from"] <= written
 
 
 def test_without_ray_the_engine_says_how_to_install_it(ray_args, tmp_path, monkeypatch):
