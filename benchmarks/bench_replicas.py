@@ -57,7 +57,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
+    import transformers
 
+    transformers.logging.disable_progress_bar()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(tempfile.mkdtemp(prefix="bench_replicas_"))
     theta = save_tiny_model(root / "theta", seed=1, hidden_size=256, num_layers=4)

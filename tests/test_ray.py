@@ -1,5 +1,5 @@
 """``--engine ray`` on a real local Ray (2 CPUs, tiny models): the samples of one process, in its
-order, whatever the replicas; a replica killed mid-run costs nothing; a killed driver resumes."""
+order, whatever the replicas; a replica killed mid-run costs nothing; a stopped or killed driver resumes."""
 
 import json
 import os
@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from qstar_cli.cli import app
 from qstar_cli.writer import OutputPaths
 from tests.test_generate import count_lines, file_bytes, one_line_error, read_lines
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: 48 prompts of spread lengths: 6 groups of 8 on 2 slots.
 PROMPTS = [{"messages": [{"role": "user", "content": f"Count to {i} and stop. " * (1 + i % 4)}]} for i in range(48)]
@@ -28,15 +29,6 @@ def ray_address():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and leave the other core to the replicas."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from qstar_cli.pipeline import GenerateConfig, run_generate, shard_positions
 from qstar_cli.writer import OutputPaths
 from tests.test_generate import file_bytes, one_line_error, read_lines
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: Prompts of lengths 1x to 5x a sentence, and one row without a prompt (skipped by every shard).
 PROMPTS = [{"messages": [{"role": "user", "content": f"Tell me about the number {i}. " * (1 + i * 7 % 5)}]} for i in range(14)]
 PROMPTS[5]["messages"] = None
