@@ -130,7 +130,7 @@ class RayEngine:
         the replicas' own.
         """
         import ray
-        from ray.data import ActorPoolStrategy, DataContext
+        from ray.data import ActorPoolStrategy
 
         groups = self.groups(requests)
         if not groups:
@@ -142,16 +142,20 @@ class RayEngine:
             ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
             if sigterm is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, sigterm)  # Ray's own would end the run at once, unsaved
+        # Ray Data's notices (such as that its progress bars are off) would break into the run's bar.
+        data_logger = logging.getLogger("ray.data")
+        log_level = data_logger.level
+        data_logger.setLevel(logging.ERROR)
         try:
-            context = DataContext.get_current()
+            gpus = ray.cluster_resources().get("GPU", 0) >= 1 and self.config.device != "cpu"
+            self.record["address"] = ray.get_runtime_context().gcs_address
+            dataset = ray.data.from_items([{"group": g} for g in groups], override_num_blocks=len(groups))
+            context = dataset.context  # this run's, copied from the process's current one
             context.execution_options.preserve_order = True  # groups come back in schedule order
             context.enable_progress_bars = False  # the run has its own bar
             context.print_on_execution_start = False
             context.enable_fallback_to_arrow_object_ext_type = True  # groups and results are Python objects
-            logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. that its progress bars are off
-            gpus = ray.cluster_resources().get("GPU", 0) >= 1 and self.config.device != "cpu"
-            self.record["address"] = ray.get_runtime_context().gcs_address
-            finished = ray.data.from_items([{"group": g} for g in groups], override_num_blocks=len(groups)).map_batches(
+            finished = dataset.map_batches(
                 Replica,
                 fn_constructor_kwargs={"settings": dataclasses.asdict(self.config)},
                 batch_size=1,
@@ -170,6 +174,7 @@ class RayEngine:
                     self._account(group)
                     on_step(group.stats.tokens)
         finally:
+            data_logger.setLevel(log_level)
             if started_here:
                 ray.shutdown()
 
