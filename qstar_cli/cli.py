@@ -153,7 +153,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh instead of resuming."),
     num_shards: int = typer.Option(None, help="Split the schedule into N disjoint shards (join them with qstar merge). (default: 1)"),
     shard_index: int = typer.Option(None, help="Which shard this run writes, 0..N-1, to OUT-0000I-of-0000N.jsonl. (default: 0)"),
-    engine: str = typer.Option(None, help="local (this process) or ray (model replicas on Ray; pip install 'qstar[ray]'). (default: local)"),
+    engine: str = typer.Option(None, help="local (this process) or ray (model replicas on Ray; pip install 'qstar\\[ray]'). (default: local)"),
     replicas: int = typer.Option(None, help="Model replicas of --engine ray, one GPU each where there are GPUs. (default: 1)"),
     ray_address: str = typer.Option(None, help="Ray cluster to join. (default: $RAY_ADDRESS, else a local Ray)"),
     config: Path = typer.Option(None, help=_CONFIG_HELP),
