@@ -13,8 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from qstar_cli.cli import app
+from qstar_cli.sampler import DualModelSampler
+from qstar_cli.tiny import build_tiny_model
 from qstar_cli.writer import OutputPaths
 from tests.test_generate import count_lines, file_bytes, one_line_error, read_lines
+from tests.test_sampler import swapped_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,6 +151,22 @@ def test_a_stopped_or_killed_driver_resumes(ray_address, ray_args, reference, tm
     sessions = manifest(out)["sessions"]
     assert len(sessions) == 3 and sessions[1]["resumed_from"] == stopped["counts"]["done"]
     assert stopped["counts"]["done"] < sessions[2]["resumed_from"] <= written
+
+
+def test_the_launching_process_checks_the_models_without_their_weights(ray_address, ray_args, spread_model_dirs, tiny_tokenizer, tmp_path):
+    theta, target = spread_model_dirs
+    shapes = DualModelSampler.from_pretrained(theta, target, device="meta", theta_format="plain")
+    loaded = DualModelSampler.from_pretrained(theta, target, device="cpu", theta_format="plain")
+    assert all(p.is_meta for p in shapes.target.model.parameters())
+    assert (shapes.vocab, shapes.context_limits) == (loaded.vocab, loaded.context_limits)
+    conversation = [{"role": "user", "content": "Count to 3."}]
+    assert shapes.encode_prompts(conversation) == loaded.encode_prompts(conversation)
+    # A vocabulary mismatch is the user's error (exit 2), found before any replica starts.
+    swapped, _ = swapped_tokenizer(tiny_tokenizer)
+    build_tiny_model(swapped, seed=5).save_pretrained(tmp_path / "swapped")
+    swapped.save_pretrained(tmp_path / "swapped")
+    result = generate(*ray_args, "--engine", "ray", "--model-t", str(tmp_path / "swapped"), "--output", str(tmp_path / "v.jsonl"))
+    one_line_error(result, "do not share a vocabulary")
 
 
 def test_without_ray_the_engine_says_how_to_install_it(ray_args, tmp_path, monkeypatch):
