@@ -188,6 +188,11 @@ def generate(
     dtype: str = typer.Option(None, help="auto, float32, bfloat16 or float16. (default: auto)"),
     diagnostics: str = typer.Option(None, help="Sidecar level: full, summary or none. (default: full)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh instead of resuming."),
+    num_shards: int = typer.Option(None, help="Split the schedule into N disjoint shards (join them with qstar merge). (default: 1)"),
+    shard_index: int = typer.Option(None, help="Which shard this run writes, 0..N-1, to OUT-0000I-of-0000N.jsonl. (default: 0)"),
+    engine: str = typer.Option(None, help="local (this process) or ray (model replicas on Ray; pip install 'qstar\\[ray]'). (default: local)"),
+    replicas: int = typer.Option(None, help="Model replicas of --engine ray, one GPU each where there are GPUs. (default: 1)"),
+    ray_address: str = typer.Option(None, help="Ray cluster to join. (default: $RAY_ADDRESS, else a local Ray)"),
     config: Path = typer.Option(None, help=_CONFIG_HELP),
 ) -> None:
     """Sample a response to every prompt of a dataset from q*, resumably, with per-token diagnostics."""
@@ -447,3 +452,18 @@ def report(
     for note in summary.notes:
         err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     typer.echo(f"report: {summary.output} ({summary.embedded} of {summary.samples} samples embedded, {summary.bytes / 1e6:.2f} MB)")
+
+
+@app.command()
+def merge(
+    output: Path = typer.Argument(..., help="The run's OUT.jsonl; its shards OUT-0000I-of-0000N.jsonl lie beside it."),
+) -> None:
+    """Join the shards of one run (generate --num-shards) into OUT.jsonl, its sidecar and manifest, in schedule order."""
+    from qstar_cli.merge import merge_shards
+
+    try:
+        summary = merge_shards(output)
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+    files = [summary.paths.main, summary.paths.diagnostics, summary.paths.meta]
+    typer.echo(f"{summary.samples} samples from {summary.shards} shards in " + ", ".join(str(p) for p in files if p.exists()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils.hub import extract_commit_hash
 
@@ -155,11 +155,19 @@ def resolve_model_path(spec: str, weights: bool = True) -> tuple[str, str | None
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode on ``device`` in ``dtype``."""
+    """Load a causal LM and its tokenizer in eval mode on ``device`` in ``dtype``.
+
+    On the ``meta`` device no weights are read: the architecture alone, enough to encode prompts and
+    check vocabularies where the sampling happens elsewhere (the driver of ``--engine ray``).
+    """
     path, _ = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if device.type == "meta":
+            with device:
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
         raise ModelLoadError(f"cannot load model {spec!r}{where}: {str(err).splitlines()[0]}") from err

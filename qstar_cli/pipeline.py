@@ -13,6 +13,10 @@ recomputed unless a new sample shares its batch) so that every new sample sees t
 in an uninterrupted run: with the same batch size, scheduler, device and dtype the files end up
 byte-identical to an uninterrupted run's. (At ``--diagnostics none`` there are no lengths to replay;
 a resumed run then starts its slots afresh, which changes float rounding only.)
+
+Beyond one device: ``num_shards``/``shard_index`` run one part of the schedule
+(:func:`shard_positions`) into files of its own, joined by :mod:`qstar_cli.merge`; ``engine="ray"``
+takes the samples from model replicas on Ray (:mod:`qstar_cli.ray_engine`), this process writing.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, Protocol, get_type_hints
 import jinja2
 import orjson
 import pydantic
+import numpy as np
 
 import qstar_cli
 from qstar_cli.adapters import AdaptedDataset, Prompt, adapt_rows, load_source, resolve_adapter
@@ -46,8 +51,12 @@ from qstar_cli.sampler import SCHEDULERS, DualModelSampler, SampleRequest, Strea
 from qstar_cli.sampling import SamplingParams
 from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
-#: Settings that do not change what is sampled, so a run may be resumed with other values.
-NOT_FINGERPRINTED = ("output", "num_samples", "batch_size", "scheduler", "device", "dtype", "overwrite")
+#: Settings that do not change what is sampled, so a run may be resumed with other values. A shard's
+#: files are named after its index and count, so all shards of a run (and their merge) share one.
+NOT_FINGERPRINTED = (
+    "output", "num_samples", "batch_size", "scheduler", "device", "dtype", "overwrite",
+    "num_shards", "shard_index", "engine", "replicas", "ray_address",
+)  # fmt: skip
 #: Version of what the fingerprint covers; manifests without it come from a qstar that did not
 #: fingerprint content (prompt ids, model files), and are refused rather than trusted.
 FINGERPRINT_VERSION = 2
@@ -61,6 +70,7 @@ CONTENT_CHANGES = {
 PATH_SETTINGS = {"dataset": (), "model_theta": (DEMO,), "model_t": (DEMO,), "theta_format": ("chat", "plain"), "t_format": ("chat", "plain")}
 _LAX = pydantic.ConfigDict(coerce_numbers_to_str=True)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+ENGINES = ("local", "ray")
 
 
 class ConfigError(QstarInputError):
@@ -98,6 +108,11 @@ class GenerateConfig:
     dtype: str = "auto"
     diagnostics: str = "full"
     overwrite: bool = False
+    num_shards: int = 1
+    shard_index: int = 0
+    engine: str = "local"
+    replicas: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_theta", "model_t", "dataset"):
@@ -109,6 +124,8 @@ class GenerateConfig:
             "max_new_tokens": self.max_new_tokens >= 1,
             "batch_size": self.batch_size >= 1,
             "samples_per_prompt": self.samples_per_prompt >= 1,
+            "num_shards": self.num_shards >= 1,
+            "replicas": self.replicas >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -117,6 +134,10 @@ class GenerateConfig:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.seed < 1 << 64:  # the counter-based generator's key is 64 bits
             raise ConfigError(f"--seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"--shard-index must lie in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), got {self.shard_index}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
@@ -148,6 +169,27 @@ class GenerateConfig:
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def output_paths(self) -> OutputPaths:
+        """This run's files: those of ``output``, or of shard ``shard_index`` when ``num_shards`` > 1."""
+        paths = OutputPaths(Path(self.output))
+        return paths.shard(self.shard_index, self.num_shards) if self.num_shards > 1 else paths
+
+    def load_sampler(self, device: str | None = None) -> DualModelSampler:
+        """Both models as configured (on ``device`` instead of ``self.device`` where given)."""
+        return DualModelSampler.from_pretrained(
+            self.model_theta,
+            self.model_t,
+            device=device or self.device,
+            dtype=self.dtype,
+            theta_format=self.theta_format,
+            t_format=self.t_format,
+            alpha_method=self.alpha_method,
+            alpha=self.alpha,
+            max_new_tokens=self.max_new_tokens,
+            sampling=self.sampling_params(),
+            seed=self.seed,
+        )
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues; local paths resolved,
@@ -294,7 +336,7 @@ def check_output(config: GenerateConfig) -> OutputPaths:
     check_output_file(main, "--output")
     if main.suffix != ".jsonl" or main.name.endswith(".diagnostics.jsonl"):
         raise ConfigError(f"--output must name the main .jsonl file (its sidecar and manifest go beside it), got {config.output}")
-    paths = OutputPaths(main)
+    paths = config.output_paths()
     inputs = config.local_inputs()
     for path in (paths.main, paths.diagnostics, paths.meta, paths.lock):
         check_output_file(path, "--output", inputs)
@@ -308,6 +350,18 @@ def check_before_loading(config: GenerateConfig) -> None:
     resolve_dtype(config.dtype, resolve_device(config.device))
     for spec in (config.theta_format, config.t_format):
         check_format(spec)
+
+
+def shard_positions(prompt_lengths: list[int], num_shards: int, index: int) -> list[int]:
+    """The schedule positions of shard ``index`` of ``num_shards``, in schedule order.
+
+    Positions sorted by prompt length are dealt to the shards in snake order (0..N-1, N-1..0, ...),
+    so that each shard gets its share of long and short prompts and the sizes differ by one at most.
+    """
+    by_length = np.argsort(np.asarray(prompt_lengths, dtype=np.int64), kind="stable")
+    round_, seat = np.divmod(np.arange(len(by_length)), num_shards)
+    shard = np.where(round_ % 2 == 0, seat, num_shards - 1 - seat)
+    return np.sort(by_length[shard == index]).tolist()
 
 
 def package_versions() -> dict[str, str]:
@@ -325,6 +379,8 @@ def run_generate(
 
     ``stop``, once set, ends the run after the current step; the batch in progress is dropped and
     regenerated on resume. ``sampler`` reuses already loaded models (it must match ``config``).
+    With ``engine="ray"`` the samples come from Ray replicas (:mod:`qstar_cli.ray_engine`); this
+    process loads the models' shapes alone, encodes the prompts and stays the only writer.
     """
     progress = progress or _NoProgress()
     stop = stop or threading.Event()
@@ -332,6 +388,12 @@ def run_generate(
     paths = check_output(config)
     if sampler is None:
         check_before_loading(config)
+
+    ray_engine = None  # with engine ray: the replicas that sample, this process writing
+    if config.engine == "ray":
+        from qstar_cli.ray_engine import RayEngine
+
+        ray_engine = RayEngine(config)
     dataset = load_source(config.dataset, config.subset, config.split)
     adapter = resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
     adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
@@ -343,19 +405,7 @@ def run_generate(
         writer.check_config(settings, overwrite=config.overwrite)  # the settings, before the models load
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
-            sampler = DualModelSampler.from_pretrained(
-                config.model_theta,
-                config.model_t,
-                device=config.device,
-                dtype=config.dtype,
-                theta_format=config.theta_format,
-                t_format=config.t_format,
-                alpha_method=config.alpha_method,
-                alpha=config.alpha,
-                max_new_tokens=config.max_new_tokens,
-                sampling=config.sampling_params(),
-                seed=config.seed,
-            )
+            sampler = config.load_sampler("meta" if ray_engine else None)
         prompts = encode_all(sampler, adapted)
         if not prompts:
             raise nothing_usable(adapted)
@@ -369,23 +419,33 @@ def run_generate(
         previous = writer.check_config(continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES)
         if config.overwrite:
             writer.start_afresh()
+        schedule_prompts = len(prompts)
+        if config.num_shards > 1:  # a shard takes whole prompts (all K responses of each)
+            lengths = [len(ids_theta) + len(ids_t) for _, (ids_theta, ids_t) in prompts]
+            prompts = [prompts[p] for p in shard_positions(lengths, config.num_shards, config.shard_index)]
         # Row-major: each usable row's samples_per_prompt responses, then the next row's.
         schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
-        device = sampler.theta.model.device
         meta = {
             "qstar_version": qstar_cli.__version__,
             "status": "running",
             "fingerprint": fingerprint(fp_config),
             "fingerprint_config": fp_config,
             "config": {**dataclasses.asdict(config), "adapter_resolved": adapted.adapter},
-            "device": str(device),
-            "dtype": str(sampler.theta.model.dtype).removeprefix("torch."),
+            # Under Ray, as asked: each replica's resolved device and dtype are in its session's engine.
+            "device": config.device if ray_engine else str(sampler.theta.model.device),
+            "dtype": config.dtype if ray_engine else str(sampler.theta.model.dtype).removeprefix("torch."),
             "versions": package_versions(),
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
             "sessions": (previous or {}).get("sessions", []),
         }
-        session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed_from": done}
+        if config.num_shards > 1:
+            meta["shard"] = {"index": config.shard_index, "count": config.num_shards, "schedule_samples": schedule_prompts * config.samples_per_prompt}
+        session = {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "resumed_from": done,
+            "engine": ray_engine.record if ray_engine else {"name": "local"},
+        }
         meta["sessions"].append(session)
         writer.write_meta(meta)
 
@@ -419,8 +479,12 @@ def run_generate(
             if stop.is_set():
                 raise Interrupted
 
+        if ray_engine:
+            results = ray_engine.stream(requests, on_step, stats)
+        else:
+            results = sampler.stream(requests, config.batch_size, config.scheduler, on_step, stats=stats)
         try:
-            for position, result in sampler.stream(requests, config.batch_size, config.scheduler, on_step, stats=stats):
+            for position, result in results:
                 waiting[position + first] = result
                 while done in waiting:
                     writer.write(schedule[done][0], waiting.pop(done))

@@ -60,6 +60,11 @@ class OutputPaths:
     def lock(self) -> Path:
         return self.main.with_name(self.main.name + ".lock")
 
+    def shard(self, index: int, count: int) -> OutputPaths:
+        """The files of shard ``index`` of ``count``: ``run-00001-of-00003.jsonl`` for ``run.jsonl``."""
+        suffix = ".jsonl" if self.main.suffix == ".jsonl" else ""
+        return OutputPaths(self.stem.with_name(f"{self.stem.name}-{index:05d}-of-{count:05d}{suffix}"))
+
 
 def main_record(prompt: Prompt, result: SampleResult) -> dict[str, Any]:
     """One line of the main file: the conversation with the sampled answer, in OpenAI chat format."""

@@ -75,3 +75,12 @@ def spread_model_dirs(tmp_path_factory):
         str(save_tiny_model(root / "theta", seed=1, sharpness=4.0, extra_eos=(100, 101, 102, 103))),
         str(save_tiny_model(root / "target", seed=2, sharpness=4.0, extra_rows=5)),
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and leave the other core to other processes (Ray replicas)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
