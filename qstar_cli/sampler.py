@@ -107,7 +107,8 @@ class DualModelSampler:
         cls, model_theta: str, model_t: str, device: str = "auto", dtype: str = "auto", **kwargs
     ) -> DualModelSampler:
         """Load both models (hub id, local directory, ``.gguf`` file, or ``demo``) and build a sampler."""
-        dev = resolve_device(device)
+        # "meta" (the architecture without weights) is for a driver whose replicas sample elsewhere.
+        dev = torch.device("meta") if device == "meta" else resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         theta = load_model(model_theta, dev, dt)
         target = theta if model_t == model_theta else load_model(model_t, dev, dt)

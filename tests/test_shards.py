@@ -146,8 +146,8 @@ def test_merge_refuses_an_incomplete_shard(shard_args, runs, tmp_path):
 
 def test_merge_refuses_torn_shards_and_foreign_outputs(runs, tmp_path):
     out = copy_runs(runs, tmp_path)
-    shutil.copy(tmp_path / "single.meta.json", tmp_path / "run.meta.json")
-    (tmp_path / "run.meta.json").write_bytes(orjson.dumps({"fingerprint": "0123456789abcdef"}))
+    foreign = orjson.loads((tmp_path / "single.meta.json").read_bytes())
+    (tmp_path / "run.meta.json").write_bytes(orjson.dumps({**foreign, "fingerprint": "0123456789abcdef"}))
     out.write_text("{}\n")
     one_line_error(merge(out), "run.jsonl exists and holds another run")
     out.unlink()
@@ -162,3 +162,15 @@ def test_merge_refuses_torn_shards_and_foreign_outputs(runs, tmp_path):
 def test_shard_flags_are_checked(shard_args, tmp_path):
     one_line_error(generate(*shard_args, "--num-shards", "3", "--shard-index", "3"), "--shard-index must lie in 0..2")
     one_line_error(generate(*shard_args, "--num-shards", "0"), "--num-shards must be positive")
+
+
+def test_shards_keep_a_prompts_responses_together(shard_args, tmp_path):
+    k = ["--samples-per-prompt", "2", "--num-samples", "6"]
+    assert generate(*shard_args, *k, "--output", str(tmp_path / "single.jsonl")).exit_code == 0
+    for index in range(2):
+        result = generate(*shard_args, *k, "--output", str(tmp_path / "run.jsonl"), "--num-shards", "2", "--shard-index", str(index))
+        assert result.exit_code == 0, result.output
+        lines = read_lines(shard_file(tmp_path / "run.jsonl", index, count=2))
+        assert [r["response_idx"] for r in lines] == [0, 1] * (len(lines) // 2)
+    assert merge(tmp_path / "run.jsonl").exit_code == 0
+    assert file_bytes(tmp_path / "run.jsonl") == file_bytes(tmp_path / "single.jsonl")
