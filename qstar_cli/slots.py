@@ -1,7 +1,7 @@
 """Per-slot KV storage: each model's keys and values preallocated per slot, written in place.
 
-A :class:`SlotCache` holds, for every layer, keys and values of shape ``[slots, kv_heads, capacity,
-head_dim]``. Slot ``r`` keeps its sequence's token at position ``p`` in column ``p``, so a row is
+A :class:`SlotCache` holds, for every layer, keys and values stored as ``[slots, capacity, kv_heads,
+head_dim]`` (read as ``[slots, kv_heads, capacity, head_dim]`` views). Slot ``r`` keeps its sequence's token at position ``p`` in column ``p``, so a row is
 written at its own position with no per-step copy of the cache, a finished row's slot is reused by
 overwriting it, and a row is rolled back by lowering its length (the columns past it are masked out
 and overwritten later). The attention mask needs no history: a query at position ``p`` sees exactly
@@ -47,32 +47,31 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         slots, capacity = self.cache.slots, self.cache.capacity
-        self.keys = key_states.new_zeros((slots, key_states.shape[1], capacity, key_states.shape[-1]))
-        self.values = value_states.new_zeros((slots, value_states.shape[1], capacity, value_states.shape[-1]))
+        # Slot and position adjacent, so that a write is one index_copy_ over (slot, position) rows.
+        self.keys = key_states.new_zeros((slots, capacity, key_states.shape[1], key_states.shape[-1]))
+        self.values = value_states.new_zeros((slots, capacity, value_states.shape[1], value_states.shape[-1]))
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        index = self.cache.write_index
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            store.view(-1, *store.shape[2:]).index_copy_(0, index, new.transpose(1, 2).reshape(-1, *store.shape[2:]))
         start, stop = self.cache.rows
-        keys, values = self.keys[start:stop], self.values[start:stop]
-        rows, columns = self.cache.write_index
-        # Advanced indices on dims 0 and 2 put the indexed dims first: [rows, queries, heads, dim].
-        keys[rows, :, columns] = key_states.transpose(1, 2)
-        values[rows, :, columns] = value_states.transpose(1, 2)
         width = self.cache.width
-        return keys[:, :, :width], values[:, :, :width]
+        return self.keys[start:stop, :width].transpose(1, 2), self.values[start:stop, :width].transpose(1, 2)
 
     def grow(self, capacity: int) -> None:
         if self.is_initialized:
-            pad = capacity - self.keys.shape[2]
-            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
-            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
+            pad = capacity - self.keys.shape[1]
+            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, 0, 0, pad))
+            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, 0, 0, pad))
 
     def move(self, src: int, dst: int, length: int) -> None:
         if self.is_initialized:
-            self.keys[dst, :, :length] = self.keys[src, :, :length]
-            self.values[dst, :, :length] = self.values[src, :, :length]
+            self.keys[dst, :length] = self.keys[src, :length]
+            self.values[dst, :length] = self.values[src, :length]
 
     def get_seq_length(self) -> int:
         return self.cache.width
@@ -96,7 +95,7 @@ class SlotCache(Cache):
         self.capacity = _round_up(max(capacity, 1))
         self.rows = (0, 0)
         self.width = 0
-        self.write_index: tuple[Tensor, Tensor] | None = None
+        self.write_index: Tensor | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(config.num_hidden_layers)])
 
     def ensure_capacity(self, length: int) -> None:
@@ -123,7 +122,9 @@ class SlotCache(Cache):
         self.width = min(WIDTH_STEP * math.ceil(longest / WIDTH_STEP), self.capacity)
         pad = positions < 0
         columns = torch.where(pad, self.capacity - 1, positions)
-        self.write_index = (torch.arange(n, device=ids.device).unsqueeze(-1).expand(n, q), columns)
+        # Flat (slot, column) row of each query's key and value in the [slots * capacity, ...] storage.
+        slots = torch.arange(start, start + n, device=ids.device).unsqueeze(-1)
+        self.write_index = (slots * self.capacity + columns).reshape(-1)
         # A query at position p sees columns 0..p of its own slot; padding queries see column 0 only.
         seen = torch.where(pad, 0, positions)
         mask = torch.arange(self.width, device=ids.device) <= seen.unsqueeze(-1)
