@@ -10,6 +10,7 @@ context) frees its slot, which the next requests take after one batched prefill 
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -201,7 +202,7 @@ class DualModelSampler:
                 while pending and pending.peek()[0] < oldest + max_waiting:
                     # A prompt's responses go in together (at most ``slots`` at a time).
                     same = 1
-                    while same < slots and (nxt := pending.peek(same)) and nxt[1].sample_idx == pending.peek()[1].sample_idx:
+                    while same < slots and (nxt := pending.peek(same)) and nxt[1].shares_prompt(pending.peek()[1]):
                         same += 1
                     if same > free - len(group):
                         break
@@ -260,9 +261,12 @@ class DualModelSampler:
 
         Returns the log-probs of ``rows`` + group, and the group in slot order (distinct prompts first).
         """
-        distinct = [r for i, r in enumerate(group) if i == 0 or r.request.sample_idx != group[i - 1].request.sample_idx]
-        copies = [r for r in group if not any(r is d for d in distinct)]
-        source = {r.request.sample_idx: i for i, r in enumerate(distinct)}
+        first = [i == 0 or not r.request.shares_prompt(group[i - 1].request) for i, r in enumerate(group)]
+        distinct = [r for r, f in zip(group, first) if f]
+        copies = [r for r, f in zip(group, first) if not f]
+        # Each copy's prompt is the last distinct one before it.
+        origin = list(itertools.accumulate((int(f) for f in first)))
+        origin = [o - 1 for o, f in zip(origin, first) if not f]
         group = distinct + copies
         start = len(rows)
         computing = any(r.result is not None for r in rows + group)
@@ -282,7 +286,6 @@ class DualModelSampler:
                 positions[i, width - len(prompt) :] = torch.arange(len(prompt))
             device = loaded.model.device
             out = cache.forward(loaded.model, tokens.to(device), positions.to(device), start, width, self.vocab)
-            origin = [source[r.request.sample_idx] for r in copies]
             for j, i in enumerate(origin):
                 cache.move(start + i, start + len(distinct) + j, len(ids[i]))
             new.append(torch.cat([logp, out, out[torch.tensor(origin, dtype=torch.long, device=device)]]))
@@ -371,6 +374,14 @@ class SampleRequest:
     prompt_ids_t: list[int]
     replay_tokens: int | None = None
     response_idx: int = 0
+
+    def shares_prompt(self, other: SampleRequest) -> bool:
+        """Another response to the same prompt (same row, same prompt ids): one prefill serves both."""
+        return (
+            self.sample_idx == other.sample_idx
+            and self.prompt_ids_theta == other.prompt_ids_theta
+            and self.prompt_ids_t == other.prompt_ids_t
+        )
 
 
 @dataclass

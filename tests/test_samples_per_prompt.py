@@ -156,3 +156,12 @@ def test_analyze_reports_the_spread_of_log_weights_within_prompts(base_args, tmp
     assert spread["within_share"] == pytest.approx(within / ((log_w - log_w.mean()) ** 2).sum(), rel=1e-9)
     weights = read_lines(tmp_path / "w.jsonl")
     assert [(w["sample_idx"], w["response_idx"]) for w in weights] == [(r["sample_idx"], r["response_idx"]) for r in side]
+
+
+def test_one_index_for_different_prompts_shares_no_prefill(spread_pair):  # noqa: F811
+    """Through the Python API a caller may key two different prompts alike: nothing is copied between them."""
+    sampler = DualModelSampler(*spread_pair, theta_format="plain", t_format="chat", max_new_tokens=8)
+    results = sampler.generate(CONVERSATIONS, sample_indices=[4, 4, 4], batch_size=3)
+    assert [r.prompt_ids_t for r in results] == [sampler.encode_prompts(c)[1] for c in CONVERSATIONS]
+    for result in results:
+        assert_equals_full_forward(spread_pair, sampler, result)
