@@ -65,6 +65,16 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def demo_sampler(max_new_tokens: int = 512):
+    """The demo pair on the CPU in float32 (pi_theta on the plain format, pi_t on chat), gradients off."""
+    from qstar_cli.sampler import DualModelSampler
+
+    torch.set_grad_enabled(False)
+    return DualModelSampler.from_pretrained(
+        "demo", "demo", device="cpu", dtype="float32", theta_format="plain", t_format="chat", max_new_tokens=max_new_tokens
+    )
+
+
 def print_header(environment: str, columns: str) -> None:
     """The run's environment line, then the table's column line underlined."""
     print(f"torch={torch.__version__} threads={torch.get_num_threads()} {environment}")

@@ -30,7 +30,7 @@ from qstar_cli.sampler import DualModelSampler
 from qstar_cli.slots import SlotCache
 from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
 
-from bench_alpha import bisection_alpha, print_header, timed
+from bench_alpha import bisection_alpha, demo_sampler, print_header, timed
 
 PROMPTS = [
     "What is the capital of France?",
@@ -46,7 +46,7 @@ PROMPTS = [
 
 def pair(name: str) -> tuple[LoadedModel, LoadedModel]:
     if name == "demo":
-        sampler = DualModelSampler.from_pretrained("demo", "demo", device="cpu", dtype="float32")
+        sampler = demo_sampler()
         return sampler.theta, sampler.target
     tok = build_tiny_tokenizer()
     return (

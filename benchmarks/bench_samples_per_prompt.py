@@ -16,12 +16,10 @@ import tempfile
 from pathlib import Path
 
 import orjson
-import torch
 
 from qstar_cli.pipeline import GenerateConfig, run_generate
-from qstar_cli.sampler import DualModelSampler
 
-from bench_alpha import print_header
+from bench_alpha import demo_sampler, print_header
 
 #: Problems of a few sentences each, as reasoning data sets have (their prompts are what is shared).
 PROBLEMS = [
@@ -44,10 +42,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    sampler = DualModelSampler.from_pretrained(
-        "demo", "demo", device="cpu", dtype="float32", theta_format="plain", t_format="chat", max_new_tokens=args.max_new_tokens
-    )
+    sampler = demo_sampler(args.max_new_tokens)
     print_header(
         f"demo models, K={args.k}, batch {args.batch_size}, {args.prompts} prompts, max_new_tokens={args.max_new_tokens}",
         f"{'run':>22} | {'samples':>7} {'tokens':>6} {'prefilled':>9} {'tok/s':>6}",

@@ -19,12 +19,10 @@ import tempfile
 from pathlib import Path
 
 import orjson
-import torch
 
 from qstar_cli.pipeline import GenerateConfig, run_generate
-from qstar_cli.sampler import DualModelSampler
 
-from bench_alpha import print_header
+from bench_alpha import demo_sampler, print_header
 
 SHORT = [
     "Answer with one word only: what is the capital of France?",
@@ -54,10 +52,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=None, help="prompts per batch size (default 4x the batch)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    sampler = DualModelSampler.from_pretrained(
-        "demo", "demo", device="cpu", dtype="float32", theta_format="plain", t_format="chat", max_new_tokens=args.max_new_tokens
-    )
+    sampler = demo_sampler(args.max_new_tokens)
     print_header(
         f"demo models, max_new_tokens={args.max_new_tokens}, whole run_generate runs",
         f"{'batch':>5} {'prompts':>7} | {'static tok/s':>12} {'util':>5} | {'contin. tok/s':>13} {'util':>5} | "

@@ -23,11 +23,16 @@ def write_prompts(root, prompts) -> str:
     return str(path)
 
 
-def tiny_generate_args(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
-    """``qstar generate`` arguments of a CPU run of the tiny models (pi_theta on the plain format)."""
+def tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
+    """``qstar generate`` flags of a CPU run of the tiny models (pi_theta on the plain format)."""
     theta, target = model_dirs
-    return ["generate", "--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(dataset),
+    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(dataset),
             "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size), "--device", "cpu"]  # fmt: skip
+
+
+def tiny_generate_args(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
+    """The whole ``qstar generate`` command line of :func:`tiny_run_flags`."""
+    return ["generate", *tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size)]
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from qstar_cli.tiny import build_tiny_model
 from qstar_cli.writer import OutputPaths
 from tests.test_generate import count_lines, file_bytes, one_line_error, read_lines
 from tests.test_sampler import swapped_tokenizer
+from tests.conftest import tiny_run_flags, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,11 +37,8 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def ray_args(spread_model_dirs, tmp_path_factory):
-    data = tmp_path_factory.mktemp("ray_data") / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    theta, target = spread_model_dirs
-    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(data),
-            "--max-new-tokens", "60", "--batch-size", "1", "--device", "cpu"]  # fmt: skip (small groups: a stop or kill lands mid-run)
+    # Batch size 1 (groups of 4 prompts), so that a stop or a kill lands mid-run.
+    return tiny_run_flags(spread_model_dirs, write_prompts(tmp_path_factory.mktemp("ray_data"), PROMPTS), 60, 1)
 
 
 def generate(*args):

@@ -13,6 +13,7 @@ from qstar_cli.cli import app
 from qstar_cli.pipeline import GenerateConfig, run_generate, shard_positions
 from qstar_cli.writer import OutputPaths
 from tests.test_generate import file_bytes, one_line_error, read_lines
+from tests.conftest import tiny_run_flags, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,12 +50,8 @@ def shard_file(out, index, count=3):
 
 @pytest.fixture(scope="module")
 def shard_args(tiny_model_dirs, tmp_path_factory):
-    data = tmp_path_factory.mktemp("shard_data") / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    theta, target = tiny_model_dirs
     # One slot: every sample is computed alone, so one process and the shards agree bit for bit.
-    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(data),
-            "--max-new-tokens", "16", "--batch-size", "1", "--device", "cpu"]  # fmt: skip
+    return tiny_run_flags(tiny_model_dirs, write_prompts(tmp_path_factory.mktemp("shard_data"), PROMPTS), 16, 1)
 
 
 @pytest.fixture(scope="module")
