@@ -47,7 +47,7 @@ from qstar_cli.mixture import check_alpha_method
 from qstar_cli.models import DEMO, check_model_spec, model_identity, resolve_device, resolve_dtype
 from qstar_cli.paths import check_output_file, local_path, resolved_spec
 from qstar_cli.prompts import check_format
-from qstar_cli.sampler import SCHEDULERS, DualModelSampler, SampleRequest, StreamStats
+from qstar_cli.sampler import DRAFTERS, SCHEDULERS, DualModelSampler, SampleRequest, StreamStats, check_draft_k
 from qstar_cli.sampling import SamplingParams
 from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
@@ -67,7 +67,12 @@ CONTENT_CHANGES = {
     "model_t_identity": "the files of pi_t changed (hub revision, configs or weights)",
 }
 #: Settings that may name a local file or directory, with their values that are keywords, not paths.
-PATH_SETTINGS = {"dataset": (), "model_theta": (DEMO,), "model_t": (DEMO,), "theta_format": ("chat", "plain"), "t_format": ("chat", "plain")}
+PATH_SETTINGS = {
+    "dataset": (), "model_theta": (DEMO,), "model_t": (DEMO,), "theta_format": ("chat", "plain"), "t_format": ("chat", "plain"),
+    "draft_model_theta": (DEMO,), "draft_model_t": (DEMO,),
+}  # fmt: skip
+#: Settings of speculative sampling (fingerprinted only when it is on).
+DRAFT_SETTINGS = ("draft_k", "draft", "draft_model_theta", "draft_model_t")
 _LAX = pydantic.ConfigDict(coerce_numbers_to_str=True)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 ENGINES = ("local", "ray")
@@ -113,6 +118,10 @@ class GenerateConfig:
     engine: str = "local"
     replicas: int = 1
     ray_address: str | None = None
+    draft_k: int | str = 0
+    draft: str = "theta"
+    draft_model_theta: str | None = None
+    draft_model_t: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_theta", "model_t", "dataset"):
@@ -138,6 +147,7 @@ class GenerateConfig:
             raise ConfigError(f"--shard-index must lie in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), got {self.shard_index}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        self._check_draft()
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
@@ -145,6 +155,25 @@ class GenerateConfig:
             check_alpha_method(self.alpha_method, self.alpha)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+
+    def _check_draft(self) -> None:
+        """Speculative sampling: ``draft_k`` an integer >= 0 or auto, and a drafter that fits it."""
+        if str(self.draft_k).strip().lower() == "auto":
+            self.draft_k = "auto"
+        else:
+            try:
+                self.draft_k = check_draft_k(self.draft_k)
+            except ValueError:
+                raise ConfigError(f"--draft-k must be an integer >= 0 (0 = off) or auto, got {self.draft_k!r}") from None
+        if self.draft not in DRAFTERS:
+            raise ConfigError(f"--draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
+        pair = [f"--{name.replace('_', '-')}" for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]
+        if self.draft == "pair" and len(pair) < 2:
+            raise ConfigError("--draft pair needs both --draft-model-theta and --draft-model-t")
+        if self.draft == "theta" and pair:
+            raise ConfigError(f"{' and '.join(pair)} name a draft pair: add --draft pair to use it")
+        if self.draft == "pair" and self.draft_k == 0:
+            raise ConfigError("--draft pair drafts only with --draft-k K > 0 or auto (0 is plain sampling)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> GenerateConfig:
@@ -189,6 +218,9 @@ class GenerateConfig:
             max_new_tokens=self.max_new_tokens,
             sampling=self.sampling_params(),
             seed=self.seed,
+            draft_k=self.draft_k,
+            draft_model_theta=self.draft_model_theta if self.draft == "pair" else None,
+            draft_model_t=self.draft_model_t if self.draft == "pair" else None,
         )
 
     def fingerprint_config(self) -> dict[str, Any]:
@@ -197,8 +229,11 @@ class GenerateConfig:
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
         if self.alpha_method != "fixed":
             values["alpha"] = None  # unused by the other methods
+        if not self.draft_k:  # plain sampling: fingerprinted as before speculative sampling existed
+            for name in DRAFT_SETTINGS:
+                del values[name]
         for name, keywords in PATH_SETTINGS.items():
-            if values[name] not in keywords:
+            if values.get(name) is not None and values[name] not in keywords:
                 values[name] = resolved_spec(values[name])
         adapter_file, _, class_name = self.adapter.rpartition(":")
         if adapter_file.endswith(".py"):
@@ -345,8 +380,9 @@ def check_output(config: GenerateConfig) -> OutputPaths:
 
 def check_before_loading(config: GenerateConfig) -> None:
     """Everything about the models that can be checked without loading them."""
-    for spec in (config.model_theta, config.model_t):
-        check_model_spec(spec)
+    for spec in (config.model_theta, config.model_t, config.draft_model_theta, config.draft_model_t):
+        if spec is not None:
+            check_model_spec(spec)
     resolve_dtype(config.dtype, resolve_device(config.device))
     for spec in (config.theta_format, config.t_format):
         check_format(spec)
@@ -453,11 +489,18 @@ def run_generate(
         started, new_tokens, status = time.perf_counter(), 0, "complete"
 
         lengths = writer.sample_lengths(done)
+        rounds = writer.sample_rounds(done) if config.draft_k and lengths is not None else None
+        if rounds is not None and None in rounds:  # written without rounds: cannot be replayed
+            lengths = rounds = None
         first = 0 if lengths is not None else done
         requests = (
-            SampleRequest(prompt.row_idx, *ids, replay_tokens=lengths[i] if i < done else None, response_idx=r)
+            SampleRequest(
+                prompt.row_idx, *ids, response_idx=r,
+                replay_tokens=lengths[i] if i < done else None,
+                replay_rounds=rounds[i] if rounds is not None and i < done else None,
+            )
             for i, (prompt, ids, r) in enumerate(schedule[first:], start=first)
-        )
+        )  # fmt: skip
         stats = StreamStats()
         waiting: dict[int, Any] = {}  # finished samples after the first unfinished one, by position
         unwritten = 0
@@ -531,3 +574,5 @@ def _record_session(
         prefills=stats.prefills,
         prompts_prefilled=stats.prompts_prefilled,
     )
+    if meta["config"]["draft_k"]:
+        session["speculative"] = stats.speculative()

@@ -1,11 +1,18 @@
-"""The dual-model sampler: two causal LMs, two slot KV caches, one q* token per running row per step.
+"""The dual-model sampler: two causal LMs, their slot KV caches, q* tokens for every running row per round.
 
-``--batch-size N`` is N slots. Per step, for the running rows: one forward of each model over each
-row's last token with its own :class:`~qstar_cli.slots.SlotCache`, log-softmax in float32 over the
-shared vocabulary, alpha / diagnostics / draw from the math core, and a single host transfer of the
-step's per-row results. A row that finishes (an EOS of either model, its token budget, or a model's
-context) frees its slot, which the next requests take after one batched prefill per model
-(continuous batching); ``static`` refills only an empty batch, as fixed batches would.
+``--batch-size N`` is N slots. A row's prompt is prefilled but its last token, which is *pending*:
+each round feeds every running row's pending token to both models, each with its own
+:class:`~qstar_cli.slots.SlotCache`, takes log-softmax in float32 over the shared vocabulary, and
+solves alpha, diagnoses and draws with the math core; the drawn token is the next pending one. One
+host transfer per round carries the per-row results. A row that finishes (an EOS of either model,
+its token budget, or a model's context) frees its slot, which the next requests take after one
+batched prefill per model (continuous batching); ``static`` refills only an empty batch.
+
+With ``draft_k`` > 0 (speculative q* sampling, SPEC section 3) a round also feeds each row's drafts:
+pi_theta (or a small draft pair) proposes them one forward at a time, the other model(s) score
+pending token + drafts in one forward, and :func:`~qstar_cli.speculative.verify_drafts` keeps the
+accepted ones and one more token, exactly distributed as q*. A row's rejected drafts are rolled
+back by its length alone; other rows keep theirs.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +36,7 @@ from qstar_cli.mixture import (
 )
 from qstar_cli.models import (
     LoadedModel,
+    VocabularyMismatchError,
     check_shared_vocabulary,
     context_limit,
     load_model,
@@ -35,10 +44,19 @@ from qstar_cli.models import (
     resolve_dtype,
 )
 from qstar_cli.prompts import Messages, PromptFormat
-from qstar_cli.sampling import SamplingParams, draw, sample_key
+from qstar_cli.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.slots import SlotCache
+from qstar_cli.speculative import AUTO_MAX_DRAFT, auto_draft_len, verify_drafts
 
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
+#: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
+DRAFTERS: tuple[str, ...] = ("theta", "pair")
+#: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
+DRAFT_STREAM, ACCEPT_STREAM = 1, 2
+#: Extra cost of one more token in a forward, as a share of a one-token forward, by device type:
+#: the ``--draft-k auto`` cost model (CPU: measured with benchmarks/bench_speculative.py; a GPU's
+#: forward at small batch is bound by reading the weights, so extra tokens cost little).
+QUERY_COST = {"cpu": 0.175, "mps": 0.05, "cuda": 0.02}
 
 #: Per-token arrays of a sample, in the sidecar's order (SPEC section 5).
 PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", "alpha", "logp_theta", "logp_t", "logp_q") + DIAGNOSTIC_FIELDS
@@ -56,6 +74,9 @@ class SampleResult:
     finish_reason: str  # "stop" (an EOS was sampled; it is the last token) or "length"
     per_token: dict[str, list[float]] = field(default_factory=dict)
     response_idx: int = 0  # which of the row's responses (``--samples-per-prompt``)
+    #: Speculative sampling only: drafts made and tokens emitted in each round (None otherwise).
+    draft_lengths: list[int] | None = None
+    round_tokens: list[int] | None = None
 
 
 def eos_ids(*loaded: LoadedModel) -> set[int]:
@@ -87,9 +108,25 @@ class DualModelSampler:
         max_new_tokens: int = 512,
         sampling: SamplingParams | None = None,
         seed: int = 0,
+        draft_k: int | str = 0,
+        draft_pair: tuple[LoadedModel, LoadedModel] | None = None,
     ):
         self.theta, self.target = theta, target
         self.vocab = check_shared_vocabulary(theta, target)
+        #: Drafts per row per round (0: plain sampling; "auto": chosen per row, up to AUTO_MAX_DRAFT).
+        self.auto_draft = draft_k == "auto"
+        self.draft_k = AUTO_MAX_DRAFT if self.auto_draft else check_draft_k(draft_k)
+        #: The models, the prompt each sees (0: pi_theta's, 1: pi_t's), and how they are fed: the
+        #: sequential ones a token per forward (the drafter), the verifying ones a round per forward.
+        self.models: tuple[LoadedModel, ...] = (theta, target)
+        self.sides: tuple[int, ...] = (0, 1)
+        self.sequential, self.verifying = (0,), (1,)
+        if draft_pair is not None:
+            for draft, main in zip(draft_pair, (theta, target)):
+                if check_shared_vocabulary(draft, main) != self.vocab:
+                    raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {self.vocab} ids that {main.name} shares")
+            self.models, self.sides = self.models + tuple(draft_pair), self.sides + (0, 1)
+            self.sequential, self.verifying = (2, 3), (0, 1)
         self.theta_format = PromptFormat(theta_format, theta.tokenizer)
         self.t_format = PromptFormat(t_format, target.tokenizer)
         self.alpha_method, self.alpha = alpha_method, alpha
@@ -105,15 +142,26 @@ class DualModelSampler:
 
     @classmethod
     def from_pretrained(
-        cls, model_theta: str, model_t: str, device: str = "auto", dtype: str = "auto", **kwargs
+        cls,
+        model_theta: str,
+        model_t: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        draft_model_theta: str | None = None,
+        draft_model_t: str | None = None,
+        **kwargs,
     ) -> DualModelSampler:
-        """Load both models (hub id, local directory, ``.gguf`` file, or ``demo``) and build a sampler."""
+        """Load the models (hub id, local directory, ``.gguf`` file, or ``demo``) and build a sampler;
+        ``draft_model_theta`` and ``draft_model_t`` name a draft pair for speculative sampling."""
         # "meta" (the architecture without weights) is for a driver whose replicas sample elsewhere.
         dev = torch.device("meta") if device == "meta" else resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        theta = load_model(model_theta, dev, dt)
-        target = theta if model_t == model_theta else load_model(model_t, dev, dt)
-        return cls(theta, target, **kwargs)
+        loaded: dict[str, LoadedModel] = {}
+        for spec in (model_theta, model_t, draft_model_theta, draft_model_t):
+            if spec is not None and spec not in loaded:
+                loaded[spec] = load_model(spec, dev, dt)
+        pair = (loaded[draft_model_theta], loaded[draft_model_t]) if draft_model_theta and draft_model_t else None
+        return cls(loaded[model_theta], loaded[model_t], draft_pair=pair, **kwargs)
 
     def encode_prompts(self, conversation: Messages) -> tuple[list[int], list[int]]:
         """The prompt ids each model sees for one conversation."""
@@ -166,19 +214,20 @@ class DualModelSampler:
     ) -> Iterator[tuple[int, SampleResult]]:
         """Generate the requests on ``slots`` slots; yield ``(position, result)`` as samples finish.
 
-        ``position`` is the request's index in ``requests``, which is read lazily. Refill policy
-        (``continuous``): after a step, once at least :func:`refill_size` slots are free (or no row
-        runs), the next requests are prefilled together, one forward per model, and join the batch.
-        ``static`` refills only when every slot is free (batches of ``slots`` consecutive requests
-        that shrink as rows finish). A request is admitted only while it lies fewer than
-        ``max_waiting`` (default ``32 * slots``) positions after the oldest unfinished one, which
-        bounds the finished samples a caller holds back to write them in order.
+        ``position`` is the request's index in ``requests``, which is read lazily. Each step is one
+        round (one token per row, or with ``draft_k`` a row's drafts and the tokens accepted of
+        them). Refill policy (``continuous``): after a round, once at least :func:`refill_size`
+        slots are free (or no row runs), the next requests are prefilled together, one forward per
+        model, and join the batch. ``static`` refills only when every slot is free (batches of
+        ``slots`` consecutive requests that shrink as rows finish). A request is admitted only while
+        it lies fewer than ``max_waiting`` (default ``32 * slots``) positions after the oldest
+        unfinished one, which bounds the finished samples a caller holds back to write them in order.
 
-        The schedule depends on the requests and the sampled lengths alone, never on timing, so a
-        run that replays its already-written samples (``SampleRequest.replay_tokens``) gives every
-        other sample exactly the batches, slots and floats it had in the uninterrupted run.
-        ``on_step(n)`` is called after each step with the tokens it produced; an exception it raises
-        ends the stream.
+        The schedule depends on the requests and the sampled rounds alone, never on timing, so a
+        run that replays its already-written samples (``SampleRequest.replay_tokens`` and
+        ``replay_rounds``) gives every other sample exactly the batches, slots and floats it had in
+        the uninterrupted run. ``on_step(n)`` is called after each round with the tokens it
+        produced; an exception it raises ends the stream.
         """
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -187,12 +236,10 @@ class DualModelSampler:
         stats = stats if stats is not None else StreamStats()
         max_waiting = max_waiting or 32 * slots
         refill = slots if scheduler == "static" else refill_size(slots)
+        round_cost = self.round_costs(slots) if self.auto_draft else None
         pending = _Lookahead(enumerate(requests))
-        models = (self.theta, self.target)
-        caches = tuple(SlotCache(m.model.config, slots, 1) for m in models)
-        device = self.theta.model.device
+        caches = tuple(SlotCache(m.model.config, slots, 1) for m in self.models)
         rows: list[_Row] = []
-        logps = tuple(torch.zeros(0, self.vocab, device=device) for _ in models)
 
         while True:
             free = slots - len(rows)
@@ -208,27 +255,26 @@ class DualModelSampler:
                         break
                     group.extend(self._admit(*next(pending)) for _ in range(same))
                 if group:
-                    logps, group = self._prefill(caches, rows, group, logps, stats)
+                    group = self._prefill(caches, rows, group, stats)
                     rows.extend(group)
             if not rows:
                 return
 
             if all(r.result is None for r in rows):
                 # Only replayed samples: nothing to compute, jump to the next finish.
-                jump = min(r.budget - r.produced for r in rows)
+                jump = min(r.rounds_left for r in rows)
                 for row in rows:
-                    row.produced += jump
-                tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+                    row.replay(jump)
                 finished = [i for i, r in enumerate(rows) if r.produced == r.budget]
-                computed = 0
             else:
-                tokens, finished = self._step(rows, logps, stats)
-                computed = sum(r.result is not None for r in rows)
+                finished = self._round(caches, rows, self._draft_lengths(rows, round_cost), stats)
             for i in finished:
                 if rows[i].result is not None:
                     yield rows[i].position, self._finish(rows[i].result)
-            if computed and on_step is not None:
-                on_step(computed)
+            if on_step is not None and any(r.result is not None for r in rows):
+                on_step(sum(len(r.result.token_ids) - r.reported for r in rows if r.result is not None))
+                for row in rows:
+                    row.reported = row.produced
 
             # Swap-remove finished rows so that the running ones stay packed in the leading slots.
             order = list(range(len(rows)))
@@ -238,28 +284,55 @@ class DualModelSampler:
                     order[i] = last
             for dst, src in enumerate(order):
                 if src != dst:
-                    for cache, prompt_len in zip(caches, rows[src].prompt_lengths):
-                        cache.move(src, dst, prompt_len + rows[src].produced)
+                    for cache, side in zip(caches, self.sides):
+                        cache.move(src, dst, rows[src].cached(side))
             rows = [rows[i] for i in order]
-            logps = self._decode(caches, rows, tokens[torch.tensor(order, dtype=torch.long, device=device)])
+
+    def round_costs(self, slots: int) -> np.ndarray:
+        """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row, for ``--draft-k auto``.
+
+        A forward over ``n`` tokens costs ``(1 - c) + c * n`` times its one-token cost, with ``c`` =
+        :data:`QUERY_COST` of the device; a one-token forward costs in proportion to the model's
+        parameters. A row's share of a batch of ``slots`` rows: the fixed part divided among them.
+        Constants, not timings, so that the rounds (and the samples) never depend on timing.
+        """
+        c = QUERY_COST.get(self.theta.model.device.type, QUERY_COST["cuda"])
+        size = [sum(p.numel() for p in m.model.parameters()) for m in self.models]
+        sequential = sum(size[i] for i in self.sequential)
+        verifying = sum(size[i] for i in self.verifying)
+        k = np.arange(AUTO_MAX_DRAFT + 1)
+        fixed = (1 - c) / slots
+        return (k + 1) * (fixed + c) * sequential + (fixed + c * (k + 1)) * verifying
+
+    def _draft_lengths(self, rows: list[_Row], round_cost: np.ndarray | None) -> list[int]:
+        """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice, or a replayed
+        row's recorded one), and never more than leave room for the round's last token."""
+        room = np.array([r.budget - r.produced - 1 for r in rows])
+        if round_cost is None:
+            lengths = np.minimum(self.draft_k, room)
+        else:
+            accepted, drafted = (np.array([getattr(r, name) for r in rows], dtype=np.float64) for name in ("accepted", "drafted"))
+            lengths = np.minimum(auto_draft_len(accepted, drafted, round_cost), room)
+        return [r.replay_draft_len() if r.result is None else int(k) for r, k in zip(rows, lengths)]
 
     def _admit(self, position: int, request: SampleRequest) -> _Row:
         if request.replay_tokens is not None:
-            return _Row(position, request, request.replay_tokens, None)
+            return _Row(position, request, request.replay_tokens, None, script=request.replay_rounds)
         result = SampleResult(
             request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
             {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
         )
+        if self.draft_k:
+            result.draft_lengths, result.round_tokens = [], []
         budget = self.token_budget(request.prompt_ids_theta, request.prompt_ids_t)
         if budget < 1:
             raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
         return _Row(position, request, budget, result)
 
-    def _prefill(self, caches, rows: list[_Row], group: list[_Row], logps, stats: StreamStats):
+    def _prefill(self, caches, rows: list[_Row], group: list[_Row], stats: StreamStats) -> list[_Row]:
         """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its
-        distinct prompts, whose caches and log-probs are then copied to their other responses.
-
-        Returns the log-probs of ``rows`` + group, and the group in slot order (distinct prompts first).
+        distinct prompts but their last token (fed with the first round), whose caches are then
+        copied to their other responses. Returns the group in slot order (distinct prompts first).
         """
         first = [i == 0 or not r.request.shares_prompt(group[i - 1].request) for i, r in enumerate(group)]
         distinct = [r for r, f in zip(group, first) if f]
@@ -269,88 +342,127 @@ class DualModelSampler:
         origin = [o - 1 for o, f in zip(origin, first) if not f]
         group = distinct + copies
         start = len(rows)
-        computing = any(r.result is not None for r in rows + group)
-        new = []
-        for side, (cache, loaded, logp) in enumerate(zip(caches, (self.theta, self.target), logps)):
-            prompts = [r.prompt_lengths[side] for r in group]
-            cache.ensure_capacity(max(length + r.budget for length, r in zip(prompts, group)))
-            if not computing:
-                new.append(torch.cat([logp, logp.new_zeros(len(group), self.vocab)]))
+        for cache, side in zip(caches, self.sides):
+            cache.ensure_capacity(max(r.prompt_lengths[side] + r.budget for r in group))
+        width = [max(r.prompt_lengths[side] for r in distinct) - 1 for side in self.sides]
+        if not any(r.result is not None for r in rows + group) or not any(width):
+            return group
+        for cache, loaded, side, side_width in zip(caches, self.models, self.sides, width):
+            if not side_width:
                 continue
-            ids = [r.request.prompt_ids_theta if side == 0 else r.request.prompt_ids_t for r in distinct]
-            width = max(map(len, ids))
-            tokens = torch.full((len(ids), width), self._pad_id(loaded), dtype=torch.long)
-            positions = torch.full((len(ids), width), -1, dtype=torch.long)
+            ids = [r.prompt_ids(side)[:-1] for r in distinct]
+            tokens = torch.full((len(ids), side_width), self._pad_id(loaded), dtype=torch.long)
+            positions = torch.full((len(ids), side_width), -1, dtype=torch.long)
             for i, prompt in enumerate(ids):
-                tokens[i, width - len(prompt) :] = torch.tensor(prompt)
-                positions[i, width - len(prompt) :] = torch.arange(len(prompt))
+                if prompt:
+                    tokens[i, -len(prompt) :] = torch.tensor(prompt)
+                    positions[i, -len(prompt) :] = torch.arange(len(prompt))
             device = loaded.model.device
-            out = cache.forward(loaded.model, tokens.to(device), positions.to(device), start, width, self.vocab)
+            cache.forward(loaded.model, tokens.to(device), positions.to(device), start, side_width, self.vocab)
             for j, i in enumerate(origin):
                 cache.move(start + i, start + len(distinct) + j, len(ids[i]))
-            new.append(torch.cat([logp, out, out[torch.tensor(origin, dtype=torch.long, device=device)]]))
-        if computing:
-            stats.prefills += 1
-            stats.prompts_prefilled += len(distinct)
-        return tuple(new), group
+        stats.prefills += 1
+        stats.prompts_prefilled += len(distinct)
+        return group
 
-    def _decode(self, caches, rows: list[_Row], tokens: Tensor):
-        """Feed each running row its last token; the next-token log-probs of both models."""
-        if not any(r.result is not None for r in rows):
-            return tuple(tokens.new_zeros(len(rows), self.vocab, dtype=torch.float32) for _ in caches)
-        out = []
-        for side, (cache, loaded) in enumerate(zip(caches, (self.theta, self.target))):
-            positions = [r.prompt_lengths[side] + r.produced - 1 for r in rows]
-            longest = max(positions) + 1
-            positions = torch.tensor(positions, dtype=torch.long, device=tokens.device).unsqueeze(-1)
-            out.append(cache.forward(loaded.model, tokens.unsqueeze(-1), positions, 0, longest, self.vocab))
-        return tuple(out)
+    def _mixture(self, logp_theta: Tensor, logp_t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, log q)`` of two models' log-probs under this sampler's alpha method."""
+        alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
+        return alpha, mixture_logprobs(logp_theta, logp_t, alpha)
 
-    def _step(self, rows: list[_Row], logps, stats: StreamStats) -> tuple[Tensor, list[int]]:
-        """Solve alpha, mix, draw and diagnose every row; record the new tokens; the rows that finished."""
-        logp_theta, logp_t = logps
-        device = logp_theta.device
+    def _round(self, caches, rows: list[_Row], draft_len: list[int], stats: StreamStats) -> list[int]:
+        """One round for every row: draft, verify, record the tokens emitted; the rows that finished.
+
+        Each row feeds its pending token (the last one emitted, or its prompt's last) and
+        ``draft_len`` drafts. The sequential models (pi_theta, or the draft pair) take them one at a
+        time, a draft drawn after each forward from the drafter's distribution; the verifying
+        models take them all in one forward. q is then solved at every position and
+        :func:`verify_drafts` keeps each row's accepted drafts plus one token; the cache columns of
+        rejected drafts are simply overwritten by the row's next round.
+        """
+        n, k = len(rows), max(draft_len)
+        device = self.theta.model.device
         keys = torch.tensor([(r.request.sample_idx, r.request.response_idx, r.produced) for r in rows], device=device)
         sample, step = sample_key(keys[:, 0], keys[:, 1]), keys[:, 2]
-        alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
-        logp_q = mixture_logprobs(logp_theta, logp_t, alpha)
-        tokens, logp_sampled = draw(logp_q, self.sampling, self.seed, sample, step)
-        picked = tokens.unsqueeze(-1)
+        lengths = torch.tensor(draft_len, device=device)
+        offsets = torch.arange(k + 1, device=device)
+        queries = offsets <= lengths.unsqueeze(-1)  # [n, k + 1]: the queries each row makes
+        cached = {side: torch.tensor([r.cached(side) for r in rows], device=device) for side in (0, 1)}
+        positions = {side: torch.where(queries, cached[side].unsqueeze(-1) + offsets, -1) for side in (0, 1)}
+        longest = {side: max(r.cached(side) for r in rows) + k + 1 for side in (0, 1)}
+        pending = {side: torch.tensor([r.pending(side) for r in rows], device=device) for side in (0, 1)}
+
+        drafts, draft_logps, drafter_logps = [], [], []
+        for j in range(k + 1):
+            out = []
+            for i in self.sequential:
+                side = self.sides[i]
+                fed = pending[side] if j == 0 else drafts[-1]
+                pos = positions[side][:, j : j + 1]
+                out.append(caches[i].forward(self.models[i].model, fed.unsqueeze(-1), pos, 0, longest[side], self.vocab))
+            # The drafter's distribution: pi_theta itself, or the draft pair's mixture q'.
+            drafter_logps.append(out[0] if len(out) == 1 else self._mixture(*out)[1])
+            if j < k:
+                logp_p = sampling_logprobs(drafter_logps[-1], self.sampling)
+                drafts.append(sample_tokens(logp_p, counter_uniform(self.seed, sample, step + j, DRAFT_STREAM)))
+                draft_logps.append(logp_p)
+        draft_ids = torch.stack(drafts, dim=1) if k else keys.new_zeros(n, 0)
+
+        verified = {}
+        for i in self.verifying:
+            side = self.sides[i]
+            ids = torch.cat([pending[side].unsqueeze(-1), draft_ids], dim=1)
+            verified[i] = caches[i].forward(self.models[i].model, ids, positions[side], 0, longest[side], self.vocab, every_query=True)
+        logp_theta = verified[0] if 0 in verified else torch.stack(drafter_logps, dim=1)
+        logp_theta, logp_t = logp_theta.flatten(0, 1), verified[1].flatten(0, 1)  # [n * (k + 1), V]
+        alpha, logp_q = self._mixture(logp_theta, logp_t)
+        logp_r = sampling_logprobs(logp_q, self.sampling)
+
+        u_accept = counter_uniform(self.seed, sample.unsqueeze(-1).expand(n, k), step.unsqueeze(-1) + offsets[:k], ACCEPT_STREAM)
+        logp_p = torch.stack(draft_logps, dim=1) if k else logp_r.new_zeros(n, 0, self.vocab)
+        accepted, logp_last = verify_drafts(logp_r.view(n, k + 1, -1), logp_p, draft_ids, lengths, u_accept)
+        # The round's last token is keyed by its position, stream 0: without drafts, plain sampling's draw.
+        last = sample_tokens(logp_last, counter_uniform(self.seed, sample, step + accepted))
+        tokens = torch.cat([draft_ids, last.unsqueeze(-1)], dim=1).scatter_(1, accepted.unsqueeze(-1), last.unsqueeze(-1))
+        picked = tokens.view(-1, 1)
         columns = {
-            "token_id": tokens,
+            "token_id": tokens.view(-1),
             "alpha": alpha,
             "logp_theta": logp_theta.gather(-1, picked).squeeze(-1),
             "logp_t": logp_t.gather(-1, picked).squeeze(-1),
-            "logp_q": logp_sampled,
+            "logp_q": logp_r.gather(-1, picked).squeeze(-1),
             **token_diagnostics(logp_theta, logp_t, logp_q),
         }
-        # The step's only host synchronisation.
-        host = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).tolist()
+        values = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).view(n, -1)
+        # The round's only host synchronisation.
+        host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), values], dim=1).tolist()
         stats.steps += 1
+        width = len(PER_TOKEN_FIELDS)
         finished = []
         for i, (row, values) in enumerate(zip(rows, host)):
-            row.produced += 1
-            result = row.result
-            if result is None:
-                done = row.produced == row.budget
+            if row.result is None:
+                row.replay(1)
             else:
-                stats.tokens += 1
-                token = int(values[0])
-                result.token_ids.append(token)
-                result.per_token["token_id"].append(token)
-                for name, value in zip(PER_TOKEN_FIELDS[1:], values[1:]):
-                    result.per_token[name].append(value)
-                if token in self.eos:
-                    result.finish_reason = "stop"
-                done = result.finish_reason == "stop" or row.produced == row.budget
-            if done:
+                row.record(draft_len[i], int(values[0]), values[1:], width, self.eos, stats)
+            if row.result is not None and row.result.finish_reason == "stop" or row.produced == row.budget:
                 finished.append(i)
-        return tokens, finished
+        return finished
 
     def _finish(self, result: SampleResult) -> SampleResult:
         text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
         result.text = self.target.tokenizer.decode(text_ids)
         return result
+
+
+def check_draft_k(value: int | str) -> int:
+    """A fixed draft length: an integer >= 0 (``auto`` is handled by the caller)."""
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"draft_k must be an integer >= 0 or auto, got {value!r}") from None
+    if k < 0 or k != value and str(k) != str(value):
+        raise ValueError(f"draft_k must be an integer >= 0 or auto, got {value!r}")
+    return k
 
 
 def refill_size(slots: int) -> int:
@@ -365,8 +477,10 @@ class SampleRequest:
     Requests of one ``sample_idx`` (the K responses to one prompt) must come one after another and
     share their prompt ids: they are admitted together and the prompt is prefilled once.
     ``replay_tokens`` marks a sample already written by an earlier run: it holds its slot for exactly
-    that many steps (its outputs are not computed where no other row needs them, and not yielded), so
-    that the samples after it see the batches they saw in the uninterrupted run.
+    that many tokens (its outputs are not computed where no other row needs them, and not yielded),
+    so that the samples after it see the batches they saw in the uninterrupted run. A speculative
+    run's sample also needs ``replay_rounds``: its drafts and tokens per round (the sidecar's
+    ``draft_lengths`` and ``round_tokens``); without them a row replays one token per round.
     """
 
     sample_idx: int
@@ -374,6 +488,7 @@ class SampleRequest:
     prompt_ids_t: list[int]
     replay_tokens: int | None = None
     response_idx: int = 0
+    replay_rounds: tuple[list[int], list[int]] | None = None
 
     def shares_prompt(self, other: SampleRequest) -> bool:
         """Another response to the same prompt (same row, same prompt ids): one prefill serves both."""
@@ -386,16 +501,28 @@ class SampleRequest:
 
 @dataclass
 class StreamStats:
-    """What :meth:`DualModelSampler.stream` did: steps computed, slot occupancy, tokens, prefills."""
+    """What :meth:`DualModelSampler.stream` did: rounds computed, slot occupancy, tokens, prefills, drafts."""
 
-    steps: int = 0  # steps computed (a stretch of replayed samples alone is skipped)
+    steps: int = 0  # rounds computed (a stretch of replayed samples alone is skipped)
     tokens: int = 0  # tokens of new (not replayed) samples
     prefills: int = 0  # prefill forwards, per model
     prompts_prefilled: int = 0  # prompts those forwards ran over (each prompt's responses share one)
+    row_rounds: int = 0  # rounds of new samples, summed over rows: each is one verifying forward of the row
+    drafted: int = 0  # drafts those rounds proposed
+    accepted: int = 0  # drafts accepted
 
     def utilisation(self, slots: int) -> float:
-        """Tokens produced / (steps x slots)."""
-        return self.tokens / (self.steps * slots) if self.steps else 0.0
+        """Rows running per round / slots (new samples' rounds; 1 when every slot always ran)."""
+        return self.row_rounds / (self.steps * slots) if self.steps else 0.0
+
+    def speculative(self) -> dict[str, float]:
+        """Acceptance rate, mean drafts accepted per round, and forwards per token of a speculative run."""
+        return {
+            "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
+            "mean_accepted_length": round(self.accepted / self.row_rounds, 4) if self.row_rounds else 0.0,
+            "verify_forwards_per_token": round(self.row_rounds / self.tokens, 4) if self.tokens else 0.0,
+            "draft_forwards_per_token": round((self.drafted + self.row_rounds) / self.tokens, 4) if self.tokens else 0.0,
+        }
 
 
 @dataclass
@@ -406,11 +533,68 @@ class _Row:
     request: SampleRequest
     budget: int
     result: SampleResult | None
-    produced: int = 0
+    script: tuple[list[int], list[int]] | None = None  # a replayed row's drafts and tokens per round
+    produced: int = 0  # tokens emitted
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    last_token: int = 0  # the last token emitted (fed in the next round)
+    reported: int = 0  # tokens already counted by ``on_step``
 
     @property
     def prompt_lengths(self) -> tuple[int, int]:
         return len(self.request.prompt_ids_theta), len(self.request.prompt_ids_t)
+
+    def prompt_ids(self, side: int) -> list[int]:
+        return self.request.prompt_ids_t if side else self.request.prompt_ids_theta
+
+    def cached(self, side: int) -> int:
+        """Tokens in the row's cache of a model of this side: all but the pending one."""
+        return self.prompt_lengths[side] - 1 + self.produced
+
+    def pending(self, side: int) -> int:
+        """The token the next round feeds first: the last emitted, or the prompt's last."""
+        return self.last_token if self.produced else self.prompt_ids(side)[-1]
+
+    @property
+    def rounds_left(self) -> int:
+        """A replayed row's rounds to go."""
+        return self.budget - self.produced if self.script is None else len(self.script[1]) - self.rounds
+
+    def replay_draft_len(self) -> int:
+        return 0 if self.script is None else self.script[0][self.rounds]
+
+    def replay(self, rounds: int) -> None:
+        """Advance a replayed row by ``rounds`` rounds, as it went in the run that wrote it."""
+        self.produced += rounds if self.script is None else sum(self.script[1][self.rounds : self.rounds + rounds])
+        self.rounds += rounds
+
+    def record(self, draft_len: int, accepted: int, values: list[float], width: int, eos: set[int], stats: StreamStats) -> None:
+        """Append a round's emitted tokens (``accepted`` drafts and one more, cut after an EOS)."""
+        result = self.result
+        emitted = 0
+        for j in range(accepted + 1):
+            token_values = values[j * width : (j + 1) * width]
+            token = self.last_token = int(token_values[0])
+            result.token_ids.append(token)
+            result.per_token["token_id"].append(token)
+            for name, value in zip(PER_TOKEN_FIELDS[1:], token_values[1:]):
+                result.per_token[name].append(value)
+            emitted += 1
+            if token in eos:
+                result.finish_reason = "stop"
+                break
+        self.produced += emitted
+        self.rounds += 1
+        self.drafted += draft_len
+        self.accepted += accepted
+        stats.tokens += emitted
+        stats.row_rounds += 1
+        stats.drafted += draft_len
+        stats.accepted += accepted
+        if result.draft_lengths is not None:
+            result.draft_lengths.append(draft_len)
+            result.round_tokens.append(emitted)
 
 
 class _Lookahead:

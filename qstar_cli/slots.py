@@ -110,12 +110,16 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.move(src, dst, length)
 
-    def forward(self, model, ids: Tensor, positions: Tensor, start: int, longest: int, vocab: int) -> Tensor:
-        """Run ``model`` on slots ``start .. start + len(ids)``; float32 log-probs after each row's last query.
+    def forward(
+        self, model, ids: Tensor, positions: Tensor, start: int, longest: int, vocab: int, every_query: bool = False
+    ) -> Tensor:
+        """Run ``model`` on slots ``start .. start + len(ids)``; float32 log-probs after each row's last
+        query (``[rows, vocab]``), or after every query (``[rows, q, vocab]``) with ``every_query``.
 
-        ``ids`` and ``positions`` are ``[rows, q]``, left-padded: a position of ``-1`` marks padding,
-        which writes to the scratch column (the last one, never seen as valid) and is ignored.
-        ``longest`` is the largest position + 1 among the rows (known on the host, so no sync).
+        ``ids`` and ``positions`` are ``[rows, q]``; a position of ``-1`` marks padding (left-padded
+        prompts, or the queries past a row's drafts), which writes to the scratch column (the last
+        one, never seen as valid) and whose output is meaningless. ``longest`` is at least the
+        largest position + 1 among the rows (known on the host, so no sync).
         """
         n, q = ids.shape
         self.rows = (start, start + n)
@@ -134,10 +138,11 @@ class SlotCache(Cache):
             position_ids=seen,
             cache=self,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=q if every_query else 1,
         )
         # Embedding rows past the shared vocabulary (padding) get probability zero.
-        return out.logits[:, -1, :vocab].float().log_softmax(-1)
+        logits = out.logits[..., :vocab] if every_query else out.logits[:, -1, :vocab]
+        return logits.float().log_softmax(-1)
 
 
 def _round_up(length: int) -> int:

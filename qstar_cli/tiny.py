@@ -82,6 +82,23 @@ def build_tiny_model(
     return model.eval()
 
 
+def deepened_model(model: LlamaForCausalLM, extra_layers: int, residual_scale: float = 0.05, seed: int = 0) -> LlamaForCausalLM:
+    """``model`` with ``extra_layers`` random decoder layers appended, whose residual branches (the
+    attention and MLP output projections) are scaled by ``residual_scale``: a costlier model whose
+    next-token distributions stay close to ``model``'s (a stand-in for a larger pi_t near pi_theta)."""
+    config = model.config.to_dict()
+    config["num_hidden_layers"] = model.config.num_hidden_layers + extra_layers
+    torch.manual_seed(seed)
+    deeper = LlamaForCausalLM(LlamaConfig(**config))
+    deeper.load_state_dict(model.state_dict(), strict=False)  # the base layers, embeddings and head
+    with torch.no_grad():
+        for layer in deeper.model.layers[model.config.num_hidden_layers :]:
+            layer.self_attn.o_proj.weight.mul_(residual_scale)
+            layer.mlp.down_proj.weight.mul_(residual_scale)
+    deeper.generation_config = model.generation_config
+    return deeper.eval()
+
+
 def save_tiny_model(path: str | Path, seed: int = 0, **kwargs) -> Path:
     """Build a tiny model and its tokenizer and save both to ``path`` (a ``from_pretrained`` dir)."""
     path = Path(path)

@@ -32,6 +32,7 @@ SUMMARY_FIELDS = PER_TOKEN_FIELDS[1:]
 SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 _NUM_TOKENS = re.compile(rb'"num_tokens":(\d+)')
+_ROUNDS = re.compile(rb'"draft_lengths":\[([\d,]*)\],"round_tokens":\[([\d,]*)\]')
 
 
 class ResumeError(QstarInputError):
@@ -87,6 +88,9 @@ def diagnostics_record(result: SampleResult, level: str) -> dict[str, Any]:
         "num_tokens": len(result.token_ids),
         "finish_reason": result.finish_reason,
     }
+    if result.draft_lengths is not None:  # speculative: the rounds, which a resumed run replays
+        record["draft_lengths"] = result.draft_lengths
+        record["round_tokens"] = result.round_tokens
     for name, values in arrays.items():
         record[f"{name}_mean"] = float(values.mean())
         record[f"{name}_std"] = float(values.std())
@@ -284,6 +288,18 @@ class CheckpointedWriter:
                 # The key order is fixed: num_tokens sits near the start of the line.
                 lengths.append(int(_NUM_TOKENS.search(line, 0, 200).group(1)))
         return lengths
+
+    def sample_rounds(self, done: int) -> list[tuple[list[int], list[int]] | None]:
+        """Drafts and tokens per round of each of the first ``done`` samples of a speculative run
+        (None for a sample written without them)."""
+        rounds: list[tuple[list[int], list[int]] | None] = []
+        if not done:
+            return rounds
+        with self.paths.diagnostics.open("rb") as f:
+            for line, _ in zip(f, range(done)):
+                found = _ROUNDS.search(line)
+                rounds.append(None if found is None else tuple(orjson.loads(b"[" + g + b"]") for g in found.groups()))
+        return rounds
 
     def write(self, prompt: Prompt, result: SampleResult) -> None:
         """Append one sample (not durable until :meth:`commit`)."""

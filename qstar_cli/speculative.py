@@ -1,0 +1,90 @@
+"""Speculative q* sampling: the acceptance rule and the draft-length policy, as pure functions.
+
+SPEC section 3. A drafter proposes tokens ``x_1..x_k`` from its distributions ``p_1..p_k``; the
+target (q* as sampled: tempered, top-k, top-p) gives ``r_1..r_{k+1}`` at the same positions. Draft
+``x_i`` is accepted with probability ``min(1, r_i(x_i) / p_i(x_i))``; at the first rejection the
+token is drawn from the residual ``normalise(max(0, r_i - p_i))`` and the round ends; if all ``k``
+are accepted a bonus token comes from ``r_{k+1}``. Every emitted token is then distributed exactly
+as a token drawn from r (Leviathan et al. 2023, Chen et al. 2023). The functions work on
+``[batch, ...]`` log-prob tensors in log space, with no host synchronisation and no loop over rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: ``--draft-k auto`` chooses each row's draft length in 0..AUTO_MAX_DRAFT.
+AUTO_MAX_DRAFT = 8
+#: Prior of the auto policy's acceptance estimate: this many drafts, accepted at PRIOR_ACCEPTANCE.
+PRIOR_DRAFTS, PRIOR_ACCEPTANCE = 4.0, 0.8
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def residual_logprobs(logp_target: Tensor, logp_draft: Tensor) -> Tensor:
+    """``log normalise(max(0, r - p))`` per row; ``r`` itself where the residual has no mass.
+
+    (A rejection happens only where ``r > p`` somewhere, so the fallback matters only when float
+    rounding rejects a draft of a row with ``r == p``.)
+    """
+    above = logp_target > logp_draft  # False where r is 0
+    gap = torch.where(above, logp_draft - logp_target, -1.0)
+    log_residual = torch.where(above, logp_target + _log1mexp(gap), -math.inf)
+    log_z = torch.logsumexp(log_residual, dim=-1, keepdim=True)
+    return torch.where(log_z == -math.inf, logp_target, log_residual - log_z)
+
+
+def verify_drafts(
+    logp_target: Tensor, logp_draft: Tensor, drafts: Tensor, draft_len: Tensor, u_accept: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Accept or reject each row's drafts: the number accepted and the distribution of the round's last token.
+
+    ``logp_target``: ``[B, K+1, V]`` normalised log r at the K+1 positions of the round.
+    ``logp_draft``: ``[B, K, V]`` the normalised log p each draft was drawn from.
+    ``drafts``: ``[B, K]`` the draft ids; ``draft_len``: ``[B]`` how many of them a row made (its
+    later entries are ignored). ``u_accept``: ``[B, K]`` uniforms in (0, 1).
+
+    Returns ``(accepted, logp_last)``: ``[B]`` leading drafts accepted, and ``[B, V]`` the
+    normalised log-distribution of the token at position ``accepted``: the residual after a
+    rejection, r itself after all ``draft_len`` drafts were accepted.
+    """
+    batch, k = drafts.shape
+    if k == 0:
+        return torch.zeros_like(draft_len), logp_target[:, 0]
+    picked = drafts.unsqueeze(-1)
+    log_ratio = (logp_target[:, :k].gather(-1, picked) - logp_draft.gather(-1, picked)).squeeze(-1)
+    # u < min(1, r/p)  <=>  log u < log r - log p  (p(x) > 0: x was drawn from p).
+    ok = (torch.log(u_accept) < log_ratio) & (torch.arange(k, device=drafts.device) < draft_len.unsqueeze(-1))
+    accepted = ok.long().cumprod(dim=-1).sum(dim=-1)
+    rows = torch.arange(batch, device=drafts.device)
+    target_at = logp_target[rows, accepted]
+    residual = residual_logprobs(target_at, logp_draft[rows, accepted.clamp(max=k - 1)])
+    return accepted, torch.where((accepted < draft_len).unsqueeze(-1), residual, target_at)
+
+
+def expected_tokens(acceptance: np.ndarray, draft_len: np.ndarray) -> np.ndarray:
+    """Tokens a round emits on average with ``draft_len`` drafts, each accepted with ``acceptance``:
+    ``1 + a + ... + a^k``."""
+    a = np.clip(acceptance, 0.0, 1.0 - 1e-9)
+    return (1.0 - a ** (draft_len + 1)) / (1.0 - a)
+
+
+def auto_draft_len(accepted: np.ndarray, drafted: np.ndarray, round_cost: np.ndarray) -> np.ndarray:
+    """``--draft-k auto``: each row's draft length maximising expected tokens per unit of cost.
+
+    ``accepted`` and ``drafted`` are each row's counts so far; its acceptance is estimated with a
+    prior of :data:`PRIOR_DRAFTS` drafts at :data:`PRIOR_ACCEPTANCE`. ``round_cost[k]`` is the cost
+    of a round with ``k`` drafts (``k = 0..AUTO_MAX_DRAFT``), in any unit. A function of the row's
+    own history and the constant costs only, so a row's rounds do not depend on its batch.
+    """
+    acceptance = (accepted + PRIOR_DRAFTS * PRIOR_ACCEPTANCE) / (drafted + PRIOR_DRAFTS)
+    lengths = np.arange(len(round_cost))
+    rate = expected_tokens(acceptance[:, None], lengths[None, :]) / round_cost[None, :]
+    return rate.argmax(axis=-1)
