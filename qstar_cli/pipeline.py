@@ -164,7 +164,7 @@ class GenerateConfig:
             try:
                 self.draft_k = check_draft_k(self.draft_k)
             except ValueError:
-                raise ConfigError(f"--draft-k must be an integer >= 0 (0 = off) or auto, got {self.draft_k!r}") from None
+                raise ConfigError(f"--draft-k must be an integer >= 0 (0 = off) or auto, got {self.draft_k}") from None
         if self.draft not in DRAFTERS:
             raise ConfigError(f"--draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
         pair = [f"--{name.replace('_', '-')}" for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]

@@ -181,12 +181,13 @@ def test_bad_input_exit_2_with_one_line(base_args, tiny_tokenizer, tmp_path):
 # --- Processes: locks, kill -9 and SIGTERM ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def slow_args(spread_model_dirs, prompts_file):
-    """Long responses of spread lengths on 2 slots: samples finish out of order."""
+@pytest.fixture(scope="module", params=[[], ["--draft-k", "auto"]], ids=["plain", "speculative"])
+def slow_args(spread_model_dirs, prompts_file, request):
+    """Long responses of spread lengths on 2 slots: samples finish out of order (plain sampling,
+    and speculative sampling, whose rounds a resumed run replays)."""
     theta, target = spread_model_dirs
     return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
-            "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+            "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", *request.param]  # fmt: skip
 
 
 def spawn(args, out):
