@@ -8,9 +8,9 @@ The schedule is the usable rows in row order, each ``samples_per_prompt`` times 
 responses, then row 1's ...), fed to ``batch_size`` slots (``scheduler``
 ``continuous`` or ``static``, see :meth:`DualModelSampler.stream`). Samples finish out of order and
 are written in schedule order, so the files are always a prefix of the schedule. A resumed run
-replays the samples already written (their lengths come from the sidecar; nothing of them is
-recomputed unless a new sample shares its batch) so that every new sample sees the batches it saw
-in an uninterrupted run: with the same batch size, scheduler, device and dtype the files end up
+replays the samples already written (their lengths, and a speculative run's rounds, come from the
+sidecar; nothing of them is recomputed unless a new sample shares its batch) so that every new
+sample sees the batches it saw in an uninterrupted run: with the same batch size, scheduler, device and dtype the files end up
 byte-identical to an uninterrupted run's. (At ``--diagnostics none`` there are no lengths to replay;
 a resumed run then starts its slots afresh, which changes float rounding only.)
 

@@ -168,9 +168,7 @@ class RayEngine:
                 for row in rows:
                     group: GroupResult = row["result"]
                     yield from group.results
-                    stats.steps += group.stats.steps
-                    stats.tokens += group.stats.tokens
-                    stats.prefills += group.stats.prefills
+                    stats.add(group.stats)
                     self._account(group)
                     on_step(group.stats.tokens)
         finally:

@@ -17,6 +17,7 @@ back by its length alone; other rows keep theirs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -46,17 +47,13 @@ from qstar_cli.models import (
 from qstar_cli.prompts import Messages, PromptFormat
 from qstar_cli.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.slots import SlotCache
-from qstar_cli.speculative import AUTO_MAX_DRAFT, auto_draft_len, verify_drafts
+from qstar_cli.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
 
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
 #: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
 DRAFTERS: tuple[str, ...] = ("theta", "pair")
 #: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2
-#: Extra cost of one more token in a forward, as a share of a one-token forward, by device type:
-#: the ``--draft-k auto`` cost model (CPU: measured with benchmarks/bench_speculative.py; a GPU's
-#: forward at small batch is bound by reading the weights, so extra tokens cost little).
-QUERY_COST = {"cpu": 0.175, "mps": 0.05, "cuda": 0.02}
 
 #: Per-token arrays of a sample, in the sidecar's order (SPEC section 5).
 PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", "alpha", "logp_theta", "logp_t", "logp_q") + DIAGNOSTIC_FIELDS
@@ -289,20 +286,13 @@ class DualModelSampler:
             rows = [rows[i] for i in order]
 
     def round_costs(self, slots: int) -> np.ndarray:
-        """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row, for ``--draft-k auto``.
-
-        A forward over ``n`` tokens costs ``(1 - c) + c * n`` times its one-token cost, with ``c`` =
-        :data:`QUERY_COST` of the device; a one-token forward costs in proportion to the model's
-        parameters. A row's share of a batch of ``slots`` rows: the fixed part divided among them.
-        Constants, not timings, so that the rounds (and the samples) never depend on timing.
-        """
-        c = QUERY_COST.get(self.theta.model.device.type, QUERY_COST["cuda"])
+        """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row (:func:`round_costs`), for
+        ``--draft-k auto``: constants of the models and device, never timings, so that the rounds
+        (and the samples) do not depend on timing."""
         size = [sum(p.numel() for p in m.model.parameters()) for m in self.models]
-        sequential = sum(size[i] for i in self.sequential)
-        verifying = sum(size[i] for i in self.verifying)
-        k = np.arange(AUTO_MAX_DRAFT + 1)
-        fixed = (1 - c) / slots
-        return (k + 1) * (fixed + c) * sequential + (fixed + c * (k + 1)) * verifying
+        return round_costs(
+            sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), slots, self.theta.model.device.type
+        )
 
     def _draft_lengths(self, rows: list[_Row], round_cost: np.ndarray | None) -> list[int]:
         """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice, or a replayed
@@ -510,6 +500,11 @@ class StreamStats:
     row_rounds: int = 0  # rounds of new samples, summed over rows: each is one verifying forward of the row
     drafted: int = 0  # drafts those rounds proposed
     accepted: int = 0  # drafts accepted
+
+    def add(self, other: StreamStats) -> None:
+        """Count ``other``'s work too (the streams of several replicas)."""
+        for name, value in dataclasses.asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
 
     def utilisation(self, slots: int) -> float:
         """Rows running per round / slots (new samples' rounds; 1 when every slot always ran)."""

@@ -21,6 +21,16 @@ from torch import Tensor
 AUTO_MAX_DRAFT = 8
 #: Prior of the auto policy's acceptance estimate: this many drafts, accepted at PRIOR_ACCEPTANCE.
 PRIOR_DRAFTS, PRIOR_ACCEPTANCE = 4.0, 0.8
+#: The auto policy's cost of a forward over n tokens (all rows and queries together), in one-token
+#: forwards, by device type: 1 for one token, ``jump`` up to ``knee`` tokens (reading the weights
+#: dominates), then ``jump * (n / knee) ** exponent``. CPU: fitted to the demo model's forwards on
+#: this project's 2-core machine (1.3-1.9 from 2 to 16 tokens, 2.5 at 32, 3.9 at 64, 6.6 at 128;
+#: ``benchmarks/RESULTS.md``). GPUs: assumed, not measured here (no GPU was at hand).
+FORWARD_COST_CURVES: dict[str, tuple[float, float, float]] = {
+    "cpu": (1.5, 16.0, 0.7),
+    "cuda": (1.0, 64.0, 1.0),
+    "mps": (1.0, 32.0, 1.0),
+}
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -74,6 +84,25 @@ def expected_tokens(acceptance: np.ndarray, draft_len: np.ndarray) -> np.ndarray
     ``1 + a + ... + a^k``."""
     a = np.clip(acceptance, 0.0, 1.0 - 1e-9)
     return (1.0 - a ** (draft_len + 1)) / (1.0 - a)
+
+
+def forward_cost(tokens: np.ndarray, device_type: str) -> np.ndarray:
+    """A forward over ``tokens`` tokens, in one-token forwards (:data:`FORWARD_COST_CURVES`)."""
+    jump, knee, exponent = FORWARD_COST_CURVES.get(device_type, FORWARD_COST_CURVES["cuda"])
+    n = np.asarray(tokens, dtype=np.float64)
+    return np.where(n <= 1, 1.0, jump * np.maximum(1.0, n / knee) ** exponent)
+
+
+def round_costs(sequential_size: float, verifying_size: float, slots: int, device_type: str) -> np.ndarray:
+    """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row in a batch of ``slots`` rows.
+
+    The sequential models (the drafter) run ``k + 1`` forwards of ``slots`` tokens, the verifying
+    ones one forward of ``slots * (k + 1)``; a model's one-token forward costs in proportion to its
+    size (parameters: at small batch a forward is bound by reading them).
+    """
+    k = np.arange(AUTO_MAX_DRAFT + 1)
+    sequential = (k + 1) * sequential_size * forward_cost(slots, device_type)
+    return sequential + verifying_size * forward_cost(slots * (k + 1), device_type)
 
 
 def auto_draft_len(accepted: np.ndarray, drafted: np.ndarray, round_cost: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from qstar_cli.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.models import LoadedModel
 from qstar_cli.sampler import DualModelSampler, SampleRequest, StreamStats
 from qstar_cli.sampling import SamplingParams, sample_tokens
-from qstar_cli.speculative import auto_draft_len, expected_tokens, residual_logprobs, verify_drafts
+from qstar_cli.speculative import auto_draft_len, expected_tokens, forward_cost, residual_logprobs, round_costs, verify_drafts
 
 from tests.test_generate import base_args, cli, one_line_error, paths, prompts_file, read_lines  # noqa: F401
 from tests.test_sampler import CONVERSATIONS, full_forward_logps
@@ -106,6 +106,17 @@ def test_auto_draft_length_maximises_tokens_per_cost():
         rates = [expected_tokens(np.array(a), np.array(j)) / cost[j] for j in range(9)]
         assert k == int(np.argmax(rates))
     assert got[0] == 0 and got[1] >= 4 and got[2] == 8
+
+
+def test_forward_costs_rise_with_tokens_and_rounds_with_drafts():
+    tokens = np.array([1, 2, 8, 16, 32, 64, 128])
+    for device in ("cpu", "cuda", "mps"):
+        cost = forward_cost(tokens, device)
+        assert cost[0] == 1 and np.all(np.diff(cost) >= 0)
+        rounds = round_costs(1.0, 5.0, 4, device)
+        assert np.all(np.diff(rounds) > 0)
+    # A drafter 5x cheaper at batch 1 on a CPU: k drafts cost k + 1 of its forwards and one verifying forward.
+    assert np.allclose(round_costs(1.0, 5.0, 1, "cpu")[:3], [1 + 5, 2 + 5 * 1.5, 3 + 5 * 1.5])
 
 
 # --- The sampler ---------------------------------------------------------------------------------
