@@ -18,6 +18,7 @@ back by its length alone; other rows keep theirs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -233,7 +234,6 @@ class DualModelSampler:
         stats = stats if stats is not None else StreamStats()
         max_waiting = max_waiting or 32 * slots
         refill = slots if scheduler == "static" else refill_size(slots)
-        round_cost = self.round_costs(slots) if self.auto_draft else None
         pending = _Lookahead(enumerate(requests))
         caches = tuple(SlotCache(m.model.config, slots, 1) for m in self.models)
         rows: list[_Row] = []
@@ -264,7 +264,7 @@ class DualModelSampler:
                     row.replay(jump)
                 finished = [i for i, r in enumerate(rows) if r.produced == r.budget]
             else:
-                finished = self._round(caches, rows, self._draft_lengths(rows, round_cost), stats)
+                finished = self._round(caches, rows, self._draft_lengths(rows), stats)
             for i in finished:
                 if rows[i].result is not None:
                     yield rows[i].position, self._finish(rows[i].result)
@@ -285,25 +285,25 @@ class DualModelSampler:
                         cache.move(src, dst, rows[src].cached(side))
             rows = [rows[i] for i in order]
 
-    def round_costs(self, slots: int) -> np.ndarray:
-        """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row (:func:`round_costs`), for
-        ``--draft-k auto``: constants of the models and device, never timings, so that the rounds
-        (and the samples) do not depend on timing."""
+    @functools.cache
+    def round_costs(self, rows: int) -> np.ndarray:
+        """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts for ``rows`` rows (:func:`round_costs`),
+        for ``--draft-k auto``: constants of the models and device, never timings, so that the
+        rounds (and the samples) do not depend on timing."""
         size = [sum(p.numel() for p in m.model.parameters()) for m in self.models]
         return round_costs(
-            sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), slots, self.theta.model.device.type
+            sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), rows, self.theta.model.device.type
         )
 
-    def _draft_lengths(self, rows: list[_Row], round_cost: np.ndarray | None) -> list[int]:
-        """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice, or a replayed
-        row's recorded one), and never more than leave room for the round's last token."""
+    def _draft_lengths(self, rows: list[_Row]) -> list[int]:
+        """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice for the batch,
+        or a replayed row's recorded one), never more than leave room for the round's last token."""
         room = np.array([r.budget - r.produced - 1 for r in rows])
-        if round_cost is None:
-            lengths = np.minimum(self.draft_k, room)
-        else:
-            accepted, drafted = (np.array([getattr(r, name) for r in rows], dtype=np.float64) for name in ("accepted", "drafted"))
-            lengths = np.minimum(auto_draft_len(accepted, drafted, round_cost), room)
-        return [r.replay_draft_len() if r.result is None else int(k) for r, k in zip(rows, lengths)]
+        k = self.draft_k
+        if self.auto_draft:
+            accepted, tested = (np.array([getattr(r, name) for r in rows], dtype=np.float64) for name in ("accepted", "tested"))
+            k = auto_draft_len(accepted, tested, room, self.round_costs(len(rows)))
+        return [r.replay_draft_len() if r.result is None else int(min(k, space)) for r, space in zip(rows, room)]
 
     def _admit(self, position: int, request: SampleRequest) -> _Row:
         if request.replay_tokens is not None:
@@ -364,52 +364,23 @@ class DualModelSampler:
         """One round for every row: draft, verify, record the tokens emitted; the rows that finished.
 
         Each row feeds its pending token (the last one emitted, or its prompt's last) and
-        ``draft_len`` drafts. The sequential models (pi_theta, or the draft pair) take them one at a
-        time, a draft drawn after each forward from the drafter's distribution; the verifying
-        models take them all in one forward. q is then solved at every position and
-        :func:`verify_drafts` keeps each row's accepted drafts plus one token; the cache columns of
-        rejected drafts are simply overwritten by the row's next round.
+        ``draft_len`` drafts (:meth:`_draft`), which the verifying models score in one forward
+        (:meth:`_verify`). q is solved at every position and :func:`verify_drafts` keeps each row's
+        accepted drafts plus one token; the cache columns of rejected drafts are simply overwritten
+        by the row's next round.
         """
         n, k = len(rows), max(draft_len)
         device = self.theta.model.device
         keys = torch.tensor([(r.request.sample_idx, r.request.response_idx, r.produced) for r in rows], device=device)
         sample, step = sample_key(keys[:, 0], keys[:, 1]), keys[:, 2]
         lengths = torch.tensor(draft_len, device=device)
-        offsets = torch.arange(k + 1, device=device)
-        queries = offsets <= lengths.unsqueeze(-1)  # [n, k + 1]: the queries each row makes
-        cached = {side: torch.tensor([r.cached(side) for r in rows], device=device) for side in (0, 1)}
-        positions = {side: torch.where(queries, cached[side].unsqueeze(-1) + offsets, -1) for side in (0, 1)}
-        longest = {side: max(r.cached(side) for r in rows) + k + 1 for side in (0, 1)}
-        pending = {side: torch.tensor([r.pending(side) for r in rows], device=device) for side in (0, 1)}
-
-        drafts, draft_logps, drafter_logps = [], [], []
-        for j in range(k + 1):
-            out = []
-            for i in self.sequential:
-                side = self.sides[i]
-                fed = pending[side] if j == 0 else drafts[-1]
-                pos = positions[side][:, j : j + 1]
-                out.append(caches[i].forward(self.models[i].model, fed.unsqueeze(-1), pos, 0, longest[side], self.vocab))
-            # The drafter's distribution: pi_theta itself, or the draft pair's mixture q'.
-            drafter_logps.append(out[0] if len(out) == 1 else self._mixture(*out)[1])
-            if j < k:
-                logp_p = sampling_logprobs(drafter_logps[-1], self.sampling)
-                drafts.append(sample_tokens(logp_p, counter_uniform(self.seed, sample, step + j, DRAFT_STREAM)))
-                draft_logps.append(logp_p)
-        draft_ids = torch.stack(drafts, dim=1) if k else keys.new_zeros(n, 0)
-
-        verified = {}
-        for i in self.verifying:
-            side = self.sides[i]
-            ids = torch.cat([pending[side].unsqueeze(-1), draft_ids], dim=1)
-            verified[i] = caches[i].forward(self.models[i].model, ids, positions[side], 0, longest[side], self.vocab, every_query=True)
-        logp_theta = verified[0] if 0 in verified else torch.stack(drafter_logps, dim=1)
-        logp_theta, logp_t = logp_theta.flatten(0, 1), verified[1].flatten(0, 1)  # [n * (k + 1), V]
-        alpha, logp_q = self._mixture(logp_theta, logp_t)
+        feed = _Feed.of(rows, lengths, k)
+        draft_ids, logp_p, drafter_logps = self._draft(caches, feed, sample, step, k)
+        logp_theta, logp_t = self._verify(caches, feed, draft_ids, drafter_logps)
+        alpha, logp_q = self._mixture(logp_theta, logp_t)  # [n * (k + 1), V]
         logp_r = sampling_logprobs(logp_q, self.sampling)
 
-        u_accept = counter_uniform(self.seed, sample.unsqueeze(-1).expand(n, k), step.unsqueeze(-1) + offsets[:k], ACCEPT_STREAM)
-        logp_p = torch.stack(draft_logps, dim=1) if k else logp_r.new_zeros(n, 0, self.vocab)
+        u_accept = counter_uniform(self.seed, sample.unsqueeze(-1).expand(n, k), step.unsqueeze(-1) + feed.offsets[:k], ACCEPT_STREAM)
         accepted, logp_last = verify_drafts(logp_r.view(n, k + 1, -1), logp_p, draft_ids, lengths, u_accept)
         # The round's last token is keyed by its position, stream 0: without drafts, plain sampling's draw.
         last = sample_tokens(logp_last, counter_uniform(self.seed, sample, step + accepted))
@@ -427,16 +398,52 @@ class DualModelSampler:
         # The round's only host synchronisation.
         host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), values], dim=1).tolist()
         stats.steps += 1
-        width = len(PER_TOKEN_FIELDS)
         finished = []
         for i, (row, values) in enumerate(zip(rows, host)):
             if row.result is None:
                 row.replay(1)
             else:
-                row.record(draft_len[i], int(values[0]), values[1:], width, self.eos, stats)
+                row.record(draft_len[i], int(values[0]), values[1:], len(PER_TOKEN_FIELDS), self.eos, stats)
             if row.result is not None and row.result.finish_reason == "stop" or row.produced == row.budget:
                 finished.append(i)
         return finished
+
+    def _draft(self, caches, feed: _Feed, sample: Tensor, step: Tensor, k: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The sequential models take the pending tokens, then each draft, one forward at a time;
+        after each forward a draft is drawn from the drafter's distribution (pi_theta's, or the
+        draft pair's mixture q'), tempered and truncated as q is.
+
+        Returns the drafts ``[n, k]``, the log p they were drawn from ``[n, k, V]``, and the
+        drafter's k + 1 untempered log-probs (``[n, V]`` each; pi_theta's are reused for q).
+        """
+        drafts, draft_logps, drafter_logps = [], [], []
+        for j in range(k + 1):
+            out = []
+            for i in self.sequential:
+                side = self.sides[i]
+                fed = feed.pending[side] if j == 0 else drafts[-1]
+                positions = feed.positions[side][:, j : j + 1]
+                out.append(caches[i].forward(self.models[i].model, fed.unsqueeze(-1), positions, 0, feed.longest[side], self.vocab))
+            drafter_logps.append(out[0] if len(out) == 1 else self._mixture(*out)[1])
+            if j < k:
+                logp_p = sampling_logprobs(drafter_logps[-1], self.sampling)
+                drafts.append(sample_tokens(logp_p, counter_uniform(self.seed, sample, step + j, DRAFT_STREAM)))
+                draft_logps.append(logp_p)
+        if not k:
+            empty = drafter_logps[0].new_zeros(len(sample), 0, self.vocab)
+            return sample.new_zeros(len(sample), 0), empty, drafter_logps
+        return torch.stack(drafts, dim=1), torch.stack(draft_logps, dim=1), drafter_logps
+
+    def _verify(self, caches, feed: _Feed, draft_ids: Tensor, drafter_logps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The verifying models score pending token + drafts in one forward each; pi_theta's and
+        pi_t's log-probs at every position of the round, ``[n * (k + 1), V]`` each."""
+        verified = {}
+        for i in self.verifying:
+            side = self.sides[i]
+            ids = torch.cat([feed.pending[side].unsqueeze(-1), draft_ids], dim=1)
+            verified[i] = caches[i].forward(self.models[i].model, ids, feed.positions[side], 0, feed.longest[side], self.vocab, every_query=True)
+        logp_theta = verified[0] if 0 in verified else torch.stack(drafter_logps, dim=1)
+        return logp_theta.flatten(0, 1), verified[1].flatten(0, 1)
 
     def _finish(self, result: SampleResult) -> SampleResult:
         text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
@@ -499,6 +506,7 @@ class StreamStats:
     prompts_prefilled: int = 0  # prompts those forwards ran over (each prompt's responses share one)
     row_rounds: int = 0  # rounds of new samples, summed over rows: each is one verifying forward of the row
     drafted: int = 0  # drafts those rounds proposed
+    tested: int = 0  # drafts put to the acceptance test (those up to a round's first rejection)
     accepted: int = 0  # drafts accepted
 
     def add(self, other: StreamStats) -> None:
@@ -511,9 +519,10 @@ class StreamStats:
         return self.row_rounds / (self.steps * slots) if self.steps else 0.0
 
     def speculative(self) -> dict[str, float]:
-        """Acceptance rate, mean drafts accepted per round, and forwards per token of a speculative run."""
+        """Acceptance rate (per draft tested: an estimate of 1 - TV(p, q)), mean drafts accepted per
+        round, and forwards per token of a speculative run."""
         return {
-            "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
+            "acceptance_rate": round(self.accepted / self.tested, 4) if self.tested else 0.0,
             "mean_accepted_length": round(self.accepted / self.row_rounds, 4) if self.row_rounds else 0.0,
             "verify_forwards_per_token": round(self.row_rounds / self.tokens, 4) if self.tokens else 0.0,
             "draft_forwards_per_token": round((self.drafted + self.row_rounds) / self.tokens, 4) if self.tokens else 0.0,
@@ -531,7 +540,7 @@ class _Row:
     script: tuple[list[int], list[int]] | None = None  # a replayed row's drafts and tokens per round
     produced: int = 0  # tokens emitted
     rounds: int = 0
-    drafted: int = 0
+    tested: int = 0  # drafts put to the acceptance test
     accepted: int = 0
     last_token: int = 0  # the last token emitted (fed in the next round)
     reported: int = 0  # tokens already counted by ``on_step``
@@ -560,8 +569,15 @@ class _Row:
         return 0 if self.script is None else self.script[0][self.rounds]
 
     def replay(self, rounds: int) -> None:
-        """Advance a replayed row by ``rounds`` rounds, as it went in the run that wrote it."""
-        self.produced += rounds if self.script is None else sum(self.script[1][self.rounds : self.rounds + rounds])
+        """Advance a replayed row by ``rounds`` rounds, as it went in the run that wrote it (its
+        acceptance counts too, which ``--draft-k auto`` reads)."""
+        if self.script is None:
+            self.produced += rounds
+        else:
+            for draft_len, tokens in zip(*(part[self.rounds : self.rounds + rounds] for part in self.script)):
+                self.produced += tokens
+                self.accepted += tokens - 1
+                self.tested += min(tokens, draft_len)
         self.rounds += rounds
 
     def record(self, draft_len: int, accepted: int, values: list[float], width: int, eos: set[int], stats: StreamStats) -> None:
@@ -581,15 +597,41 @@ class _Row:
                 break
         self.produced += emitted
         self.rounds += 1
-        self.drafted += draft_len
+        tested = min(accepted + 1, draft_len)  # drafts after a rejection were never tested
+        self.tested += tested
         self.accepted += accepted
         stats.tokens += emitted
         stats.row_rounds += 1
         stats.drafted += draft_len
+        stats.tested += tested
         stats.accepted += accepted
         if result.draft_lengths is not None:
             result.draft_lengths.append(draft_len)
             result.round_tokens.append(emitted)
+
+
+@dataclass
+class _Feed:
+    """What a round feeds each side (0: pi_theta's prompt, 1: pi_t's): pending tokens ``[n]``, the
+    positions of the k + 1 queries ``[n, k + 1]`` (-1 past a row's drafts), the forwards' width."""
+
+    offsets: Tensor
+    pending: dict[int, Tensor]
+    positions: dict[int, Tensor]
+    longest: dict[int, int]
+
+    @classmethod
+    def of(cls, rows: list[_Row], lengths: Tensor, k: int) -> _Feed:
+        device = lengths.device
+        offsets = torch.arange(k + 1, device=device)
+        queries = offsets <= lengths.unsqueeze(-1)
+        pending, positions, longest = {}, {}, {}
+        for side in (0, 1):
+            cached = [r.cached(side) for r in rows]
+            pending[side] = torch.tensor([r.pending(side) for r in rows], device=device)
+            positions[side] = torch.where(queries, torch.tensor(cached, device=device).unsqueeze(-1) + offsets, -1)
+            longest[side] = max(cached) + k + 1
+        return cls(offsets, pending, positions, longest)
 
 
 class _Lookahead:

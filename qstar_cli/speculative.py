@@ -93,27 +93,29 @@ def forward_cost(tokens: np.ndarray, device_type: str) -> np.ndarray:
     return np.where(n <= 1, 1.0, jump * np.maximum(1.0, n / knee) ** exponent)
 
 
-def round_costs(sequential_size: float, verifying_size: float, slots: int, device_type: str) -> np.ndarray:
-    """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row in a batch of ``slots`` rows.
+def round_costs(sequential_size: float, verifying_size: float, rows: int, device_type: str) -> np.ndarray:
+    """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row in a batch of ``rows`` rows.
 
-    The sequential models (the drafter) run ``k + 1`` forwards of ``slots`` tokens, the verifying
-    ones one forward of ``slots * (k + 1)``; a model's one-token forward costs in proportion to its
+    The sequential models (the drafter) run ``k + 1`` forwards of ``rows`` tokens, the verifying
+    ones one forward of ``rows * (k + 1)``; a model's one-token forward costs in proportion to its
     size (parameters: at small batch a forward is bound by reading them).
     """
     k = np.arange(AUTO_MAX_DRAFT + 1)
-    sequential = (k + 1) * sequential_size * forward_cost(slots, device_type)
-    return sequential + verifying_size * forward_cost(slots * (k + 1), device_type)
+    sequential = (k + 1) * sequential_size * forward_cost(rows, device_type)
+    return sequential + verifying_size * forward_cost(rows * (k + 1), device_type)
 
 
-def auto_draft_len(accepted: np.ndarray, drafted: np.ndarray, round_cost: np.ndarray) -> np.ndarray:
-    """``--draft-k auto``: each row's draft length maximising expected tokens per unit of cost.
+def auto_draft_len(accepted: np.ndarray, tested: np.ndarray, room: np.ndarray, round_cost: np.ndarray) -> int:
+    """``--draft-k auto``: the round's draft length, maximising the batch's expected tokens per cost.
 
-    ``accepted`` and ``drafted`` are each row's counts so far; its acceptance is estimated with a
-    prior of :data:`PRIOR_DRAFTS` drafts at :data:`PRIOR_ACCEPTANCE`. ``round_cost[k]`` is the cost
-    of a round with ``k`` drafts (``k = 0..AUTO_MAX_DRAFT``), in any unit. A function of the row's
-    own history and the constant costs only, so a row's rounds do not depend on its batch.
+    ``accepted`` and ``tested`` are each row's drafts accepted and put to the test so far (drafts
+    after a round's first rejection are not tested); each row's acceptance is estimated from them
+    with a prior of :data:`PRIOR_DRAFTS` drafts at :data:`PRIOR_ACCEPTANCE`. ``room`` caps a row's
+    drafts (its token budget). ``round_cost[k]`` is the cost of a round of ``k`` drafts
+    (:func:`round_costs`). One length for the batch, since its rows run the drafter's forwards in
+    lock step: the round costs what its longest draft costs.
     """
-    acceptance = (accepted + PRIOR_DRAFTS * PRIOR_ACCEPTANCE) / (drafted + PRIOR_DRAFTS)
-    lengths = np.arange(len(round_cost))
-    rate = expected_tokens(acceptance[:, None], lengths[None, :]) / round_cost[None, :]
-    return rate.argmax(axis=-1)
+    acceptance = (accepted + PRIOR_DRAFTS * PRIOR_ACCEPTANCE) / (tested + PRIOR_DRAFTS)
+    lengths = np.minimum(np.arange(len(round_cost))[None, :], room[:, None])
+    tokens = expected_tokens(acceptance[:, None], lengths).sum(axis=0)
+    return int((tokens / round_cost).argmax())
