@@ -262,7 +262,7 @@ class DualModelSampler:
                 jump = min(r.rounds_left for r in rows)
                 for row in rows:
                     row.replay(jump)
-                finished = [i for i, r in enumerate(rows) if r.produced == r.budget]
+                finished = [i for i, r in enumerate(rows) if r.done]
             else:
                 finished = self._round(caches, rows, self._draft_lengths(rows), stats)
             for i in finished:
@@ -307,7 +307,8 @@ class DualModelSampler:
 
     def _admit(self, position: int, request: SampleRequest) -> _Row:
         if request.replay_tokens is not None:
-            return _Row(position, request, request.replay_tokens, None, script=request.replay_rounds)
+            # The budget it had (which --draft-k auto reads); it ends where it ended.
+            return _Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), None, request.replay_rounds)
         result = SampleResult(
             request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
             {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
@@ -404,7 +405,7 @@ class DualModelSampler:
                 row.replay(1)
             else:
                 row.record(draft_len[i], int(values[0]), values[1:], len(PER_TOKEN_FIELDS), self.eos, stats)
-            if row.result is not None and row.result.finish_reason == "stop" or row.produced == row.budget:
+            if row.done:
                 finished.append(i)
         return finished
 
@@ -563,7 +564,14 @@ class _Row:
     @property
     def rounds_left(self) -> int:
         """A replayed row's rounds to go."""
-        return self.budget - self.produced if self.script is None else len(self.script[1]) - self.rounds
+        return self.request.replay_tokens - self.produced if self.script is None else len(self.script[1]) - self.rounds
+
+    @property
+    def done(self) -> bool:
+        """Finished: an EOS, or the token budget; a replayed row, where it finished when written."""
+        if self.result is None:
+            return self.produced == self.request.replay_tokens
+        return self.result.finish_reason == "stop" or self.produced == self.budget
 
     def replay_draft_len(self) -> int:
         return 0 if self.script is None else self.script[0][self.rounds]
