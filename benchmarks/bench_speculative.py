@@ -81,7 +81,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--draft-ks", nargs="+", default=[str(k) for k in DRAFT_KS], help="0 (plain, always run), 1, 2, ... or auto")
     args = parser.parse_args()
+    draft_ks = [0] + [k if k == "auto" else int(k) for k in args.draft_ks if k != "0"]
+    first_drafting = draft_ks[1] if len(draft_ks) > 1 else None
     torch.set_grad_enabled(False)
     print_header(
         f"device={args.device} max_new_tokens={args.max_new_tokens} prompts={args.prompts_per_slot} x batch",
@@ -102,10 +105,10 @@ def main() -> None:
                 rows = [{"messages": [{"role": "user", "content": PROBLEMS[i % len(PROBLEMS)]}]} for i in range(args.prompts_per_slot * batch)]
                 data = root / f"{pair}-{batch}.jsonl"
                 data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                rates: dict = {k: [] for k in DRAFT_KS}
+                rates: dict = {k: [] for k in draft_ks}
                 spec: dict = {}
                 for repeat in range(args.repeats):
-                    for k in DRAFT_KS:
+                    for k in draft_ks:
                         config = GenerateConfig(
                             model_theta=specs[0], model_t=specs[1], theta_format="plain", dataset=str(data),
                             output=str(root / f"out-{pair}-{batch}-{k}-{repeat}.jsonl"), max_new_tokens=args.max_new_tokens,
@@ -114,12 +117,12 @@ def main() -> None:
                         rate, spec[k] = run(base, config, k)
                         rates[k].append(rate)
                 plain = statistics.median(rates[0])
-                for k in DRAFT_KS:
+                for k in draft_ks:
                     rate = statistics.median(rates[k])
                     accept = f"{spec[k]['acceptance_rate']:.3f}" if k else "-"
                     t_fwd = spec[k].get("verify_forwards_per_token", 1.0)
                     print(f"{pair:>5} {batch:>5} {k!s:>7} | {rate:>7.1f} {rate / plain:>6.2f}x {accept:>6} {t_fwd:>9.3f}", flush=True)
-                    if k == 1 and batch == args.batch_sizes[0]:
+                    if k == first_drafting and batch == args.batch_sizes[0]:  # the acceptance per draft tested
                         measured[pair]["acceptance"] = spec[k]["acceptance_rate"]
 
         print("\nforward costs on this device (median ms; ratios in brackets)")

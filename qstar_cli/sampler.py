@@ -121,7 +121,7 @@ class DualModelSampler:
         self.sequential, self.verifying = (0,), (1,)
         if draft_pair is not None:
             for draft, main in zip(draft_pair, (theta, target)):
-                if check_shared_vocabulary(draft, main) != self.vocab:
+                if check_shared_vocabulary(draft, main) < self.vocab:
                     raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {self.vocab} ids that {main.name} shares")
             self.models, self.sides = self.models + tuple(draft_pair), self.sides + (0, 1)
             self.sequential, self.verifying = (2, 3), (0, 1)
@@ -135,8 +135,12 @@ class DualModelSampler:
         self.sampling = sampling or SamplingParams()
         self.seed = seed
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
-        #: (pi_theta, pi_t): the most tokens, prompt and response, each model takes (None: no limit known).
-        self.context_limits = (context_limit(theta), context_limit(target))
+        #: (pi_theta's side, pi_t's side): the most tokens, prompt and response, the models of each side
+        #: take, draft models included (None: no limit known).
+        self.context_limits = tuple(
+            min((limit for i, m in enumerate(self.models) if self.sides[i] == side if (limit := context_limit(m)) is not None), default=None)
+            for side in (0, 1)
+        )
 
     @classmethod
     def from_pretrained(
@@ -187,7 +191,8 @@ class DualModelSampler:
         """One response per conversation; results in input order.
 
         ``sample_indices`` (default 0..n-1) key the counter-based randomness: the same index, seed and
-        settings give the same response whatever else is in the batch. ``prompt_ids`` are the
+        settings give the same response whatever else is in the batch (with ``draft_k="auto"``, one
+        from the same distribution: the batch shares its draft lengths). ``prompt_ids`` are the
         ``encode_prompts`` of the conversations when the caller has them already. ``batch_size``
         slots (default: all conversations at once) are scheduled as in :meth:`stream`.
         """

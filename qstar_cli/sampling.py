@@ -113,7 +113,8 @@ def sample_tokens(logp: Tensor, uniform: Tensor) -> Tensor:
     """
     cdf = logp.exp().cumsum(dim=-1)
     target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1)
+    # (Clamped so that a row of NaN, from a model that emitted NaN, still yields a valid id.)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logp.shape[-1] - 1)
 
 
 def draw(

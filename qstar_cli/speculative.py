@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: ``--draft-k auto`` chooses each row's draft length in 0..AUTO_MAX_DRAFT.
+#: ``--draft-k auto`` chooses each round's draft length in 1..AUTO_MAX_DRAFT (never 0: a row that
+#: stopped drafting would never see its acceptance recover).
 AUTO_MAX_DRAFT = 8
 #: Prior of the auto policy's acceptance estimate: this many drafts, accepted at PRIOR_ACCEPTANCE.
 PRIOR_DRAFTS, PRIOR_ACCEPTANCE = 4.0, 0.8
@@ -106,7 +107,8 @@ def round_costs(sequential_size: float, verifying_size: float, rows: int, device
 
 
 def auto_draft_len(accepted: np.ndarray, tested: np.ndarray, room: np.ndarray, round_cost: np.ndarray) -> int:
-    """``--draft-k auto``: the round's draft length, maximising the batch's expected tokens per cost.
+    """``--draft-k auto``: the round's draft length (1 or more), maximising the batch's expected
+    tokens per cost.
 
     ``accepted`` and ``tested`` are each row's drafts accepted and put to the test so far (drafts
     after a round's first rejection are not tested); each row's acceptance is estimated from them
@@ -116,6 +118,6 @@ def auto_draft_len(accepted: np.ndarray, tested: np.ndarray, room: np.ndarray, r
     lock step: the round costs what its longest draft costs.
     """
     acceptance = (accepted + PRIOR_DRAFTS * PRIOR_ACCEPTANCE) / (tested + PRIOR_DRAFTS)
-    lengths = np.minimum(np.arange(len(round_cost))[None, :], room[:, None])
+    lengths = np.minimum(np.arange(1, len(round_cost))[None, :], room[:, None])
     tokens = expected_tokens(acceptance[:, None], lengths).sum(axis=0)
-    return int((tokens / round_cost).argmax())
+    return int((tokens / round_cost[1:]).argmax()) + 1

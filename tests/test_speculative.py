@@ -10,6 +10,7 @@ import torch
 from qstar_cli import sampler as sampler_module
 from qstar_cli.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.models import LoadedModel
+from qstar_cli.tiny import build_tiny_model
 from qstar_cli.sampler import DualModelSampler, SampleRequest, StreamStats
 from qstar_cli.sampling import SamplingParams, sample_tokens, sampling_logprobs
 from qstar_cli.speculative import auto_draft_len, expected_tokens, forward_cost, residual_logprobs, round_costs, verify_drafts
@@ -17,7 +18,7 @@ from qstar_cli.speculative import auto_draft_len, expected_tokens, forward_cost,
 from tests.test_generate import base_args, cli, one_line_error, paths, prompts_file, read_lines  # noqa: F401
 from tests.test_sampler import CONVERSATIONS, full_forward_logps
 from tests.test_sampling import chi_square_pvalue
-from tests.test_scheduler import assert_equals_full_forward, conversations, spread_pair  # noqa: F401
+from tests.test_scheduler import SPREAD_EOS, assert_equals_full_forward, conversations, spread_pair  # noqa: F401
 
 N_DRAWS = 20000
 
@@ -100,7 +101,7 @@ def test_greedy_accepts_exactly_the_argmax():
 def test_auto_draft_length_maximises_the_batchs_tokens_per_cost():
     cost = np.array([2.0 + 1.2 * k for k in range(9)])  # a drafter 5x cheaper than the verifier
     cases = [  # (accepted, tested, room) per row
-        ([0.0], [40.0], [8]),  # rejects everything: no drafts
+        ([0.0], [40.0], [8]),  # rejects everything: one draft (to keep measuring)
         ([95.0], [100.0], [8]),
         ([200.0], [200.0], [8]),  # accepts everything: the longest
         ([200.0], [200.0], [2]),  # ... that its budget leaves room for
@@ -109,9 +110,9 @@ def test_auto_draft_length_maximises_the_batchs_tokens_per_cost():
     got = [auto_draft_len(*(np.array(x) for x in case), cost) for case in cases]
     for (accepted, tested, room), k in zip(cases, got):
         a = (np.array(accepted) + 3.2) / (np.array(tested) + 4.0)
-        rates = [sum(expected_tokens(a, np.minimum(j, np.array(room)))) / cost[j] for j in range(9)]
-        assert k == int(np.argmax(rates))
-    assert got[0] == 0 and got[1] >= 4 and got[2] == 8 and got[3] <= 2
+        rates = [sum(expected_tokens(a, np.minimum(j, np.array(room)))) / cost[j] for j in range(1, 9)]
+        assert k == int(np.argmax(rates)) + 1
+    assert got[0] == 1 and got[1] >= 4 and got[2] == 8 and got[3] <= 2
 
 
 def test_forward_costs_rise_with_tokens_and_rounds_with_drafts():
@@ -265,14 +266,18 @@ def test_greedy_speculative_equals_greedy_plain(spread_pair, drafter):  # noqa: 
         assert stats.accepted > 0
 
 
-def test_replayed_speculative_samples_leave_the_others_bit_identical(spread_pair):  # noqa: F811
-    sampler = make(spread_pair, draft_k="auto")
-    requests = [SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(12))]
+@pytest.mark.parametrize(("drafter", "responses"), [("theta", 1), ("pair", 2)])
+def test_replayed_speculative_samples_leave_the_others_bit_identical(spread_pair, drafter, responses):  # noqa: F811
+    draft_pair = tuple(negated(m) for m in spread_pair) if drafter == "pair" else None
+    sampler = make(spread_pair, draft_k="auto", draft_pair=draft_pair)
+    prompts = [sampler.encode_prompts(c) for c in conversations(12 // responses)]
+    requests = [SampleRequest(i, *p, response_idx=k) for i, p in enumerate(prompts) for k in range(responses)]
     whole = dict(sampler.stream(requests, slots=3))
-    done = 5
+    done = 5  # inside a prompt's responses when there are 2
     replayed = [
         SampleRequest(r.sample_idx, r.prompt_ids_theta, r.prompt_ids_t, replay_tokens=len(whole[i].token_ids),
-                      replay_rounds=(whole[i].draft_lengths, whole[i].round_tokens)) if i < done else r
+                      response_idx=r.response_idx, replay_rounds=(whole[i].draft_lengths, whole[i].round_tokens))
+        if i < done else r
         for i, r in enumerate(requests)
     ]  # fmt: skip
     resumed = dict(sampler.stream(replayed, slots=3))
@@ -283,6 +288,23 @@ def test_replayed_speculative_samples_leave_the_others_bit_identical(spread_pair
     # Replay is needed: started afresh, the same samples see other batches and round differently.
     afresh = dict(sampler.stream(requests[done:], slots=3))
     assert any(afresh[i - done].per_token != whole[i].per_token for i in range(done, 12))
+
+
+def test_the_pair_itself_as_drafter_accepts_nearly_every_draft(spread_pair):  # noqa: F811
+    """q' = q up to float rounding: any drift of the draft caches from the accepted tokens would show."""
+    sampler = make(spread_pair, draft_k=3, draft_pair=spread_pair)
+    stats = StreamStats()
+    results = [r for _, r in sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(8))], 4, stats=stats)]
+    assert stats.tested > 100 and stats.accepted >= 0.99 * stats.tested
+    for result in results:
+        assert_equals_full_forward(spread_pair, sampler, result)
+
+
+def test_a_draft_models_context_limits_its_side(spread_pair, tiny_tokenizer):  # noqa: F811
+    short = LoadedModel(build_tiny_model(tiny_tokenizer, seed=1, sharpness=4.0, extra_eos=SPREAD_EOS), tiny_tokenizer, "short")
+    short.model.config.max_position_embeddings = 64
+    sampler = make(spread_pair, draft_k=2, draft_pair=(short, spread_pair[1]))
+    assert sampler.context_limits == (64, 1024)
 
 
 # --- The command line ----------------------------------------------------------------------------
