@@ -47,7 +47,7 @@ from qstar_cli.mixture import check_alpha_method
 from qstar_cli.models import DEMO, check_model_spec, model_identity, resolve_device, resolve_dtype
 from qstar_cli.paths import check_output_file, local_path, resolved_spec
 from qstar_cli.prompts import check_format
-from qstar_cli.sampler import DRAFTERS, SCHEDULERS, DualModelSampler, SampleRequest, StreamStats, check_draft_k
+from qstar_cli.sampler import DRAFTERS, MAX_DRAFT_K, SCHEDULERS, DualModelSampler, SampleRequest, StreamStats, check_draft_k
 from qstar_cli.sampling import SamplingParams
 from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
@@ -65,14 +65,18 @@ CONTENT_CHANGES = {
     "prompt_ids": "the prompt ids of the schedule changed (a dataset row, a prompt format or a tokenizer)",
     "model_theta_identity": "the files of pi_theta changed (hub revision, configs or weights)",
     "model_t_identity": "the files of pi_t changed (hub revision, configs or weights)",
+    "draft_model_theta_identity": "the files of the draft model for pi_theta changed",
+    "draft_model_t_identity": "the files of the draft model for pi_t changed",
 }
 #: Settings that may name a local file or directory, with their values that are keywords, not paths.
 PATH_SETTINGS = {
     "dataset": (), "model_theta": (DEMO,), "model_t": (DEMO,), "theta_format": ("chat", "plain"), "t_format": ("chat", "plain"),
     "draft_model_theta": (DEMO,), "draft_model_t": (DEMO,),
 }  # fmt: skip
-#: Settings of speculative sampling (fingerprinted only when it is on).
-DRAFT_SETTINGS = ("draft_k", "draft", "draft_model_theta", "draft_model_t")
+#: Settings of speculative sampling, fingerprinted only when it is on, with their values when off
+#: (so that a plain run's fingerprint is the one it had before speculative sampling existed).
+DRAFT_SETTINGS = {"draft_k": 0, "draft": "theta", "draft_model_theta": None, "draft_model_t": None,
+                  "draft_model_theta_identity": None, "draft_model_t_identity": None}  # fmt: skip
 _LAX = pydantic.ConfigDict(coerce_numbers_to_str=True)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 ENGINES = ("local", "ray")
@@ -158,20 +162,19 @@ class GenerateConfig:
 
     def _check_draft(self) -> None:
         """Speculative sampling: ``draft_k`` an integer >= 0 or auto, and a drafter that fits it."""
-        if str(self.draft_k).strip().lower() == "auto":
-            self.draft_k = "auto"
-        else:
-            try:
-                self.draft_k = check_draft_k(self.draft_k)
-            except ValueError:
-                raise ConfigError(f"--draft-k must be an integer >= 0 (0 = off) or auto, got {self.draft_k}") from None
+        value = self.draft_k.strip().lower() if isinstance(self.draft_k, str) else self.draft_k
+        try:
+            self.draft_k = value if value == "auto" else check_draft_k(value)
+        except ValueError:
+            raise ConfigError(f"--draft-k must be an integer from 0 (off) to {MAX_DRAFT_K}, or auto, got {self.draft_k}") from None
+        self.draft = self.draft.strip().lower()
         if self.draft not in DRAFTERS:
             raise ConfigError(f"--draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
         pair = [f"--{name.replace('_', '-')}" for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]
         if self.draft == "pair" and len(pair) < 2:
             raise ConfigError("--draft pair needs both --draft-model-theta and --draft-model-t")
         if self.draft == "theta" and pair:
-            raise ConfigError(f"{' and '.join(pair)} name a draft pair: add --draft pair to use it")
+            raise ConfigError(f"{' and '.join(pair)} {'name' if len(pair) > 1 else 'names'} a draft model: add --draft pair to use it")
         if self.draft == "pair" and self.draft_k == 0:
             raise ConfigError("--draft pair drafts only with --draft-k K > 0 or auto (0 is plain sampling)")
 
@@ -231,7 +234,7 @@ class GenerateConfig:
             values["alpha"] = None  # unused by the other methods
         if not self.draft_k:  # plain sampling: fingerprinted as before speculative sampling existed
             for name in DRAFT_SETTINGS:
-                del values[name]
+                values.pop(name, None)
         for name, keywords in PATH_SETTINGS.items():
             if values.get(name) is not None and values[name] not in keywords:
                 values[name] = resolved_spec(values[name])
@@ -438,7 +441,7 @@ def run_generate(
     settings = config.fingerprint_config()
 
     with CheckpointedWriter(paths.main, config.diagnostics) as writer:
-        writer.check_config(settings, overwrite=config.overwrite)  # the settings, before the models load
+        writer.check_config(settings, overwrite=config.overwrite, optional=DRAFT_SETTINGS)  # before the models load
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
             sampler = config.load_sampler("meta" if ray_engine else None)
@@ -448,11 +451,16 @@ def run_generate(
         content = {
             "model_theta_identity": model_identity(config.model_theta),
             "model_t_identity": model_identity(config.model_t),
+            **(
+                {f"{name}_identity": model_identity(getattr(config, name)) for name in ("draft_model_theta", "draft_model_t")}
+                if config.draft_k and config.draft == "pair"
+                else {}
+            ),
             "prompt_ids": prompt_ids_fingerprint(prompts),
         }
         fp_config = {**settings, **content}
         continued = {**fp_config, "prompt_ids": _continued_prompt_ids(writer, prompts, config.overwrite)}
-        previous = writer.check_config(continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES)
+        previous = writer.check_config(continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional=DRAFT_SETTINGS)
         if config.overwrite:
             writer.start_afresh()
         schedule_prompts = len(prompts)

@@ -53,6 +53,8 @@ from qstar_cli.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, v
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
 #: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
 DRAFTERS: tuple[str, ...] = ("theta", "pair")
+#: The most drafts per round: past a few, a draft is rarely reached (acceptance^k) and costs a forward.
+MAX_DRAFT_K = 32
 #: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2
 
@@ -121,7 +123,11 @@ class DualModelSampler:
         self.sequential, self.verifying = (0,), (1,)
         if draft_pair is not None:
             for draft, main in zip(draft_pair, (theta, target)):
-                if check_shared_vocabulary(draft, main) < self.vocab:
+                try:
+                    shared = check_shared_vocabulary(draft, main)
+                except VocabularyMismatchError as err:
+                    raise VocabularyMismatchError(f"draft model {draft.name} against {main.name}: {err}") from None
+                if shared < self.vocab:
                     raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {self.vocab} ids that {main.name} shares")
             self.models, self.sides = self.models + tuple(draft_pair), self.sides + (0, 1)
             self.sequential, self.verifying = (2, 3), (0, 1)
@@ -458,13 +464,15 @@ class DualModelSampler:
 
 
 def check_draft_k(value: int | str) -> int:
-    """A fixed draft length: an integer >= 0 (``auto`` is handled by the caller)."""
+    """A fixed draft length: an integer from 0 to :data:`MAX_DRAFT_K` (``auto`` is the caller's)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
     try:
         k = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"draft_k must be an integer >= 0 or auto, got {value!r}") from None
-    if k < 0 or k != value and str(k) != str(value):
-        raise ValueError(f"draft_k must be an integer >= 0 or auto, got {value!r}")
+    except ValueError:
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}") from None
+    if not 0 <= k <= MAX_DRAFT_K:
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
     return k
 
 
@@ -610,7 +618,10 @@ class _Row:
                 break
         self.produced += emitted
         self.rounds += 1
-        tested = min(accepted + 1, draft_len)  # drafts after a rejection were never tested
+        if emitted < accepted + 1:  # an EOS among the accepted drafts: the drafts after it do not count
+            accepted = tested = emitted
+        else:
+            tested = min(accepted + 1, draft_len)  # drafts after a rejection were never tested
         self.tested += tested
         self.accepted += accepted
         stats.tokens += emitted

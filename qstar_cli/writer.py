@@ -201,12 +201,17 @@ class CheckpointedWriter:
         return meta
 
     def check_config(
-        self, config: dict[str, Any], overwrite: bool = False, descriptions: dict[str, str] | None = None
+        self,
+        config: dict[str, Any],
+        overwrite: bool = False,
+        descriptions: dict[str, str] | None = None,
+        optional: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """The previous run's manifest, after checking that ``config`` may continue it; changes nothing.
 
         Every key of ``config`` must have the same value in the manifest's ``fingerprint_config``; a
-        mismatch is refused naming the keys (or their ``descriptions``). With ``overwrite`` there is
+        mismatch is refused naming the keys (or their ``descriptions``). ``optional`` keys are
+        fingerprinted only when set: either side may lack one, meaning its value there. With ``overwrite`` there is
         nothing to continue: ``None``, and :meth:`start_afresh` deletes the old files once the run
         is ready to start.
         """
@@ -220,7 +225,9 @@ class CheckpointedWriter:
                     "add --overwrite to replace it or choose another --output"
                 )
             return None
-        old = meta["fingerprint_config"]
+        optional = optional or {}
+        old = {**optional, **meta["fingerprint_config"]}
+        config = {**optional, **config}
         missing = sorted(k for k in config if k not in old)
         if missing:
             raise ResumeError(

@@ -327,14 +327,26 @@ def test_manifest_and_sidecar_record_the_rounds(base_args, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--draft-k", "-1"], "--draft-k must be an integer >= 0 (0 = off) or auto, got -1"),
-        (["--draft-k", "two"], "--draft-k must be an integer >= 0 (0 = off) or auto, got two"),
+        (["--draft-k", "-1"], "--draft-k must be an integer from 0 (off) to 32, or auto, got -1"),
+        (["--draft-k", "two"], "--draft-k must be an integer from 0 (off) to 32, or auto, got two"),
+        (["--draft-k", "33"], "--draft-k must be an integer from 0 (off) to 32, or auto, got 33"),
+        (["--draft-k", "2.5"], "got 2.5"),
         (["--draft-k", "2", "--draft", "small"], "--draft must be one of theta, pair, got 'small'"),
         (["--draft-k", "2", "--draft", "pair"], "--draft pair needs both --draft-model-theta and --draft-model-t"),
-        (["--draft-k", "2", "--draft-model-theta", "x", "--draft-model-t", "y"], "name a draft pair: add --draft pair"),
+        (["--draft-k", "2", "--draft-model-theta", "x", "--draft-model-t", "y"], "name a draft model: add --draft pair"),
+        (["--draft-k", "2", "--draft-model-t", "y"], "--draft-model-t names a draft model: add --draft pair"),
         (["--draft", "pair", "--draft-model-theta", "x", "--draft-model-t", "y"], "--draft pair drafts only with --draft-k K > 0"),
         (["--draft-k", "2", "--draft", "pair", "--draft-model-theta", "/no/such/dir", "--draft-model-t", "/no/such/dir"], "/no/such/dir"),
     ],
 )
 def test_bad_draft_settings_exit_2_with_one_line(base_args, tmp_path, flags, message):
     one_line_error(cli(*base_args, *flags, "--output", str(tmp_path / "x.jsonl")), message)
+
+
+@pytest.mark.parametrize(("first", "then", "change"), [(["--draft-k", "2"], [], "draft_k (2 -> 0)"), ([], ["--draft-k", " AUTO"], "draft_k (0 -> 'auto')")])
+def test_a_resume_keeps_the_draft_settings(base_args, tmp_path, first, then, change):
+    out = tmp_path / "r.jsonl"
+    assert cli(*base_args, *first, "--num-samples", "2", "--output", str(out)).exit_code == 0
+    before = [open(p, "rb").read() for p in paths(out)]
+    one_line_error(cli(*base_args, *then, "--output", str(out)), change)
+    assert [open(p, "rb").read() for p in paths(out)] == before
