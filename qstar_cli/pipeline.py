@@ -47,7 +47,9 @@ from qstar_cli.mixture import check_alpha_method
 from qstar_cli.models import DEMO, check_model_spec, model_identity, resolve_device, resolve_dtype
 from qstar_cli.paths import check_output_file, local_path, resolved_spec
 from qstar_cli.prompts import check_format
-from qstar_cli.sampler import DRAFTERS, MAX_DRAFT_K, SCHEDULERS, DualModelSampler, SampleRequest, StreamStats, check_draft_k
+from qstar_cli.sampler import DRAFTERS, MAX_DRAFT_K, DualModelSampler, check_draft_k
+from qstar_cli.samples import SampleRequest, StreamStats
+from qstar_cli.scheduler import SCHEDULERS
 from qstar_cli.sampling import SamplingParams
 from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.sampler import SampleRequest, SampleResult, StreamStats
+from qstar_cli.samples import SampleRequest, SampleResult, StreamStats
 
 if TYPE_CHECKING:
     from qstar_cli.pipeline import GenerateConfig

@@ -17,19 +17,16 @@ back by its length alone; other rows keep theirs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from qstar_cli.mixture import (
-    DIAGNOSTIC_FIELDS,
     AlphaMethod,
     check_alpha_method,
     mixture_logprobs,
@@ -46,37 +43,18 @@ from qstar_cli.models import (
     resolve_dtype,
 )
 from qstar_cli.prompts import Messages, PromptFormat
+from qstar_cli.samples import PER_TOKEN_FIELDS, SampleRequest, SampleResult, StreamStats
 from qstar_cli.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
+from qstar_cli.scheduler import Row, SlotScheduler
 from qstar_cli.slots import SlotCache
 from qstar_cli.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
 
-SCHEDULERS: tuple[str, ...] = ("continuous", "static")
 #: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
 DRAFTERS: tuple[str, ...] = ("theta", "pair")
 #: The most drafts per round: past a few, a draft is rarely reached (acceptance^k) and costs a forward.
 MAX_DRAFT_K = 32
 #: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2
-
-#: Per-token arrays of a sample, in the sidecar's order (SPEC section 5).
-PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", "alpha", "logp_theta", "logp_t", "logp_q") + DIAGNOSTIC_FIELDS
-
-
-@dataclass
-class SampleResult:
-    """One generated response with everything needed to train on it and audit it."""
-
-    sample_idx: int
-    text: str
-    token_ids: list[int]
-    prompt_ids_theta: list[int]
-    prompt_ids_t: list[int]
-    finish_reason: str  # "stop" (an EOS was sampled; it is the last token) or "length"
-    per_token: dict[str, list[float]] = field(default_factory=dict)
-    response_idx: int = 0  # which of the row's responses (``--samples-per-prompt``)
-    #: Speculative sampling only: drafts made and tokens emitted in each round (None otherwise).
-    draft_lengths: list[int] | None = None
-    round_tokens: list[int] | None = None
 
 
 def eos_ids(*loaded: LoadedModel) -> set[int]:
@@ -225,12 +203,9 @@ class DualModelSampler:
 
         ``position`` is the request's index in ``requests``, which is read lazily. Each step is one
         round (one token per row, or with ``draft_k`` a row's drafts and the tokens accepted of
-        them). Refill policy (``continuous``): after a round, once at least :func:`refill_size`
-        slots are free (or no row runs), the next requests are prefilled together, one forward per
-        model, and join the batch. ``static`` refills only when every slot is free (batches of
-        ``slots`` consecutive requests that shrink as rows finish). A request is admitted only while
-        it lies fewer than ``max_waiting`` (default ``32 * slots``) positions after the oldest
-        unfinished one, which bounds the finished samples a caller holds back to write them in order.
+        them). After a round, :class:`~qstar_cli.scheduler.SlotScheduler` (``scheduler``
+        ``continuous`` or ``static``; ``max_waiting``, default ``32 * slots``) says which requests
+        join; they are prefilled together, one forward per model.
 
         The schedule depends on the requests and the sampled rounds alone, never on timing, so a
         run that replays its already-written samples (``SampleRequest.replay_tokens`` and
@@ -238,42 +213,17 @@ class DualModelSampler:
         the uninterrupted run. ``on_step(n)`` is called after each round with the tokens it
         produced; an exception it raises ends the stream.
         """
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
         stats = stats if stats is not None else StreamStats()
-        max_waiting = max_waiting or 32 * slots
-        refill = slots if scheduler == "static" else refill_size(slots)
-        pending = _Lookahead(enumerate(requests))
+        schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
         caches = tuple(SlotCache(m.model.config, slots, 1) for m in self.models)
-        rows: list[_Row] = []
-
         while True:
-            free = slots - len(rows)
-            if pending and (free >= refill or not rows):
-                oldest = min((r.position for r in rows), default=pending.peek()[0])
-                group: list[_Row] = []
-                while pending and pending.peek()[0] < oldest + max_waiting:
-                    # A prompt's responses go in together (at most ``slots`` at a time).
-                    same = 1
-                    while same < slots and (nxt := pending.peek(same)) and nxt[1].shares_prompt(pending.peek()[1]):
-                        same += 1
-                    if same > free - len(group):
-                        break
-                    group.extend(self._admit(*next(pending)) for _ in range(same))
-                if group:
-                    group = self._prefill(caches, rows, group, stats)
-                    rows.extend(group)
+            if group := schedule.next_group():
+                schedule.rows.extend(self._prefill(caches, schedule.rows, group, stats))
+            rows = schedule.rows
             if not rows:
                 return
-
-            if all(r.result is None for r in rows):
-                # Only replayed samples: nothing to compute, jump to the next finish.
-                jump = min(r.rounds_left for r in rows)
-                for row in rows:
-                    row.replay(jump)
-                finished = [i for i, r in enumerate(rows) if r.done]
+            if schedule.replayed_only():
+                finished = schedule.jump()
             else:
                 finished = self._round(caches, rows, self._draft_lengths(rows), stats)
             for i in finished:
@@ -283,18 +233,9 @@ class DualModelSampler:
                 on_step(sum(len(r.result.token_ids) - r.reported for r in rows if r.result is not None))
                 for row in rows:
                     row.reported = row.produced
-
-            # Swap-remove finished rows so that the running ones stay packed in the leading slots.
-            order = list(range(len(rows)))
-            for i in sorted(finished, reverse=True):
-                last = order.pop()
-                if i < len(order):
-                    order[i] = last
-            for dst, src in enumerate(order):
-                if src != dst:
-                    for cache, side in zip(caches, self.sides):
-                        cache.move(src, dst, rows[src].cached(side))
-            rows = [rows[i] for i in order]
+            for src, dst, row in schedule.remove(finished):
+                for cache, side in zip(caches, self.sides):
+                    cache.move(src, dst, row.cached(side))
 
     @functools.cache
     def round_costs(self, rows: int) -> np.ndarray:
@@ -306,7 +247,7 @@ class DualModelSampler:
             sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), rows, self.theta.model.device.type
         )
 
-    def _draft_lengths(self, rows: list[_Row]) -> list[int]:
+    def _draft_lengths(self, rows: list[Row]) -> list[int]:
         """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice for the batch,
         or a replayed row's recorded one), never more than leave room for the round's last token."""
         room = np.array([r.budget - r.produced - 1 for r in rows])
@@ -316,10 +257,10 @@ class DualModelSampler:
             k = auto_draft_len(accepted, tested, room, self.round_costs(len(rows)))
         return [r.replay_draft_len() if r.result is None else int(min(k, space)) for r, space in zip(rows, room)]
 
-    def _admit(self, position: int, request: SampleRequest) -> _Row:
+    def _admit(self, position: int, request: SampleRequest) -> Row:
         if request.replay_tokens is not None:
             # The budget it had (which --draft-k auto reads); it ends where it ended.
-            return _Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), None, request.replay_rounds)
+            return Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), None, request.replay_rounds)
         result = SampleResult(
             request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
             {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
@@ -329,9 +270,9 @@ class DualModelSampler:
         budget = self.token_budget(request.prompt_ids_theta, request.prompt_ids_t)
         if budget < 1:
             raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
-        return _Row(position, request, budget, result)
+        return Row(position, request, budget, result)
 
-    def _prefill(self, caches, rows: list[_Row], group: list[_Row], stats: StreamStats) -> list[_Row]:
+    def _prefill(self, caches, rows: list[Row], group: list[Row], stats: StreamStats) -> list[Row]:
         """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its
         distinct prompts but their last token (fed with the first round), whose caches are then
         copied to their other responses. Returns the group in slot order (distinct prompts first).
@@ -372,7 +313,7 @@ class DualModelSampler:
         alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
         return alpha, mixture_logprobs(logp_theta, logp_t, alpha)
 
-    def _round(self, caches, rows: list[_Row], draft_len: list[int], stats: StreamStats) -> list[int]:
+    def _round(self, caches, rows: list[Row], draft_len: list[int], stats: StreamStats) -> list[int]:
         """One round for every row: draft, verify, record the tokens emitted; the rows that finished.
 
         Each row feeds its pending token (the last one emitted, or its prompt's last) and
@@ -476,164 +417,6 @@ def check_draft_k(value: int | str) -> int:
     return k
 
 
-def refill_size(slots: int) -> int:
-    """Free slots that trigger a refill: 1 up to 8 slots, then an eighth of them (prefill stays batched)."""
-    return max(1, slots // 8)
-
-
-@dataclass
-class SampleRequest:
-    """One response to generate: the prompt ids each model sees, keyed by ``sample_idx`` and ``response_idx``.
-
-    Requests of one ``sample_idx`` (the K responses to one prompt) must come one after another and
-    share their prompt ids: they are admitted together and the prompt is prefilled once.
-    ``replay_tokens`` marks a sample already written by an earlier run: it holds its slot for exactly
-    that many tokens (its outputs are not computed where no other row needs them, and not yielded),
-    so that the samples after it see the batches they saw in the uninterrupted run. A speculative
-    run's sample also needs ``replay_rounds``: its drafts and tokens per round (the sidecar's
-    ``draft_lengths`` and ``round_tokens``); without them a row replays one token per round.
-    """
-
-    sample_idx: int
-    prompt_ids_theta: list[int]
-    prompt_ids_t: list[int]
-    replay_tokens: int | None = None
-    response_idx: int = 0
-    replay_rounds: tuple[list[int], list[int]] | None = None
-
-    def shares_prompt(self, other: SampleRequest) -> bool:
-        """Another response to the same prompt (same row, same prompt ids): one prefill serves both."""
-        return (
-            self.sample_idx == other.sample_idx
-            and self.prompt_ids_theta == other.prompt_ids_theta
-            and self.prompt_ids_t == other.prompt_ids_t
-        )
-
-
-@dataclass
-class StreamStats:
-    """What :meth:`DualModelSampler.stream` did: rounds computed, slot occupancy, tokens, prefills, drafts."""
-
-    steps: int = 0  # rounds computed (a stretch of replayed samples alone is skipped)
-    tokens: int = 0  # tokens of new (not replayed) samples
-    prefills: int = 0  # prefill forwards, per model
-    prompts_prefilled: int = 0  # prompts those forwards ran over (each prompt's responses share one)
-    row_rounds: int = 0  # rounds of new samples, summed over rows: each is one verifying forward of the row
-    drafted: int = 0  # drafts those rounds proposed
-    tested: int = 0  # drafts put to the acceptance test (those up to a round's first rejection)
-    accepted: int = 0  # drafts accepted
-
-    def add(self, other: StreamStats) -> None:
-        """Count ``other``'s work too (the streams of several replicas)."""
-        for name, value in dataclasses.asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-    def utilisation(self, slots: int) -> float:
-        """Rows running per round / slots (new samples' rounds; 1 when every slot always ran)."""
-        return self.row_rounds / (self.steps * slots) if self.steps else 0.0
-
-    def speculative(self) -> dict[str, float]:
-        """Acceptance rate (per draft tested: an estimate of 1 - TV(p, q)), mean drafts accepted per
-        round, and forwards per token of a speculative run."""
-        return {
-            "acceptance_rate": round(self.accepted / self.tested, 4) if self.tested else 0.0,
-            "mean_accepted_length": round(self.accepted / self.row_rounds, 4) if self.row_rounds else 0.0,
-            "verify_forwards_per_token": round(self.row_rounds / self.tokens, 4) if self.tokens else 0.0,
-            "draft_forwards_per_token": round((self.drafted + self.row_rounds) / self.tokens, 4) if self.tokens else 0.0,
-        }
-
-
-@dataclass
-class _Row:
-    """A request in a slot: its stream position, token budget, result so far (None when replayed)."""
-
-    position: int
-    request: SampleRequest
-    budget: int
-    result: SampleResult | None
-    script: tuple[list[int], list[int]] | None = None  # a replayed row's drafts and tokens per round
-    produced: int = 0  # tokens emitted
-    rounds: int = 0
-    tested: int = 0  # drafts put to the acceptance test
-    accepted: int = 0
-    last_token: int = 0  # the last token emitted (fed in the next round)
-    reported: int = 0  # tokens already counted by ``on_step``
-
-    @property
-    def prompt_lengths(self) -> tuple[int, int]:
-        return len(self.request.prompt_ids_theta), len(self.request.prompt_ids_t)
-
-    def prompt_ids(self, side: int) -> list[int]:
-        return self.request.prompt_ids_t if side else self.request.prompt_ids_theta
-
-    def cached(self, side: int) -> int:
-        """Tokens in the row's cache of a model of this side: all but the pending one."""
-        return self.prompt_lengths[side] - 1 + self.produced
-
-    def pending(self, side: int) -> int:
-        """The token the next round feeds first: the last emitted, or the prompt's last."""
-        return self.last_token if self.produced else self.prompt_ids(side)[-1]
-
-    @property
-    def rounds_left(self) -> int:
-        """A replayed row's rounds to go."""
-        return self.request.replay_tokens - self.produced if self.script is None else len(self.script[1]) - self.rounds
-
-    @property
-    def done(self) -> bool:
-        """Finished: an EOS, or the token budget; a replayed row, where it finished when written."""
-        if self.result is None:
-            return self.produced == self.request.replay_tokens
-        return self.result.finish_reason == "stop" or self.produced == self.budget
-
-    def replay_draft_len(self) -> int:
-        return 0 if self.script is None else self.script[0][self.rounds]
-
-    def replay(self, rounds: int) -> None:
-        """Advance a replayed row by ``rounds`` rounds, as it went in the run that wrote it (its
-        acceptance counts too, which ``--draft-k auto`` reads)."""
-        if self.script is None:
-            self.produced += rounds
-        else:
-            for draft_len, tokens in zip(*(part[self.rounds : self.rounds + rounds] for part in self.script)):
-                self.produced += tokens
-                self.accepted += tokens - 1
-                self.tested += min(tokens, draft_len)
-        self.rounds += rounds
-
-    def record(self, draft_len: int, accepted: int, values: list[float], width: int, eos: set[int], stats: StreamStats) -> None:
-        """Append a round's emitted tokens (``accepted`` drafts and one more, cut after an EOS)."""
-        result = self.result
-        emitted = 0
-        for j in range(accepted + 1):
-            token_values = values[j * width : (j + 1) * width]
-            token = self.last_token = int(token_values[0])
-            result.token_ids.append(token)
-            result.per_token["token_id"].append(token)
-            for name, value in zip(PER_TOKEN_FIELDS[1:], token_values[1:]):
-                result.per_token[name].append(value)
-            emitted += 1
-            if token in eos:
-                result.finish_reason = "stop"
-                break
-        self.produced += emitted
-        self.rounds += 1
-        if emitted < accepted + 1:  # an EOS among the accepted drafts: the drafts after it do not count
-            accepted = tested = emitted
-        else:
-            tested = min(accepted + 1, draft_len)  # drafts after a rejection were never tested
-        self.tested += tested
-        self.accepted += accepted
-        stats.tokens += emitted
-        stats.row_rounds += 1
-        stats.drafted += draft_len
-        stats.tested += tested
-        stats.accepted += accepted
-        if result.draft_lengths is not None:
-            result.draft_lengths.append(draft_len)
-            result.round_tokens.append(emitted)
-
-
 @dataclass
 class _Feed:
     """What a round feeds each side (0: pi_theta's prompt, 1: pi_t's): pending tokens ``[n]``, the
@@ -645,7 +428,7 @@ class _Feed:
     longest: dict[int, int]
 
     @classmethod
-    def of(cls, rows: list[_Row], lengths: Tensor, k: int) -> _Feed:
+    def of(cls, rows: list[Row], lengths: Tensor, k: int) -> _Feed:
         device = lengths.device
         offsets = torch.arange(k + 1, device=device)
         queries = offsets <= lengths.unsqueeze(-1)
@@ -658,21 +441,3 @@ class _Feed:
         return cls(offsets, pending, positions, longest)
 
 
-class _Lookahead:
-    """An iterator that can look ahead: ``peek(i)`` is the i-th next item (None past the end)."""
-
-    def __init__(self, iterable):
-        self._it = iter(iterable)
-        self._ahead: deque = deque()
-
-    def peek(self, i: int = 0):
-        while len(self._ahead) <= i and (item := next(self._it, None)) is not None:
-            self._ahead.append(item)
-        return self._ahead[i] if i < len(self._ahead) else None
-
-    def __bool__(self) -> bool:
-        return self.peek() is not None
-
-    def __next__(self):
-        self.peek()
-        return self._ahead.popleft()

@@ -24,7 +24,7 @@ import orjson
 
 from qstar_cli.adapters import Prompt
 from qstar_cli.errors import QstarInputError
-from qstar_cli.sampler import PER_TOKEN_FIELDS, SampleResult
+from qstar_cli.samples import PER_TOKEN_FIELDS, SampleResult
 
 DIAGNOSTICS_LEVELS = ("full", "summary", "none")
 #: Per-token fields summarised in the sidecar (every one but the token id).

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from qstar_cli.cli import app
 from qstar_cli.models import load_model, resolve_device
-from qstar_cli.sampler import PER_TOKEN_FIELDS, DualModelSampler
+from qstar_cli.sampler import DualModelSampler
 from qstar_cli.tiny import build_tiny_model
 from qstar_cli.writer import SUMMARY_FIELDS
 from tests.test_sampler import swapped_tokenizer

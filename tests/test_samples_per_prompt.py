@@ -5,7 +5,8 @@ import torch
 
 from qstar_cli.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.models import LoadedModel
-from qstar_cli.sampler import DualModelSampler, SampleRequest, StreamStats
+from qstar_cli.sampler import DualModelSampler
+from qstar_cli.samples import SampleRequest, StreamStats
 from qstar_cli.sampling import counter_uniform, sample_key, sample_tokens
 
 from tests.test_generate import PROMPTS, VALID, base_args, cli, one_line_error, paths, prompts_file, read_lines  # noqa: F401

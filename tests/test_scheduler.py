@@ -5,7 +5,9 @@ import torch
 
 from qstar_cli.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.models import LoadedModel
-from qstar_cli.sampler import DualModelSampler, SampleRequest, StreamStats
+from qstar_cli.sampler import DualModelSampler
+from qstar_cli.samples import SampleRequest, StreamStats
+from qstar_cli.scheduler import Row, SlotScheduler
 from qstar_cli.slots import CAPACITY_CHUNK
 from qstar_cli.tiny import build_tiny_model
 
@@ -158,3 +160,44 @@ def test_a_response_stops_at_the_end_of_a_models_context(spread_pair):
     for (p_theta, _), result in zip(prompts, results):
         assert len(p_theta) + len(result.token_ids) == sampler.context_limits[0]
         assert result.finish_reason == "length"
+
+
+# --- The schedule alone (no model) -----------------------------------------------------------------
+
+
+def schedule_of(requests, slots, scheduler="continuous", max_waiting=None):
+    """A SlotScheduler whose rows are replayed samples of 5 tokens (nothing to compute)."""
+    admit = lambda position, request: Row(position, request, 5, None)  # noqa: E731
+    return SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, admit)
+
+
+def requests_of(rows, responses=1):
+    return [SampleRequest(i, [1, 2, i], [3, i], replay_tokens=5, response_idx=k) for i in range(rows) for k in range(responses)]
+
+
+@pytest.mark.parametrize(("scheduler", "refilled"), [("continuous", [4]), ("static", [])])
+def test_a_freed_slot_is_refilled_only_by_the_continuous_scheduler(scheduler, refilled):
+    schedule = schedule_of(requests_of(10), slots=4, scheduler=scheduler)
+    schedule.rows.extend(schedule.next_group())
+    assert [r.position for r in schedule.rows] == [0, 1, 2, 3] and schedule.next_group() == []
+    moves = schedule.remove([1])
+    assert [(src, dst, row.position) for src, dst, row in moves] == [(3, 1, 3)]  # the last row fills the hole
+    assert [r.position for r in schedule.rows] == [0, 3, 2]
+    assert [r.position for r in schedule.next_group()] == refilled
+
+
+def test_a_prompts_responses_are_admitted_together_and_waiting_is_bounded():
+    schedule = schedule_of(requests_of(5, responses=3), slots=4)
+    group = schedule.next_group()
+    assert [(r.request.sample_idx, r.request.response_idx) for r in group] == [(0, 0), (0, 1), (0, 2)]
+    schedule = schedule_of(requests_of(10), slots=4, max_waiting=2)
+    assert [r.position for r in schedule.next_group()] == [0, 1]  # no further than 2 past the oldest
+
+
+def test_replayed_rows_alone_jump_to_the_next_finish():
+    requests = requests_of(2)
+    requests[1].replay_tokens = 3
+    schedule = schedule_of(requests, slots=2)
+    schedule.rows.extend(schedule.next_group())
+    assert schedule.replayed_only() and schedule.jump() == [1]
+    assert [r.produced for r in schedule.rows] == [3, 3]

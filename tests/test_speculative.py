@@ -11,7 +11,8 @@ from qstar_cli import sampler as sampler_module
 from qstar_cli.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.models import LoadedModel
 from qstar_cli.tiny import build_tiny_model
-from qstar_cli.sampler import DualModelSampler, SampleRequest, StreamStats
+from qstar_cli.sampler import DualModelSampler
+from qstar_cli.samples import SampleRequest, StreamStats
 from qstar_cli.sampling import SamplingParams, sample_tokens, sampling_logprobs
 from qstar_cli.speculative import auto_draft_len, expected_tokens, forward_cost, residual_logprobs, round_costs, verify_drafts
 
