@@ -21,6 +21,7 @@ named as ``package.module:Class`` or ``path/to/file.py:Class``::
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import orjson
 
 from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import is_hub_id
@@ -271,6 +273,39 @@ def _is_blank(path: Path) -> bool:
     return True
 
 
+def check_text_file(path: Path) -> None:
+    """Refuse a local text data file (``.jsonl``, ``.json``, ``.csv``) that is not UTF-8, or a JSON
+    Lines file with a line that is not a JSON object, naming the file, the line and the cause
+    (``datasets`` reads rows lazily and in chunks, and would name neither)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                decoder.decode(raw)
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"dataset {path} line {line} is not UTF-8 text (byte {raw[err.start]:#04x}); save it as UTF-8") from None
+            if path.suffix == ".jsonl" and raw.strip():
+                try:
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError as err:
+                    raise DatasetError(f"dataset {path} line {line} is not valid JSON: {str(err).split(': line')[0]}") from None
+                if not isinstance(record, dict):
+                    raise DatasetError(f"dataset {path} line {line} is a JSON {type(record).__name__}, not an object of column: value")
+            line += raw.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DatasetError(f"dataset {path} line {line} ends in a cut UTF-8 character; save it as UTF-8") from None
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost exception behind ``err`` (what ``datasets`` wraps)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def load_source(spec: str, subset: str | None = None, split: str = "train") -> datasets.Dataset:
     """A ``datasets.Dataset`` from a hub id, a local data file or a ``save_to_disk`` directory.
 
@@ -289,6 +324,8 @@ def load_source(spec: str, subset: str | None = None, split: str = "train") -> d
                 raise DatasetError(f"unsupported dataset file {spec}; use {', '.join(LOCAL_BUILDERS)}")
             if _is_blank(path):
                 raise DatasetError(f"dataset {spec} is empty")
+            if path.suffix in (".jsonl", ".json", ".csv"):
+                check_text_file(path)
             loaded = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
         else:
             loaded = datasets.load_dataset(str(path) if path.is_dir() else spec, subset, split=split)
@@ -298,7 +335,8 @@ def load_source(spec: str, subset: str | None = None, split: str = "train") -> d
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if path.is_file() and "corresponds to no data" in first_line:  # how datasets meets a split of no rows
             raise DatasetError(f"dataset {spec!r} has no rows") from err
-        raise DatasetError(f"cannot load dataset {spec!r}: {first_line}") from err
+        cause = _root_cause(err)
+        raise DatasetError(f"cannot load dataset {spec!r}: {first_line}" + (f" ({cause})" if cause != first_line else "")) from err
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DatasetError(f"dataset {spec!r} has no split {split!r}; splits: {', '.join(loaded)}")

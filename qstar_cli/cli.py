@@ -1,11 +1,14 @@
 """The ``qstar`` command line: a thin layer over the Python API.
 
-Exit codes: 0 done, 1 run error, 2 bad usage or bad input (one line, no traceback), 130 stopped by
-Ctrl-C or SIGTERM after saving (re-run the same command to resume).
+Exit codes: 0 done, 1 run error (the disk, the device or a model failed; one line, the samples
+committed so far kept), 2 bad usage or bad input (one line, no traceback), 130 stopped by Ctrl-C or
+SIGTERM after saving (re-run the same command to resume). A traceback is printed only under
+``qstar --debug`` or ``QSTAR_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ from rich.progress import (
 from typer.core import TyperGroup
 
 import qstar_cli
-from qstar_cli.errors import QstarInputError
+from qstar_cli.errors import QstarInputError, QstarRunError
 from qstar_cli.paths import check_output_dir, check_output_file
 
 err_console = Console(stderr=True)
@@ -76,9 +79,43 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(qstar_cli.__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of a failure (also QSTAR_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the qstar version."),
+) -> None:
     """qstar: training responses close to a target model and likely under the policy."""
+    if debug:
+        os.environ["QSTAR_DEBUG"] = "1"
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Every failure as one ``error:`` line: bad input exit 2, a run error exit 1; any other exception
+    (a bug) exit 1 too, its traceback printed only under ``--debug`` or ``QSTAR_DEBUG=1``."""
+    try:
+        yield
+    except QstarInputError as err:
+        raise fail(str(err)) from None
+    except QstarRunError as err:
+        raise fail(str(err), EXIT_RUN) from None
+    except OSError as err:  # the machine: a file that cannot be read or written
+        where = f" {err.filename}" if err.filename else ""
+        raise fail(f"cannot read or write{where}: {err.strerror or err}", EXIT_RUN) from None
+    except Exception as err:
+        if os.environ.get("QSTAR_DEBUG", "") not in ("", "0"):
+            err_console.print(traceback.format_exc(), highlight=False, markup=False)
+            hint = ""
+        else:
+            hint = " (run with qstar --debug or QSTAR_DEBUG=1 for the traceback)"
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise fail(f"{type(err).__name__}: {first}{hint}", EXIT_RUN) from None
 
 
 @app.command()
@@ -201,19 +238,15 @@ def generate(
 ) -> None:
     """Sample a response to every prompt of a dataset from q*, resumably, with per-token diagnostics."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
-    from qstar_cli.pipeline import GenerateConfig, run_generate, stop_on_signals
+    from qstar_cli.pipeline import GenerateConfig, run_generate, setting_names, stop_on_signals
 
     console = Console()
-    try:
-        settings = GenerateConfig.from_dict({**read_config_file(config), **flags}, source=str(config or "flags"))
+    with one_line_errors():
+        from_file = setting_names(read_config_file(config), str(config))
+        settings = GenerateConfig.from_dict({**from_file, **flags}, source=str(config or "flags"))
         _quiet_libraries()
         with stop_on_signals() as stop, GenerateProgress(console) as progress:
             summary = run_generate(settings, progress=progress, stop=stop)
-    except QstarInputError as err:
-        raise fail(str(err)) from None
-    except Exception as err:  # a run error: keep the traceback for the bug report
-        err_console.print(traceback.format_exc(), highlight=False, markup=False)
-        raise fail(f"{type(err).__name__}: {err}", EXIT_RUN) from None
 
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items()))
     console.print(
@@ -356,8 +389,8 @@ def _export(run, path: Path, ess_floor: float) -> None:
 
 @app.command()
 def explain(
-    output: Path = typer.Option(Path("."), help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png."),
-    json_output: bool = typer.Option(False, "--json", help="Print the table as JSON instead of a table."),
+    output: Path = typer.Option(None, help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png. (default: ., or none with --json)"),
+    json_output: bool = typer.Option(False, "--json", help="Print the table as JSON instead of a table (figures only with --output)."),
 ) -> None:
     """q* on two 2-D Gaussians: the pictures and alpha* table, closed form beside solve_alpha on a grid."""
     import orjson
@@ -365,10 +398,16 @@ def explain(
     from qstar_cli.explain import explain_cases
     from qstar_cli.explain_plots import explain_table, write_figures
 
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise fail(f"cannot create the --output directory {output}: {err.strerror}") from None
+    if output is None and not json_output:
+        output = Path(".")
+    if output is not None:
+        try:
+            check_output_dir(output, "--output")
+            output.mkdir(parents=True, exist_ok=True)
+        except QstarInputError as err:
+            raise fail(str(err)) from None
+        except OSError as err:
+            raise fail(f"cannot create the --output directory {output}: {err.strerror}") from None
     explanation = explain_cases()
     if json_output:
         typer.echo(orjson.dumps({"cases": explanation.records()}, option=orjson.OPT_INDENT_2).decode())
@@ -376,8 +415,9 @@ def explain(
         console = Console()
         console.width = max(console.width, 120)  # the table needs 120 columns; never drop one
         console.print(explain_table(explanation))
-    written = write_figures(explanation, output)
-    err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+    if output is not None:
+        written = write_figures(explanation, output)
+        err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
 
 
 class ExportProgress:
@@ -419,12 +459,17 @@ def export(
     """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
     from qstar_cli.export import ExportConfig, export_training_set
 
-    try:
+    with one_line_errors():
         config = ExportConfig(run, output, include_truncated, ess_floor, gamma)
         with ExportProgress(err_console) as progress:
             summary = export_training_set(config, progress)
-    except QstarInputError as err:
-        raise fail(str(err)) from None
+    if summary.incomplete:
+        done, samples = summary.incomplete
+        err_console.print(
+            f"warning: the run is not finished ({done} of {samples} samples, as its manifest says): exported those it holds; "
+            "re-run its generate command to finish it",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
     if summary.skipped_lines:
         lines = summary.skipped_lines
         shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
@@ -447,12 +492,9 @@ def report(
 
     console = Console(stderr=True)
     bar = Progress(TextColumn("[bold]reading the run"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
-    try:
-        with bar:
-            task = bar.add_task("read", total=None)
-            summary = build_report(run, output, tokenizer, max_samples, seed, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except QstarInputError as err:
-        raise fail(str(err)) from None
+    with one_line_errors(), bar:
+        task = bar.add_task("read", total=None)
+        summary = build_report(run, output, tokenizer, max_samples, seed, progress=lambda done, total: bar.update(task, completed=done, total=total))
     for note in summary.notes:
         err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     typer.echo(f"report: {summary.output} ({summary.embedded} of {summary.samples} samples embedded, {summary.bytes / 1e6:.2f} MB)")
@@ -465,9 +507,7 @@ def merge(
     """Join the shards of one run (generate --num-shards) into OUT.jsonl, its sidecar and manifest, in schedule order."""
     from qstar_cli.merge import merge_shards
 
-    try:
+    with one_line_errors():
         summary = merge_shards(output)
-    except QstarInputError as err:
-        raise fail(str(err)) from None
     files = [summary.paths.main, summary.paths.diagnostics, summary.paths.meta]
     typer.echo(f"{summary.samples} samples from {summary.shards} shards in " + ", ".join(str(p) for p in files if p.exists()))

@@ -1,9 +1,15 @@
-"""Errors caused by what the user asked for (a missing file, an unknown model, a bad flag).
+"""The two kinds of failure a user is told about in one line, without a traceback.
 
-The command line prints their message on one line, without a traceback, and exits with code 2;
-any other exception is a run error (exit code 1).
+:class:`QstarInputError`: caused by what the user asked for (a missing file, an unknown model, a bad
+flag, damaged run files); exit code 2. :class:`QstarRunError`: the machine or a model failed (a full
+disk, NaN log-probabilities); exit code 1, the samples committed so far kept. Any other exception is
+a bug: exit code 1 with one line, and the traceback under ``--debug`` or ``QSTAR_DEBUG=1``.
 """
 
 
 class QstarInputError(ValueError):
     """Bad usage or bad input: the message alone tells the user what to fix."""
+
+
+class QstarRunError(RuntimeError):
+    """The run could not go on (the disk, the device or a model failed); the message says what is saved."""

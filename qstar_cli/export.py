@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from qstar_cli.analysis import REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
 from qstar_cli.errors import QstarInputError
+from qstar_cli.paths import check_output_file, check_writable
 from qstar_cli.writer import OutputPaths
 
 FORMATS = (".parquet", ".jsonl")
@@ -93,6 +94,8 @@ class ExportSummary:
     truncated_left_out: int
     skipped_lines: list[int]  # line numbers of samples that one of the two files lacks or has torn
     weights: SequenceWeights
+    #: ``(done, samples)`` when the run's manifest says it is not finished (a stopped or running run), else None.
+    incomplete: tuple[int, int] | None = None
 
 
 @dataclass
@@ -210,6 +213,8 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
         )
     if config.output.resolve() in (config.run.resolve(), config.sidecar.resolve()):
         raise QstarInputError(f"--output {config.output} would overwrite the run it reads")
+    check_output_file(config.output, "--output")
+    check_writable(config.output, "--output")
 
     reader = _LockstepReader(config, progress)
     log_w = array("d", (sequence_log_weight(record) for _, record in reader.samples("weights")))
@@ -239,4 +244,14 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, config.output)
-    return ExportSummary(config.output, len(log_w), reader.truncated, reader.skipped, weights)
+    return ExportSummary(config.output, len(log_w), reader.truncated, reader.skipped, weights, _incomplete(config.run))
+
+
+def _incomplete(run: Path) -> tuple[int, int] | None:
+    """``(done, samples)`` of a run whose manifest says it is unfinished (None when finished or unknown)."""
+    try:
+        meta = orjson.loads(OutputPaths(run).meta.read_bytes())
+        done, samples, status = meta["counts"]["done"], meta["counts"]["samples"], meta["status"]
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return None if status == "complete" and done == samples else (done, samples)

@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 import qstar_cli
 from qstar_cli.analysis import CHECKS, RunAnalysis, analyze_sidecar, sequence_weights
 from qstar_cli.errors import QstarInputError
+from qstar_cli.paths import check_output_file, check_writable
 from qstar_cli.models import ModelLoadError, load_tokenizer
 from qstar_cli.plots import plot_runs
 from qstar_cli.report import field_table, fmt, overview_table, run_label
@@ -427,6 +428,9 @@ def build_report(
         if not path.is_file():
             hint = " (a run made with --diagnostics none has none)" if path == paths.diagnostics else ""
             raise QstarInputError(f"{what} not found: {path}{hint}")
+    out = Path(output) if output is not None else paths.stem.with_name(paths.stem.name + ".report.html")
+    check_output_file(out, "--output", [paths.main.resolve(), paths.diagnostics.resolve(), paths.meta.resolve()])
+    check_writable(out, "--output")
     meta = _read_manifest(paths.meta)
     selection = SampleSelection(max_samples, seed)
     # Level summary has no per-token arrays, so it needs no token strings; a missing tokenizer fails before the pass.
@@ -484,8 +488,6 @@ def build_report(
         why_plain=why_plain,
         data_json=script_json(data),
     )
-    out = Path(output) if output is not None else paths.stem.with_name(paths.stem.name + ".report.html")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return ReportSummary(out, len(views), run.samples, out.stat().st_size, notes)
 

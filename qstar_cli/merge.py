@@ -30,7 +30,7 @@ import orjson
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
-from qstar_cli.writer import CheckpointedWriter, OutputPaths, config_differences
+from qstar_cli.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, config_differences
 
 _SIDECAR_KEY = re.compile(rb'"sample_idx":(\d+),"response_idx":(\d+)')
 
@@ -70,18 +70,23 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
             raise MergeError(f"shard {shard.main} is missing: run generate with --num-shards {len(shards)} --shard-index {index}")
         if not shard.meta.exists():
             raise MergeError(f"shard {shard.main} has no manifest {shard.meta.name}: it was not written by qstar generate")
-        metas.append(orjson.loads(shard.meta.read_bytes()))
+        metas.append(_read_manifest(shard))
     # The run is what most shards say it is; a shard that says otherwise is the foreign one.
     run_fingerprint = Counter(m.get("fingerprint") for m in metas).most_common(1)[0][0]
     reference = next(m for m in metas if m.get("fingerprint") == run_fingerprint)
-    schedule = Counter(m.get("shard", {}).get("schedule_samples") for m in metas).most_common(1)[0][0]
+    schedule = Counter(m["shard"].get("schedule_samples") for m in metas).most_common(1)[0][0]
+    split = Counter(m["shard"].get("split") for m in metas).most_common(1)[0][0]
     for index, (shard, meta) in enumerate(zip(shards, metas)):
         if meta.get("fingerprint") != run_fingerprint:
             changed = ", ".join(config_differences(reference.get("fingerprint_config", {}), meta.get("fingerprint_config", {})))
             raise MergeError(f"shard {shard.main} was made with another configuration than the other shards: {changed}")
-        expected = {"index": index, "count": len(shards), "schedule_samples": schedule}
+        expected = {"index": index, "count": len(shards), "schedule_samples": schedule, **({"split": split} if split else {})}
         if meta.get("shard") != expected:
             raise MergeError(f"shard {shard.main} belongs to another split: its manifest says {meta.get('shard')}, not {expected}")
+        weights = meta.get("weights_sha256"), reference.get("weights_sha256")
+        if all(isinstance(w, dict) for w in weights) and weights[0] != weights[1]:
+            changed = sorted(name for name in set(weights[0]) & set(weights[1]) if weights[0][name] != weights[1][name])
+            raise MergeError(f"shard {shard.main} was made with other weights than the other shards (of {', '.join(changed) or 'its models'})")
         counts = meta["counts"]
         if meta.get("status") != "complete" or counts["done"] != counts["samples"]:
             raise MergeError(
@@ -90,6 +95,30 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
     if sum(m["counts"]["samples"] for m in metas) != schedule:
         raise MergeError(f"the shards of {len(shards)} hold {sum(m['counts']['samples'] for m in metas)} samples, not the run's {schedule}")
     return metas
+
+
+#: What merging reads of a shard's manifest, and the type each must have.
+_MANIFEST_FIELDS = {"fingerprint": str, "fingerprint_config": dict, "config": dict, "counts": dict, "shard": dict,
+                    "status": str, "device": str, "dtype": str, "versions": dict}  # fmt: skip
+_COUNT_FIELDS = {"rows": int, "samples": int, "done": int, "skipped": dict}
+
+
+def _read_manifest(shard: OutputPaths) -> dict[str, Any]:
+    """A shard's manifest, refused in one line when it cannot be read or lacks what merging needs."""
+    hint = f"re-run that shard's generate command to rewrite it, or restore {shard.meta.name}"
+    try:
+        meta = orjson.loads(shard.meta.read_bytes())
+    except OSError as err:
+        raise MergeError(f"cannot read the manifest {shard.meta}: {err.strerror}") from err
+    except orjson.JSONDecodeError as err:
+        raise MergeError(f"the manifest {shard.meta} is damaged (not valid JSON: {err}); {hint}") from err
+    if not isinstance(meta, dict):
+        raise MergeError(f"the manifest {shard.meta} is damaged (not a JSON object); {hint}")
+    for fields, where in ((_MANIFEST_FIELDS, meta), (_COUNT_FIELDS, meta.get("counts"))):
+        for name, kind in fields.items():
+            if not isinstance(where, dict) or not isinstance(where.get(name), kind) or isinstance(where.get(name), bool):
+                raise MergeError(f"the manifest {shard.meta} is damaged ({name} missing or not {kind.__name__}); {hint}")
+    return meta
 
 
 def _shard_lines(
@@ -130,7 +159,9 @@ def merge_shards(output: Path) -> MergeSummary:
     paths = OutputPaths(Path(output))
     shards = find_shards(paths)
     metas = check_shards(shards)
-    level = metas[0]["fingerprint_config"]["diagnostics"]
+    level = metas[0]["fingerprint_config"].get("diagnostics")
+    if level not in DIAGNOSTICS_LEVELS:
+        raise MergeError(f"the manifest {shards[0].meta} is damaged (diagnostics level {level!r}); re-run that shard's generate command")
     with CheckpointedWriter(paths.main, level) as writer:
         previous = writer.previous_meta()
         if (previous is None and paths.main.exists()) or (previous is not None and previous.get("fingerprint") != metas[0]["fingerprint"]):
@@ -181,6 +212,7 @@ def _merged_meta(paths: OutputPaths, shards: list[OutputPaths], metas: list[dict
         "device": ", ".join(sorted({m["device"] for m in metas})),
         "dtype": ", ".join(sorted({m["dtype"] for m in metas})),
         "versions": first["versions"],
+        "weights_sha256": first.get("weights_sha256"),
         # Every shard reads the whole dataset: rows and skipped rows are the run's, not to be summed.
         "counts": {
             "rows": first["counts"]["rows"],

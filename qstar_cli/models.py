@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -168,9 +170,10 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # transformers, safetensors and torch each fail in their own way on a bad checkpoint
         where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
-        raise ModelLoadError(f"cannot load model {spec!r}{where}: {str(err).splitlines()[0]}") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"cannot load model {spec!r}{where}: {first}") from err
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
@@ -207,6 +210,53 @@ def model_identity(spec: str) -> dict[str, object]:
         return {"files": {f.name: f.stat().st_size for f in files}}
     cached = try_to_load_from_cache(spec, "config.json")
     return {"revision": extract_commit_hash(cached, None) if isinstance(cached, str) else None}
+
+
+#: Bytes read per call while hashing a weight file.
+_HASH_CHUNK = 1 << 24
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per content: cached under :func:`cache_dir` by the
+    file's resolved path, size, inode and ``mtime_ns`` (which saving over a file changes), so that a
+    resume costs a ``stat`` per file, and an 8B checkpoint is read once (RESULTS.md states the cost)."""
+    path = path.resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}"
+    store = cache_dir() / "sha256.json"
+    try:
+        cached = orjson.loads(store.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), str):
+        return cached[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    cached = {k: v for k, v in cached.items() if not k.startswith(f"{path}|")}  # older contents of this file
+    cached[key] = digest.hexdigest()
+    try:  # a cache that cannot be written costs a re-hash next time, nothing more
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(orjson.dumps(cached))
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return cached[key]
+
+
+def model_digests(spec: str) -> dict[str, str] | None:
+    """SHA-256 of each config and weight file of a local model (a directory, or a ``.gguf`` file), by
+    name: what :func:`model_identity` (names and sizes) cannot see, weights saved over a checkpoint of
+    the same shape. None for hub models (their commit identifies them) and the demo model (its package)."""
+    path = Path(spec).expanduser()
+    if spec == DEMO or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(IDENTITY_SUFFIXES))
+    return {f.name: file_sha256(f) for f in files}
 
 
 def emittable_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:

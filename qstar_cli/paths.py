@@ -6,6 +6,7 @@ so that a mistake is reported before any model loads and before any file is touc
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -71,3 +72,17 @@ def _check_parents(path: Path, flag: str) -> None:
             if not parent.is_dir():
                 raise QstarInputError(f"{flag} {path}: {parent} is a file, not a directory")
             return
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a file that cannot be written: an existing one opened for appending
+    (which changes nothing: an immutable or read-only file fails), a new one by creating a scratch
+    file in its directory (created if missing)."""
+    try:
+        if path.exists():
+            path.open("ab").close()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise QstarInputError(f"{flag} {path} cannot be written: {err.strerror}") from err

@@ -21,6 +21,7 @@ takes the samples from model replicas on Ray (:mod:`qstar_cli.ray_engine`), this
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import platform
@@ -42,10 +43,10 @@ import numpy as np
 
 import qstar_cli
 from qstar_cli.adapters import AdaptedDataset, Prompt, adapt_rows, load_source, resolve_adapter
-from qstar_cli.errors import QstarInputError
+from qstar_cli.errors import QstarInputError, QstarRunError
 from qstar_cli.mixture import check_alpha_method
-from qstar_cli.models import DEMO, check_model_spec, model_identity, resolve_device, resolve_dtype
-from qstar_cli.paths import check_output_file, local_path, resolved_spec
+from qstar_cli.models import DEMO, check_model_spec, model_digests, model_identity, resolve_device, resolve_dtype
+from qstar_cli.paths import check_output_file, check_writable, local_path, resolved_spec
 from qstar_cli.prompts import check_format
 from qstar_cli.sampler import DRAFTERS, MAX_DRAFT_K, DualModelSampler, check_draft_k
 from qstar_cli.samples import SampleRequest, StreamStats
@@ -77,8 +78,12 @@ PATH_SETTINGS = {
 }  # fmt: skip
 #: Settings of speculative sampling, fingerprinted only when it is on, with their values when off
 #: (so that a plain run's fingerprint is the one it had before speculative sampling existed).
-DRAFT_SETTINGS = {"draft_k": 0, "draft": "theta", "draft_model_theta": None, "draft_model_t": None,
-                  "draft_model_theta_identity": None, "draft_model_t_identity": None}  # fmt: skip
+DRAFT_SETTINGS = {"draft_k": 0, "draft": "theta", "draft_model_theta": None, "draft_model_t": None}
+#: The draft models' content, fingerprinted (like the settings above) only when the pair drafts.
+DRAFT_CONTENT = {"draft_model_theta_identity": None, "draft_model_t_identity": None}
+#: The models of a run, by setting, and what a message calls them.
+MODEL_ROLES = {"model_theta": "pi_theta", "model_t": "pi_t", "draft_model_theta": "the draft model for pi_theta",
+               "draft_model_t": "the draft model for pi_t"}  # fmt: skip
 _LAX = pydantic.ConfigDict(coerce_numbers_to_str=True)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 ENGINES = ("local", "ray")
@@ -153,6 +158,9 @@ class GenerateConfig:
             raise ConfigError(f"--shard-index must lie in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), got {self.shard_index}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "local" and (self.replicas != 1 or self.ray_address is not None):
+            flag = f"--replicas {self.replicas}" if self.replicas != 1 else "--ray-address"
+            raise ConfigError(f"{flag} is for --engine ray (model replicas on Ray); add --engine ray, or drop it to run here")
         self._check_draft()
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
@@ -188,7 +196,7 @@ class GenerateConfig:
         be (``max_new_tokens: "abc"``) is refused naming the setting.
         """
         types = get_type_hints(cls)
-        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}  # later spellings win (see setting_names)
         unknown = sorted(set(normalised) - set(types))
         if unknown:
             raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(types))}")
@@ -251,6 +259,18 @@ class GenerateConfig:
         specs = [getattr(self, name) for name, keywords in PATH_SETTINGS.items() if getattr(self, name) not in keywords]
         specs.append(self.adapter.rpartition(":")[0])
         return [path for spec in specs if spec and (path := local_path(spec)) is not None]
+
+
+def setting_names(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """A config file's ``values`` keyed by field names (``model-theta`` is ``model_theta``); a setting
+    spelled both ways is refused (which one was meant?)."""
+    normalised: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in normalised:
+            raise ConfigError(f"{source}: {name} is given twice (as {name} and {name.replace('_', '-')}); keep one")
+        normalised[name] = value
+    return normalised
 
 
 def _type_name(annotation: Any) -> str:
@@ -380,6 +400,8 @@ def check_output(config: GenerateConfig) -> OutputPaths:
     inputs = config.local_inputs()
     for path in (paths.main, paths.diagnostics, paths.meta, paths.lock):
         check_output_file(path, "--output", inputs)
+    for path in (paths.main, paths.diagnostics, paths.meta):
+        check_writable(path, "--output")
     return paths
 
 
@@ -393,16 +415,81 @@ def check_before_loading(config: GenerateConfig) -> None:
         check_format(spec)
 
 
+#: How the schedule is split into shards, recorded in each shard's manifest (absent: :func:`snake_shard_positions`).
+SHARD_SPLIT = "prefix-stable"
+
+
 def shard_positions(prompt_lengths: list[int], num_shards: int, index: int) -> list[int]:
     """The schedule positions of shard ``index`` of ``num_shards``, in schedule order.
 
-    Positions sorted by prompt length are dealt to the shards in snake order (0..N-1, N-1..0, ...),
-    so that each shard gets its share of long and short prompts and the sizes differ by one at most.
+    Positions are dealt in rounds of ``num_shards``: each goes to the shard with the fewest prompt
+    tokens so far among those not yet dealt one in its round (the lowest index on a tie). A position's
+    shard depends on the positions before it alone, so a schedule that grows (``--num-samples``, rows
+    added) keeps every shard's earlier positions, which resuming a shard needs; the sizes differ by
+    one at most, and each shard gets its share of long and short prompts.
     """
+    load = np.zeros(num_shards, dtype=np.int64)
+    dealt = np.zeros(num_shards, dtype=bool)
+    positions = []
+    for position, length in enumerate(prompt_lengths):
+        if position % num_shards == 0:
+            dealt[:] = False
+        shard = int(np.argmin(np.where(dealt, np.iinfo(np.int64).max, load)))
+        load[shard] += length
+        dealt[shard] = True
+        if shard == index:
+            positions.append(position)
+    return positions
+
+
+def snake_shard_positions(prompt_lengths: list[int], num_shards: int, index: int) -> list[int]:
+    """The split of shards begun before :data:`SHARD_SPLIT` (kept so that they resume as begun):
+    positions sorted by prompt length dealt in snake order; it changes when the schedule grows."""
     by_length = np.argsort(np.asarray(prompt_lengths, dtype=np.int64), kind="stable")
     round_, seat = np.divmod(np.arange(len(by_length)), num_shards)
     shard = np.where(round_ % 2 == 0, seat, num_shards - 1 - seat)
     return np.sort(by_length[shard == index]).tolist()
+
+
+def shard_split(config: GenerateConfig, previous: dict[str, Any] | None, prompts: Schedule) -> tuple[str | None, list[int]]:
+    """The split this shard continues (its manifest's, or :data:`SHARD_SPLIT` for a new one) and its
+    positions in ``prompts``; a shard begun with the snake split resumes on it while its schedule is unchanged."""
+    lengths = [len(ids_theta) + len(ids_t) for _, (ids_theta, ids_t) in prompts]
+    begun = (previous or {}).get("shard")
+    if isinstance(begun, dict) and "split" not in begun:
+        if begun.get("schedule_samples") != len(prompts) * config.samples_per_prompt:
+            raise ResumeError(
+                f"{config.output_paths().main} is a shard begun by an earlier qstar, whose split changes with the schedule: "
+                f"keep --num-samples (and the dataset) as they were ({begun.get('schedule_samples')} samples), "
+                "or add --overwrite to start the shard afresh"
+            )
+        return None, snake_shard_positions(lengths, config.num_shards, config.shard_index)
+    return SHARD_SPLIT, shard_positions(lengths, config.num_shards, config.shard_index)
+
+
+def run_models(config: GenerateConfig) -> dict[str, str]:
+    """The models this run loads, by setting (the draft pair only when it drafts)."""
+    names = ("model_theta", "model_t") + (("draft_model_theta", "draft_model_t") if config.draft_k and config.draft == "pair" else ())
+    return {name: getattr(config, name) for name in names}
+
+
+def check_model_digests(writer: CheckpointedWriter, config: GenerateConfig) -> dict[str, dict[str, str]]:
+    """The SHA-256 of every local model file of the run, after checking them against the run being
+    continued: weights saved over a checkpoint keep its names and sizes (the fingerprinted identity),
+    not its bytes. A run begun by a qstar that recorded no digests is continued, and they are recorded."""
+    digests = {name: found for name, spec in run_models(config).items() if (found := model_digests(spec)) is not None}
+    previous = None if config.overwrite else writer.previous_meta()
+    recorded = (previous or {}).get("weights_sha256")
+    for name, files in digests.items():
+        old = recorded.get(name) if isinstance(recorded, dict) else None
+        if isinstance(old, dict) and old != files:
+            changed = sorted(f for f in set(old) | set(files) if old.get(f) != files.get(f))
+            raise ResumeError(
+                f"the files of {MODEL_ROLES[name]} changed since {writer.paths.main} began ({getattr(config, name)}: "
+                f"{', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} in content); "
+                "resume with the model it began with, or add --overwrite to start afresh"
+            )
+    return digests
 
 
 def package_versions() -> dict[str, str]:
@@ -443,7 +530,11 @@ def run_generate(
     settings = config.fingerprint_config()
 
     with CheckpointedWriter(paths.main, config.diagnostics) as writer:
-        writer.check_config(settings, overwrite=config.overwrite, optional=DRAFT_SETTINGS)  # before the models load
+        # Before the models load: the settings, then the models' content (hashed once per file content).
+        writer.check_config(settings, overwrite=config.overwrite, optional=DRAFT_SETTINGS)
+        if not config.overwrite:
+            writer.check_files()
+        digests = check_model_digests(writer, config)
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
             sampler = config.load_sampler("meta" if ray_engine else None)
@@ -462,13 +553,15 @@ def run_generate(
         }
         fp_config = {**settings, **content}
         continued = {**fp_config, "prompt_ids": _continued_prompt_ids(writer, prompts, config.overwrite)}
-        previous = writer.check_config(continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional=DRAFT_SETTINGS)
+        previous = writer.check_config(
+            continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**DRAFT_SETTINGS, **DRAFT_CONTENT}
+        )
         if config.overwrite:
             writer.start_afresh()
         schedule_prompts = len(prompts)
         if config.num_shards > 1:  # a shard takes whole prompts (all K responses of each)
-            lengths = [len(ids_theta) + len(ids_t) for _, (ids_theta, ids_t) in prompts]
-            prompts = [prompts[p] for p in shard_positions(lengths, config.num_shards, config.shard_index)]
+            split, positions = shard_split(config, previous, prompts)
+            prompts = [prompts[p] for p in positions]
         # Row-major: each usable row's samples_per_prompt responses, then the next row's.
         schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
@@ -482,11 +575,15 @@ def run_generate(
             "device": config.device if ray_engine else str(sampler.theta.model.device),
             "dtype": config.dtype if ray_engine else str(sampler.theta.model.dtype).removeprefix("torch."),
             "versions": package_versions(),
+            "weights_sha256": digests,
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
             "sessions": (previous or {}).get("sessions", []),
         }
         if config.num_shards > 1:
-            meta["shard"] = {"index": config.shard_index, "count": config.num_shards, "schedule_samples": schedule_prompts * config.samples_per_prompt}
+            meta["shard"] = {
+                "index": config.shard_index, "count": config.num_shards, "schedule_samples": schedule_prompts * config.samples_per_prompt,
+                **({"split": split} if split else {}),
+            }  # fmt: skip
         session = {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "resumed_from": done,
@@ -514,12 +611,13 @@ def run_generate(
         stats = StreamStats()
         waiting: dict[int, Any] = {}  # finished samples after the first unfinished one, by position
         unwritten = 0
+        committed = done  # samples durable in the files and counted by the manifest
 
         def commit() -> None:
-            nonlocal unwritten
+            nonlocal unwritten, committed
             writer.commit()
             progress.samples(unwritten)
-            unwritten = 0
+            unwritten, committed = 0, done
             _record_session(meta, session, done, new_tokens, time.perf_counter() - started, "running", stats, config.batch_size)
             writer.write_meta(meta)
 
@@ -537,16 +635,30 @@ def run_generate(
         else:
             results = sampler.stream(requests, config.batch_size, config.scheduler, on_step, stats=stats)
         try:
-            for position, result in results:
-                waiting[position + first] = result
-                while done in waiting:
-                    writer.write(schedule[done][0], waiting.pop(done))
-                    done += 1
-                    unwritten += 1
-        except Interrupted:
-            status = "interrupted"
-        if unwritten:
-            commit()
+            try:
+                for position, result in results:
+                    waiting[position + first] = result
+                    while done in waiting:
+                        writer.write(schedule[done][0], waiting.pop(done))
+                        done += 1
+                        unwritten += 1
+            except Interrupted:
+                status = "interrupted"
+            if unwritten:
+                commit()
+        except (OSError, QstarRunError) as err:
+            # The disk or a model failed: what the last commit made durable stays, and the manifest
+            # (if it can still be written) says so; the same command resumes from there.
+            with contextlib.suppress(OSError):
+                _record_session(meta, session, committed, new_tokens, time.perf_counter() - started, "failed", stats, config.batch_size)
+                writer.write_meta(meta)
+            why = f"cannot write the run files beside {paths.main}: {err.strerror or err}" if isinstance(err, OSError) else str(err)
+            fix = "free the space (or fix the files) and " if isinstance(err, OSError) else ""
+            raise QstarRunError(f"{why}; {committed} of {len(schedule)} samples are saved; {fix}run the same command to resume") from err
+        except BaseException:
+            if previous is None and not committed:  # a fresh run that wrote nothing leaves nothing behind
+                writer.start_afresh()
+            raise
         seconds = time.perf_counter() - started
         _record_session(meta, session, done, new_tokens, seconds, status, stats, config.batch_size)
         writer.write_meta(meta)

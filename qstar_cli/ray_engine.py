@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,6 +104,27 @@ class Replica:
         return {"result": np.array([done], dtype=object)}
 
 
+#: Seconds to wait for a Ray cluster's port to answer before a run is refused.
+CONNECT_TIMEOUT = 5.0
+
+
+def check_ray_address(address: str | None) -> None:
+    """Refuse, before any file is written, a Ray address that is not ``auto``, ``local``,
+    ``HOST:PORT`` or ``ray://HOST:PORT``, or whose host does not resolve or port does not answer
+    (``ray.init`` would try for half a minute and end in a traceback)."""
+    if address in (None, "", "auto", "local"):
+        return
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise QstarInputError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as err:
+        reason = "no such host" if isinstance(err, socket.gaierror) else (err.strerror or "no answer")
+        raise QstarInputError(f"cannot reach the Ray cluster at --ray-address {address}: {reason} (within {CONNECT_TIMEOUT:g} s)") from None
+
+
 class RayEngine:
     """The samples of a schedule, made by Ray replicas; ``record`` is what the manifest keeps of it."""
 
@@ -112,6 +134,7 @@ class RayEngine:
         except ImportError as err:
             raise QstarInputError(f"--engine ray needs Ray, an optional extra: {INSTALL_HINT}") from err
         self.config = config
+        check_ray_address(config.ray_address or os.environ.get("RAY_ADDRESS"))
         self.group_size = PROMPTS_PER_GROUP * config.batch_size
         self.record: dict[str, Any] = {"name": "ray", "replicas": config.replicas, "address": None, "per_replica": []}
 

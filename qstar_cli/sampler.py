@@ -17,7 +17,6 @@ back by its length alone; other rows keep theirs.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qstar_cli.errors import QstarRunError
 from qstar_cli.mixture import (
     AlphaMethod,
     check_alpha_method,
@@ -55,6 +55,10 @@ DRAFTERS: tuple[str, ...] = ("theta", "pair")
 MAX_DRAFT_K = 32
 #: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2
+
+
+class NonFiniteLogProbs(QstarRunError):
+    """A model's log-probabilities are NaN: its samples would be the other model's alone."""
 
 
 def eos_ids(*loaded: LoadedModel) -> set[int]:
@@ -118,6 +122,7 @@ class DualModelSampler:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.seed = seed
+        self._round_costs: dict[int, np.ndarray] = {}
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
         #: (pi_theta's side, pi_t's side): the most tokens, prompt and response, the models of each side
         #: take, draft models included (None: no limit known).
@@ -237,15 +242,17 @@ class DualModelSampler:
                 for cache, side in zip(caches, self.sides):
                     cache.move(src, dst, row.cached(side))
 
-    @functools.cache
     def round_costs(self, rows: int) -> np.ndarray:
         """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts for ``rows`` rows (:func:`round_costs`),
         for ``--draft-k auto``: constants of the models and device, never timings, so that the
-        rounds (and the samples) do not depend on timing."""
-        size = [sum(p.numel() for p in m.model.parameters()) for m in self.models]
-        return round_costs(
-            sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), rows, self.theta.model.device.type
-        )
+        rounds (and the samples) do not depend on timing. Kept per sampler (a cache on the method
+        would keep every sampler, and its models, alive)."""
+        if rows not in self._round_costs:
+            size = [sum(p.numel() for p in m.model.parameters()) for m in self.models]
+            self._round_costs[rows] = round_costs(
+                sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), rows, self.theta.model.device.type
+            )
+        return self._round_costs[rows]
 
     def _draft_lengths(self, rows: list[Row]) -> list[int]:
         """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice for the batch,
@@ -348,18 +355,42 @@ class DualModelSampler:
             **token_diagnostics(logp_theta, logp_t, logp_q),
         }
         values = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).view(n, -1)
+        # A NaN log-prob of either model (a bad checkpoint, an fp16 overflow) would silently make q the
+        # other model alone: flagged per row over the tokens it emits, never recorded.
+        emitted = (feed.offsets <= accepted.unsqueeze(-1)).flatten()
+        nan = [columns[f].isnan() & emitted for f in ("logp_theta", "logp_t")]
+        nan = torch.stack(nan, dim=-1).view(n, -1, 2).any(1)
+        if len(self.sequential) > 1:  # the draft pair's own NaN would skew the residual that a rejection draws from
+            drafted = feed.offsets[:k] < lengths.unsqueeze(-1)
+            nan[:, 0] |= (logp_p.isnan().any(-1) & drafted).any(-1)
         # The round's only host synchronisation.
-        host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), values], dim=1).tolist()
+        host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), nan.to(torch.float64), values], dim=1).tolist()
         stats.steps += 1
         finished = []
         for i, (row, values) in enumerate(zip(rows, host)):
             if row.result is None:
                 row.replay(1)
             else:
-                row.record(draft_len[i], int(values[0]), values[1:], len(PER_TOKEN_FIELDS), self.eos, stats)
+                if values[1] or values[2]:
+                    raise NonFiniteLogProbs(self._nan_message(rows, host))
+                row.record(draft_len[i], int(values[0]), values[3:], len(PER_TOKEN_FIELDS), self.eos, stats)
             if row.done:
                 finished.append(i)
         return finished
+
+    def _nan_message(self, rows: list[Row], host: list[list[float]]) -> str:
+        """Which model gave NaN log-probabilities, for which samples of the round."""
+        bad = [(row, values) for row, values in zip(rows, host) if row.result is not None and (values[1] or values[2])]
+        theta = "pi_theta or the draft pair" if len(self.sequential) > 1 else "pi_theta"
+        roles = " and ".join(
+            f"{role} ({model.name})" for role, model, j in ((theta, self.theta, 1), ("pi_t", self.target, 2)) if any(v[j] for _, v in bad)
+        )
+        row = bad[0][0]
+        return (
+            f"{roles} gave NaN log-probabilities in {len(bad)} of the round's {len(rows)} rows (first: sample "
+            f"{row.request.sample_idx} response {row.request.response_idx}, token {row.produced}); no such token is written. "
+            "The checkpoint may be damaged, or float16 may overflow (try --dtype float32 or bfloat16)"
+        )
 
     def _draft(self, caches, feed: _Feed, sample: Tensor, step: Tensor, k: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """The sequential models take the pending tokens, then each draft, one forward at a time;

@@ -55,7 +55,8 @@ def counter_uniform(seed: int, sample_idx: Tensor, step: Tensor, stream: int = 0
     ``sample_idx`` and ``step`` are int64 tensors of the same shape; ``stream`` separates uses
     (token draws, speculative acceptance tests) of one counter. 24-bit resolution, float32.
     """
-    key = _splitmix64(torch.full_like(sample_idx, _as_int64(seed)) + stream * _STREAM)
+    # The stream's offset wraps modulo 2^64 as the tensor arithmetic does (streams 0-2 as before).
+    key = _splitmix64(torch.full_like(sample_idx, _as_int64(seed)) + _as_int64(stream * _STREAM))
     x = _splitmix64(key ^ sample_idx)
     x = _splitmix64(x ^ step)
     return (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

@@ -5,15 +5,16 @@ For an output ``OUT.jsonl`` the files are ``OUT.jsonl`` (conversations), ``OUT.d
 timings) and ``OUT.jsonl.lock`` (held while a process writes). Samples are appended in batches and
 committed (flushed and fsynced) together; a sample is done only when every data file holds its line.
 On resume, both files are cut back to their common complete prefix, which also repairs a line torn
-by a crash. Lines are serialised by orjson with a fixed key order, so equal results give equal bytes.
+by a crash; what a crash cannot explain (a missing sidecar, a file shorter than the manifest's count
+of committed samples, an edited line among them) is refused instead, and nothing is cut. Lines are serialised by orjson with a fixed key order, so equal results give equal bytes.
 Non-finite floats (``ess_ratio`` when ``ess_t`` is 0) are written as ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,35 @@ DIAGNOSTICS_LEVELS = ("full", "summary", "none")
 SUMMARY_FIELDS = PER_TOKEN_FIELDS[1:]
 SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-_NUM_TOKENS = re.compile(rb'"num_tokens":(\d+)')
-_ROUNDS = re.compile(rb'"draft_lengths":\[([\d,]*)\],"round_tokens":\[([\d,]*)\]')
 
 
 class ResumeError(QstarInputError):
     """The existing output cannot be resumed with this configuration, or another process holds it."""
+
+
+class RunFilesDamaged(ResumeError):
+    """The run's files disagree in a way a crash cannot explain: resuming would cut committed samples."""
+
+
+def _committed(meta: dict[str, Any] | None) -> int:
+    """Samples the manifest says are durable (0 without a manifest)."""
+    done = (meta or {}).get("counts", {}).get("done", 0) if isinstance((meta or {}).get("counts"), dict) else 0
+    return done if isinstance(done, int) and done >= 0 else 0
+
+
+def _damage(path: Path, lines: list[_Line], good: int, committed: int, expected: tuple[int, int] | None = None) -> str:
+    """Why ``path`` holds only ``good`` of the ``committed`` samples: lines gone, one unreadable, or
+    one holding another sample than ``expected``."""
+    advice = "restore it to resume, or move it away (or add --overwrite) to start afresh"
+    if good == len(lines):
+        return f"{path} holds {good} samples, but the manifest says {committed} are done: lines were deleted or the file was replaced; {advice}"
+    key = lines[good].key
+    if key is None:
+        return f"{path} line {good + 1} is damaged (not a sample record) within the {committed} samples done; {advice}"
+    return (
+        f"{path} line {good + 1} holds sample {key[0]} response {key[1]}, where sample {expected[0]} response {expected[1]} belongs: "
+        f"the file was edited (a line deleted, moved or added); {advice}"
+    )
 
 
 @dataclass(frozen=True)
@@ -113,32 +137,52 @@ def fingerprint(config: dict[str, Any]) -> str:
 def config_differences(old: dict[str, Any], new: dict[str, Any], descriptions: dict[str, str] | None = None) -> list[str]:
     """For each key of ``new`` whose value differs in ``old``: its description if it has one, else ``key (old -> new)``."""
     descriptions = descriptions or {}
-    return [descriptions.get(k, f"{k} ({old.get(k)!r} -> {new.get(k)!r})") for k in sorted(new) if old.get(k) != new[k]]
+
+    def shown(value: Any) -> str:  # a nested value (a model's files) is named, not dumped
+        return "..." if isinstance(value, (dict, list)) else repr(value)
+
+    return [descriptions.get(k, f"{k} ({shown(old.get(k))} -> {shown(new.get(k))})") for k in sorted(new) if old.get(k) != new[k]]
 
 
-def _line_ends(path: Path) -> list[int]:
-    """Byte offset just past each newline of a file (streamed; the file may be large)."""
-    ends, offset = [], 0
+@dataclass
+class _Line:
+    """What resuming reads of one line: where it ends, and its sample key and rounds (None: unreadable)."""
+
+    end: int
+    key: tuple[int, int] | None
+    num_tokens: int | None = None
+    rounds: tuple[list[int], list[int]] | None = None
+
+
+def _read_lines(path: Path) -> list[_Line]:
+    """Every complete line of a data file (streamed; the file may be large); a torn last line is left out."""
+    lines, offset = [], 0
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            start = 0
-            while (i := chunk.find(b"\n", start)) != -1:
-                ends.append(offset + i + 1)
-                start = i + 1
-            offset += len(chunk)
-    return ends
+        for raw in f:
+            offset += len(raw)
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("sample_idx"), int):
+                lines.append(_Line(offset, None))
+                continue
+            rounds = record.get("draft_lengths"), record.get("round_tokens")
+            lines.append(_Line(
+                offset, (record["sample_idx"], record.get("response_idx", 0)), record.get("num_tokens"),
+                rounds if isinstance(rounds[0], list) and isinstance(rounds[1], list) else None,
+            ))  # fmt: skip
+    return lines
 
 
-def _line_at(path: Path, ends: list[int], index: int) -> dict[str, Any]:
-    """Line ``index`` of a file as an object (empty if it is not one: a damaged line)."""
-    start = ends[index - 1] if index else 0
-    with path.open("rb") as f:
-        f.seek(start)
-        try:
-            record = orjson.loads(f.read(ends[index] - start))
-        except orjson.JSONDecodeError:
-            return {}
-    return record if isinstance(record, dict) else {}
+def _first_mismatch(lines: list[_Line], expected: list[tuple[int, int]]) -> int:
+    """How many leading lines are the expected samples, readable."""
+    for i, line in enumerate(lines):
+        if i >= len(expected) or line.key != expected[i]:
+            return i
+    return len(lines)
 
 
 class CheckpointedWriter:
@@ -157,6 +201,8 @@ class CheckpointedWriter:
         self.level = diagnostics
         self._lock = filelock.FileLock(self.paths.lock, timeout=0)
         self._files: list = []
+        self._lines: dict[Path, list[_Line] | None] | None = None  # each data file's lines, once read
+        self._replay: list[_Line] | None = None
 
     @property
     def data_files(self) -> list[Path]:
@@ -179,7 +225,10 @@ class CheckpointedWriter:
 
     def close(self) -> None:
         for f in self._files:
-            f.close()
+            # What a close still has to flush was never committed: after a failed write (a full
+            # disk) it is lost by design, and the failure already reported.
+            with contextlib.suppress(OSError):
+                f.close()
         self._files = []
         if self._lock.is_locked:
             self._lock.release()
@@ -246,67 +295,72 @@ class CheckpointedWriter:
         """Delete the previous run's files (``--overwrite``)."""
         for path in self.run_files:
             path.unlink(missing_ok=True)
+        self._lines = None
 
     def resume(self, expected_samples: list[tuple[int, int]]) -> int:
-        """Open the data files for appending and return how many samples are already done.
+        """Repair the data files, open them for appending and return how many samples are already done.
 
-        The kept lines are checked against ``expected_samples``, the run's ``(sample_idx,
-        response_idx)`` order.
+        The manifest's ``counts.done`` is what the last commit made durable. Lines past it are what a
+        crash may have torn or left in one file only, and are cut back to the samples every file
+        holds; a file that holds fewer readable, expected samples than that (a deleted or edited
+        line, a missing sidecar) cannot be explained by a crash, and is refused, changing nothing.
+        ``expected_samples`` is the run's ``(sample_idx, response_idx)`` order.
         """
         done = self._repair(expected_samples)
         self._files = [path.open("ab") for path in self.data_files]
         return done
 
+    def check_files(self) -> None:
+        """Refuse, before the models load, files that a crash cannot explain: a data file missing
+        while another holds samples, or fewer complete, readable lines than the manifest's committed
+        samples. Each file is read once, for this and :meth:`resume`; nothing is changed."""
+        committed = _committed(self.previous_meta())
+        self._lines = {path: _read_lines(path) if path.exists() else None for path in self.data_files}
+        held = {path: len(path_lines or ()) for path, path_lines in self._lines.items()}
+        for path, path_lines in self._lines.items():
+            if path_lines is None and (committed or any(held.values())):
+                others = ", ".join(f"{p} holds {n} samples" for p, n in held.items() if n)
+                raise RunFilesDamaged(
+                    f"{path} is missing, but {others or f'the manifest says {committed} samples are done'}; "
+                    f"restore it to resume, or move {self.paths.main.name} and its files away (or add --overwrite) to start afresh"
+                )
+            readable = next((i for i, line in enumerate(path_lines or ()) if line.key is None), held[path])
+            if readable < committed:
+                raise RunFilesDamaged(_damage(path, path_lines, readable, committed))
+
     def _repair(self, expected_samples: list[tuple[int, int]]) -> int:
-        """Cut every data file back to the samples all of them hold, checking they are the expected ones."""
-        existing = [path for path in self.data_files if path.exists()]
-        if not existing:
-            return 0
-        ends = {path: _line_ends(path) for path in existing}
-        done = min(len(e) for e in ends.values()) if len(existing) == len(self.data_files) else 0
-        if done > len(expected_samples):
+        if self._lines is None:
+            self.check_files()
+        committed = _committed(self.previous_meta())
+        if committed > len(expected_samples):
             raise ResumeError(
-                f"{self.paths.main} holds {done} samples but this run has only {len(expected_samples)}; "
+                f"{self.paths.main} holds {committed} samples but this run has only {len(expected_samples)}; "
                 "add --overwrite to start afresh"
             )
-        for path, path_ends in ends.items():  # every file is checked before any is cut
-            if done:
-                line = _line_at(path, path_ends, done - 1)
-                if (line.get("sample_idx"), line.get("response_idx", 0)) != expected_samples[done - 1]:
-                    row, response = expected_samples[done - 1]
-                    raise ResumeError(
-                        f"{path} line {done} is not sample {row} response {response}: the dataset changed; "
-                        "add --overwrite to start afresh"
-                    )
-        for path, path_ends in ends.items():
-            with path.open("r+b") as f:
-                f.truncate(path_ends[done - 1] if done else 0)
+        for path, path_lines in self._lines.items():  # every file is checked before any is cut
+            good = _first_mismatch(path_lines or [], expected_samples)
+            if good < committed:
+                raise RunFilesDamaged(_damage(path, path_lines, good, committed, expected_samples[good]))
+        done = min(_first_mismatch(path_lines or [], expected_samples) for path_lines in self._lines.values())
+        for path, path_lines in self._lines.items():  # cut lines past the common prefix, and a torn last line
+            if path_lines is not None:
+                with path.open("r+b") as f:
+                    f.truncate(path_lines[done - 1].end if done else 0)
+        side = self._lines.get(self.paths.diagnostics) if self.level != "none" else None
+        self._replay = None if side is None else side[:done]
         return done
 
     def sample_lengths(self, done: int) -> list[int] | None:
-        """Tokens of each of the first ``done`` samples (from the sidecar), or None without a sidecar."""
-        if self.level == "none":
+        """Tokens of each of the first ``done`` samples (from the sidecar read by :meth:`resume`), or
+        None without a sidecar."""
+        if self._replay is None:
             return None
-        lengths: list[int] = []
-        if not done:
-            return lengths
-        with self.paths.diagnostics.open("rb") as f:
-            for line, _ in zip(f, range(done)):
-                # The key order is fixed: num_tokens sits near the start of the line.
-                lengths.append(int(_NUM_TOKENS.search(line, 0, 200).group(1)))
-        return lengths
+        return [line.num_tokens for line in self._replay[:done]]
 
     def sample_rounds(self, done: int) -> list[tuple[list[int], list[int]] | None]:
         """Drafts and tokens per round of each of the first ``done`` samples of a speculative run
         (None for a sample written without them)."""
-        rounds: list[tuple[list[int], list[int]] | None] = []
-        if not done:
-            return rounds
-        with self.paths.diagnostics.open("rb") as f:
-            for line, _ in zip(f, range(done)):
-                found = _ROUNDS.search(line)
-                rounds.append(None if found is None else tuple(orjson.loads(b"[" + g + b"]") for g in found.groups()))
-        return rounds
+        return [line.rounds for line in (self._replay or [])[:done]]
 
     def write(self, prompt: Prompt, result: SampleResult) -> None:
         """Append one sample (not durable until :meth:`commit`)."""

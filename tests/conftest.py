@@ -23,6 +23,18 @@ def write_prompts(root, prompts) -> str:
     return str(path)
 
 
+def as_if_killed_after(out, done: int) -> None:
+    """Make the manifest of the run ``out`` say what a kill after the commit of ``done`` samples
+    leaves: status running, ``done`` samples durable (the files may hold more, or torn lines)."""
+    import json
+    from pathlib import Path
+
+    meta_path = Path(str(out).removesuffix(".jsonl") + ".meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta["status"], meta["counts"]["done"] = "running", done
+    meta_path.write_text(json.dumps(meta))
+
+
 def tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
     """``qstar generate`` flags of a CPU run of the tiny models (pi_theta on the plain format)."""
     theta, target = model_dirs

@@ -169,5 +169,5 @@ def test_source_errors(tmp_path):
     with pytest.raises(DatasetError, match="no split 'train'; splits: test"):
         load_source(str(tmp_path / "dd"))
     (tmp_path / "broken.jsonl").write_text('{"problem": "ok"}\n{not json\n')
-    with pytest.raises(DatasetError, match="cannot load dataset"):
+    with pytest.raises(DatasetError, match="broken.jsonl line 2 is not valid JSON"):
         load_source(str(tmp_path / "broken.jsonl"))

@@ -18,6 +18,7 @@ from qstar_cli.models import load_model, resolve_device
 from qstar_cli.sampler import DualModelSampler
 from qstar_cli.tiny import build_tiny_model
 from qstar_cli.writer import SUMMARY_FIELDS
+from tests.conftest import as_if_killed_after
 from tests.test_sampler import swapped_tokenizer
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}], "id": i} for i in range(10)]
@@ -136,7 +137,9 @@ def test_torn_lines_are_repaired(base_args, tmp_path):
     assert cli(*base_args, "--output", str(out)).exit_code == 0
     complete = file_bytes(out)
     main_path, side_path, _ = paths(out)
-    # A crash mid-write: the main file's last line is torn, the sidecar lacks two samples.
+    # A crash mid-write, after the commit of 6 samples: the main file's last line is torn, the
+    # sidecar lacks two samples (one of them torn).
+    as_if_killed_after(out, 6)
     with open(main_path, "r+b") as f:
         f.truncate(len(complete[0]) - 25)
     lines = complete[1].splitlines(keepends=True)
@@ -181,13 +184,18 @@ def test_bad_input_exit_2_with_one_line(base_args, tiny_tokenizer, tmp_path):
 # --- Processes: locks, kill -9 and SIGTERM ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[[], ["--draft-k", "auto"]], ids=["plain", "speculative"])
+@pytest.fixture(scope="module", params=["plain", "speculative", "pair"])
 def slow_args(spread_model_dirs, prompts_file, request):
     """Long responses of spread lengths on 2 slots: samples finish out of order (plain sampling,
-    and speculative sampling, whose rounds a resumed run replays)."""
+    and speculative sampling, whose rounds a resumed run replays, drafted by pi_theta or by a pair)."""
     theta, target = spread_model_dirs
+    drafting = {
+        "plain": [],
+        "speculative": ["--draft-k", "auto"],
+        "pair": ["--draft-k", "3", "--draft", "pair", "--draft-model-theta", theta, "--draft-model-t", target],
+    }[request.param]
     return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
-            "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", *request.param]  # fmt: skip
+            "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", *drafting]  # fmt: skip
 
 
 def spawn(args, out):

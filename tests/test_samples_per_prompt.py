@@ -12,6 +12,7 @@ from qstar_cli.sampling import counter_uniform, sample_key, sample_tokens
 from tests.test_generate import PROMPTS, VALID, base_args, cli, one_line_error, paths, prompts_file, read_lines  # noqa: F401
 from tests.test_sampler import CONVERSATIONS, full_forward_logps, make_sampler
 from tests.test_sampling import chi_square_pvalue
+from tests.conftest import as_if_killed_after
 from tests.test_scheduler import assert_equals_full_forward, spread_pair  # noqa: F401 (fixture)
 
 
@@ -106,6 +107,7 @@ def test_cli_resume_inside_a_prompts_responses_is_byte_identical(base_args, tmp_
     for path in paths(out)[:2]:
         lines = open(path, "rb").read().splitlines(keepends=True)
         open(path, "wb").write(b"".join(lines[:5]) + (lines[5][:40] if str(path).endswith("diagnostics.jsonl") else b""))
+    as_if_killed_after(out, 5)
     result = cli(*base_args, "--output", str(out), "--samples-per-prompt", "3")
     assert result.exit_code == 0, result.output
     assert "resuming: 5 of 24" in result.output

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qstar_cli.cli import app
-from qstar_cli.pipeline import GenerateConfig, run_generate, shard_positions
+from qstar_cli.pipeline import GenerateConfig, run_generate, shard_positions, snake_shard_positions
 from qstar_cli.writer import OutputPaths
 from tests.test_generate import file_bytes, one_line_error, read_lines
 from tests.conftest import tiny_run_flags, write_prompts
@@ -23,17 +23,28 @@ PROMPTS[5]["messages"] = None
 VALID = [i for i in range(14) if i != 5]
 
 
-def test_shard_positions_deal_sorted_lengths_in_snake_order():
-    # Sorted by length: positions 1, 3, 4 | 2, 0, 5 go to shards 0, 1, 2 | 2, 1, 0.
+def test_shard_positions_are_prefix_stable_and_balanced():
+    # Rounds of 3: each position goes to the lightest shard not yet dealt one in its round.
     lengths = [50, 10, 40, 20, 30, 60]
-    assert [shard_positions(lengths, 3, i) for i in range(3)] == [[1, 5], [0, 3], [2, 4]]
+    assert [shard_positions(lengths, 3, i) for i in range(3)] == [[0, 5], [1, 3], [2, 4]]
     lengths = np.random.default_rng(7).integers(1, 1000, 101).tolist()
     shards = [shard_positions(lengths, 4, i) for i in range(4)]
     assert sorted(sum(shards, [])) == list(range(101)) and all(s == sorted(s) for s in shards)
     assert max(map(len, shards)) - min(map(len, shards)) == 1
     totals = [sum(lengths[p] for p in s) for s in shards]
-    assert max(totals) - min(totals) <= max(lengths)  # a contiguous split of sorted lengths is far off
+    dealt = [sum(lengths[i::4]) for i in range(4)]  # round robin, blind to lengths
+    assert max(totals) - min(totals) < (max(dealt) - min(dealt)) / 2
+    # A schedule that grows keeps every shard's earlier positions (resuming a shard needs it).
+    for grown in (102, 150):
+        longer = lengths + np.random.default_rng(grown).integers(1, 1000, grown - 101).tolist()
+        assert [[p for p in shard_positions(longer, 4, i) if p < 101] for i in range(4)] == shards
     assert shard_positions(lengths, 1, 0) == list(range(101))
+
+
+def test_shards_begun_before_the_stable_split_keep_theirs():
+    # Sorted by length: positions 1, 3, 4 | 2, 0, 5 go to shards 0, 1, 2 | 2, 1, 0.
+    lengths = [50, 10, 40, 20, 30, 60]
+    assert [snake_shard_positions(lengths, 3, i) for i in range(3)] == [[1, 5], [0, 3], [2, 4]]
 
 
 def generate(*args):
@@ -80,7 +91,7 @@ def test_three_shards_then_merge_equal_one_process(shard_args, runs, tmp_path):
     assert sorted(sum(shards, [])) == VALID and all(s == sorted(s) for s in shards)
     assert [len(s) for s in shards] in ([5, 4, 4], [4, 5, 4], [4, 4, 5])
     meta = manifest(shard_file(out, 1))
-    assert meta["shard"] == {"index": 1, "count": 3, "schedule_samples": 13} and meta["counts"]["samples"] == len(shards[1])
+    assert meta["shard"] == {"index": 1, "count": 3, "schedule_samples": 13, "split": "prefix-stable"} and meta["counts"]["samples"] == len(shards[1])
 
     result = merge(out)
     assert result.exit_code == 0, result.output
