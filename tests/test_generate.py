@@ -220,7 +220,7 @@ def reference(slow_args, tmp_path_factory):
     proc = spawn(slow_args, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     lengths = [r["num_tokens"] for r in read_lines(paths(out)[1])]
-    assert len(set(lengths)) > 4 and min(lengths) < 60 and max(lengths) == 120, "lengths must spread"
+    assert len(set(lengths)) > 4 and min(lengths) < 60 and max(lengths) > 100, "lengths must spread"
     return file_bytes(out)
 
 

@@ -190,7 +190,7 @@ CASES = [
     case("fixed alpha out of range", gen("--alpha-method", "fixed", "--alpha", "1.5"), ["alpha"], True),
     case("required flag missing", lambda w: ["generate", "--dataset", w.data], ["--model-theta is required"], True),
     # generate: found once the models are loaded
-    case("damaged line in a run", gen(out=at("torn.jsonl")), ["torn.diagnostics.jsonl line 6 is damaged"], False),
+    case("damaged line in a run", gen(out=at("torn.jsonl")), ["torn.diagnostics.jsonl line 6 is damaged"], True),
     case("hub id not there", gen("--model-t", "no-such-org/no-such-model"), ["cannot load model", "as a hub id"], False),
     case("vocabularies differ", gen("--model-t", lambda w: w.swapped), ["do not share a vocabulary"], False),
     case("no prompt fits the context", gen("--model-theta", lambda w: w.short), ["no usable prompt", "too long for the context of pi_theta (8 tokens)"], False),
