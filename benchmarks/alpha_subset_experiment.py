@@ -21,8 +21,8 @@ import time
 import torch
 from bench_alpha import bisection_alpha, lm_like_rows, timed
 
-from qstar_cli.mixture import ALPHA_EPS, DEGENERATE_VAR, _common_support, solve_kl_symmetry
-from tests.test_mixture import KINDS, make_rows, reference_alpha
+from qstar_cli.distributions.mixture import ALPHA_EPS, DEGENERATE_VAR, _common_support, solve_kl_symmetry
+from tests.distributions.test_mixture import KINDS, make_rows, reference_alpha
 
 
 def subset_then_polish(logp_theta, logp_t, k: int = 256, polishes: int = 1):

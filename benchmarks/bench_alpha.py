@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from qstar_cli.mixture import entropy_alpha, solve_kl_symmetry
+from qstar_cli.distributions.mixture import entropy_alpha, solve_kl_symmetry
 
 
 def bisection_alpha(logp_theta: torch.Tensor, logp_t: torch.Tensor, steps: int = 20) -> torch.Tensor:
@@ -67,7 +67,7 @@ def timed(fn, repeats: int, device: str) -> float:
 
 def demo_sampler(max_new_tokens: int = 512):
     """The demo pair on the CPU in float32 (pi_theta on the plain format, pi_t on chat), gradients off."""
-    from qstar_cli.sampler import DualModelSampler
+    from qstar_cli.engine.sampler import DualModelSampler
 
     torch.set_grad_enabled(False)
     return DualModelSampler.from_pretrained(

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from qstar_cli.pipeline import GenerateConfig, run_generate
-from qstar_cli.tiny import save_tiny_model
+from qstar_cli import GenerateConfig, run_generate
+from qstar_cli.testing.tiny import save_tiny_model
 
 from bench_alpha import print_header
 

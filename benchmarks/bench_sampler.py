@@ -24,11 +24,11 @@ import argparse
 import torch
 from transformers import DynamicCache
 
-from qstar_cli.mixture import mixture_logprobs
-from qstar_cli.models import LoadedModel
-from qstar_cli.sampler import DualModelSampler
-from qstar_cli.slots import SlotCache
-from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer
+from qstar_cli.distributions.mixture import mixture_logprobs
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli.engine.sampler import DualModelSampler
+from qstar_cli.engine.slots import SlotCache
+from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 from bench_alpha import bisection_alpha, demo_sampler, print_header, timed
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from qstar_cli.pipeline import GenerateConfig, run_generate
+from qstar_cli import GenerateConfig, run_generate
 
 from bench_alpha import demo_sampler, print_header
 

@@ -28,12 +28,12 @@ import numpy as np
 import orjson
 import torch
 
-from qstar_cli.models import LoadedModel
-from qstar_cli.pipeline import GenerateConfig, run_generate
-from qstar_cli.sampler import DualModelSampler
-from qstar_cli.slots import SlotCache
-from qstar_cli.speculative import expected_tokens
-from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer, deepened_model
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli import GenerateConfig, run_generate
+from qstar_cli.engine.sampler import DualModelSampler
+from qstar_cli.engine.slots import SlotCache
+from qstar_cli.distributions.speculative import expected_tokens
+from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer, deepened_model
 
 from bench_alpha import demo_sampler, print_header, timed
 from bench_samples_per_prompt import PROBLEMS

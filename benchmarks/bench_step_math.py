@@ -10,8 +10,8 @@ import argparse
 import torch
 from bench_alpha import lm_like_rows, timed
 
-from qstar_cli.mixture import mixture_logprobs, solve_alpha, token_diagnostics
-from qstar_cli.sampling import SamplingParams, draw
+from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha, token_diagnostics
+from qstar_cli.distributions.sampling import SamplingParams, draw
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ SIGTERM after saving (re-run the same command to resume). A traceback is printed
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import typer
 import yaml
@@ -196,49 +197,32 @@ class GenerateProgress:
 _CONFIG_HELP = "YAML file of settings (keys as the flags, e.g. model_theta); flags given here override it."
 
 
-@app.command()
-def generate(
-    model_theta: str = typer.Option(None, help="Policy pi_theta: hub id, local directory, .gguf file, or 'demo'."),
-    model_t: str = typer.Option(None, help="Target pi_t: hub id, local directory, .gguf file, or 'demo'."),
-    theta_format: str = typer.Option(None, help="Prompt format of pi_theta: chat, plain or a Jinja file. (default: chat if it has a template)"),
-    t_format: str = typer.Option(None, help="Prompt format of pi_t: chat, plain or a Jinja file. (default: chat if it has a template)"),
-    dataset: str = typer.Option(None, help="Hub dataset id, local .jsonl/.json/.parquet/.csv, or save_to_disk directory."),
-    subset: str = typer.Option(None, help="Hub dataset subset (config name)."),
-    split: str = typer.Option(None, help="Dataset split. (default: train)"),
-    adapter: str = typer.Option(None, help="auto, messages, sharegpt, deepscaler, MODULE:CLASS or FILE.py:CLASS. (default: auto)"),
-    prompt_field: str = typer.Option(None, help="Use this column as the user message."),
-    system_prompt: str = typer.Option(None, help="System message for conversations that have none."),
-    output: str = typer.Option(None, help="Main JSONL; sidecar and manifest beside it. (default: data/generated.jsonl)"),
-    num_samples: int = typer.Option(None, help="Rows to take. (default: all)"),
-    start_index: int = typer.Option(None, help="First row. (default: 0)"),
-    alpha_method: str = typer.Option(None, help="kl_symmetry, entropy or fixed. (default: kl_symmetry)"),
-    alpha: float = typer.Option(None, help="The alpha of --alpha-method fixed. (default: 0.5)"),
-    max_new_tokens: int = typer.Option(None, help="Response length cap. (default: 512)"),
-    temperature: float = typer.Option(None, help="Applied to q after alpha is solved; 0 is greedy. (default: 1.0)"),
-    top_k: int = typer.Option(None, help="Keep the k most likely tokens of q; 0 is off. (default: 0)"),
-    top_p: float = typer.Option(None, help="Nucleus of q. (default: 1.0)"),
-    batch_size: int = typer.Option(None, help="Slots: responses generated at once. (default: 8)"),
-    scheduler: str = typer.Option(None, help="continuous (a finished slot takes the next prompt) or static (fixed batches). (default: continuous)"),
-    samples_per_prompt: int = typer.Option(None, help="Responses per prompt (K), row-major, each line with its response_idx. (default: 1)"),
-    draft_k: str = typer.Option(None, help="Speculative q* sampling: drafts per row per round, or auto (exact; 0 = off). (default: 0)"),
-    draft: str = typer.Option(None, help="Drafter of --draft-k: theta (pi_theta) or pair (--draft-model-theta/-t's mixture). (default: theta)"),
-    draft_model_theta: str = typer.Option(None, help="Small stand-in for pi_theta in the draft pair (same vocabulary)."),
-    draft_model_t: str = typer.Option(None, help="Small stand-in for pi_t in the draft pair (same vocabulary)."),
-    seed: int = typer.Option(None, help="Seed of the counter-based sampler. (default: 0)"),
-    device: str = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps. (default: auto)"),
-    dtype: str = typer.Option(None, help="auto, float32, bfloat16 or float16. (default: auto)"),
-    diagnostics: str = typer.Option(None, help="Sidecar level: full, summary or none. (default: full)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh instead of resuming."),
-    num_shards: int = typer.Option(None, help="Split the schedule into N disjoint shards (join them with qstar merge). (default: 1)"),
-    shard_index: int = typer.Option(None, help="Which shard this run writes, 0..N-1, to OUT-0000I-of-0000N.jsonl. (default: 0)"),
-    engine: str = typer.Option(None, help="local (this process) or ray (model replicas on Ray; pip install 'qstar\\[ray]'). (default: local)"),
-    replicas: int = typer.Option(None, help="Model replicas of --engine ray, one GPU each where there are GPUs. (default: 1)"),
-    ray_address: str = typer.Option(None, help="Ray cluster to join. (default: $RAY_ADDRESS, else a local Ray)"),
-    config: Path = typer.Option(None, help=_CONFIG_HELP),
-) -> None:
+def generate_options(config_class: type | None = None) -> list[inspect.Parameter]:
+    """The options of ``qstar generate``: one per setting of :class:`GenerateConfig`, its type, help
+    and default text from the declaration, then ``--config``. A flag not given is None (unset)."""
+    from qstar_cli.generate.config import GenerateConfig, flag, settings, shown_default
+
+    config_class = config_class or GenerateConfig
+    hints = get_type_hints(config_class)
+    params = []
+    for f, info in settings(config_class):
+        default = shown_default(f, info)
+        text = escape(info.help) + (f" (default: {escape(default)})" if default and hints[f.name] is not bool else "")
+        if hints[f.name] is bool:
+            option, annotation = typer.Option(False, flag(f.name), help=text), bool
+        else:
+            members = [t for t in getattr(hints[f.name], "__args__", (hints[f.name],)) if t is not type(None)]
+            option, annotation = typer.Option(None, flag(f.name), help=text), info.cli_type or members[0]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    config = typer.Option(None, "--config", help=_CONFIG_HELP)
+    return [*params, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Path)]
+
+
+def generate(config: Path | None = None, **flags: Any) -> None:
     """Sample a response to every prompt of a dataset from q*, resumably, with per-token diagnostics."""
-    flags = {k: v for k, v in locals().items() if k != "config" and v is not None and v is not False}
-    from qstar_cli.pipeline import GenerateConfig, run_generate, setting_names, stop_on_signals
+    flags = {k: v for k, v in flags.items() if v is not None and v is not False}
+    from qstar_cli.generate.config import GenerateConfig, setting_names
+    from qstar_cli.generate.run import run_generate, stop_on_signals
 
     console = Console()
     with one_line_errors():
@@ -266,6 +250,10 @@ def generate(
     console.print("files: " + ", ".join(str(p) for p in files if p.exists()), highlight=False, soft_wrap=True)
 
 
+generate.__signature__ = inspect.Signature(generate_options())
+app.command()(generate)
+
+
 def _quiet_libraries() -> None:
     """Library progress bars and load reports would interleave with ours."""
     import datasets
@@ -277,8 +265,8 @@ def _quiet_libraries() -> None:
 
 
 def _load_runs(sidecars: list[Path]):
-    from qstar_cli.analysis import analyze_sidecar
-    from qstar_cli.report import SIDECAR_SUFFIX
+    from qstar_cli.analysis.statistics import analyze_sidecar
+    from qstar_cli.runfiles.format import SIDECAR_SUFFIX
 
     runs = []
     for path in sidecars:
@@ -302,8 +290,8 @@ def _load_runs(sidecars: list[Path]):
 def _report(runs, labels, as_json: bool, plots: Path | None, single: bool) -> None:
     import orjson
 
-    from qstar_cli.plots import plot_runs
-    from qstar_cli.report import field_table, overview_table
+    from qstar_cli.analysis.plots import plot_runs
+    from qstar_cli.analysis.tables import field_table, overview_table
 
     if as_json:
         payload = {"label": labels[0], **runs[0].summary} if single else {"runs": [{"label": lb, **r.summary} for r, lb in zip(runs, labels)]}
@@ -367,7 +355,7 @@ def compare(
 
 
 def _labels(sidecars: list[Path]) -> list[str]:
-    from qstar_cli.report import run_labels
+    from qstar_cli.analysis.tables import run_labels
 
     return run_labels(sidecars)
 
@@ -375,7 +363,7 @@ def _labels(sidecars: list[Path]) -> list[str]:
 def _export(run, path: Path, ess_floor: float) -> None:
     import orjson
 
-    from qstar_cli.analysis import weight_records
+    from qstar_cli.analysis.statistics import weight_records
 
     records, chosen = weight_records(run, ess_floor)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -395,8 +383,8 @@ def explain(
     """q* on two 2-D Gaussians: the pictures and alpha* table, closed form beside solve_alpha on a grid."""
     import orjson
 
-    from qstar_cli.explain import explain_cases
-    from qstar_cli.explain_plots import explain_table, write_figures
+    from qstar_cli.explain.cases import explain_cases
+    from qstar_cli.explain.plots import explain_table, write_figures
 
     if output is None and not json_output:
         output = Path(".")
@@ -457,7 +445,7 @@ def export(
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
 ) -> None:
     """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
-    from qstar_cli.export import ExportConfig, export_training_set
+    from qstar_cli.analysis.export import ExportConfig, export_training_set
 
     with one_line_errors():
         config = ExportConfig(run, output, include_truncated, ess_floor, gamma)
@@ -488,7 +476,7 @@ def report(
     seed: int = typer.Option(0, help="Seed of the random draw of samples."),
 ) -> None:
     """One self-contained HTML page of a run: settings, statistics, plots and its samples token by token."""
-    from qstar_cli.html_report import build_report
+    from qstar_cli.analysis.html_report import build_report
 
     console = Console(stderr=True)
     bar = Progress(TextColumn("[bold]reading the run"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
@@ -505,7 +493,7 @@ def merge(
     output: Path = typer.Argument(..., help="The run's OUT.jsonl; its shards OUT-0000I-of-0000N.jsonl lie beside it."),
 ) -> None:
     """Join the shards of one run (generate --num-shards) into OUT.jsonl, its sidecar and manifest, in schedule order."""
-    from qstar_cli.merge import merge_shards
+    from qstar_cli.runfiles.merge import merge_shards
 
     with one_line_errors():
         summary = merge_shards(output)

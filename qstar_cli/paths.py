@@ -15,6 +15,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from qstar_cli.errors import QstarInputError
 
+#: The model spec that names the offline demo model (SmolLM2-135M-Instruct, shipped by a package).
+DEMO = "demo"
+
 
 def is_hub_id(spec: str) -> bool:
     """Whether ``spec`` is spelled as a hub repository id (``name`` or ``owner/name``)."""

@@ -6,45 +6,16 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import json
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from qstar_cli.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from tests.helpers import PROMPTS, SPREAD_EOS
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def write_prompts(root, prompts) -> str:
-    """``root/prompts.jsonl`` holding one JSON object per prompt; its path."""
-    import json
-
-    path = root / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    return str(path)
-
-
-def as_if_killed_after(out, done: int) -> None:
-    """Make the manifest of the run ``out`` say what a kill after the commit of ``done`` samples
-    leaves: status running, ``done`` samples durable (the files may hold more, or torn lines)."""
-    import json
-    from pathlib import Path
-
-    meta_path = Path(str(out).removesuffix(".jsonl") + ".meta.json")
-    meta = json.loads(meta_path.read_text())
-    meta["status"], meta["counts"]["done"] = "running", done
-    meta_path.write_text(json.dumps(meta))
-
-
-def tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
-    """``qstar generate`` flags of a CPU run of the tiny models (pi_theta on the plain format)."""
-    theta, target = model_dirs
-    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(dataset),
-            "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size), "--device", "cpu"]  # fmt: skip
-
-
-def tiny_generate_args(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
-    """The whole ``qstar generate`` command line of :func:`tiny_run_flags`."""
-    return ["generate", *tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size)]
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +44,7 @@ def sharp_models(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """(theta_dir, target_dir): tiny models saved as ``from_pretrained`` directories."""
-    from qstar_cli.tiny import save_tiny_model
+    from qstar_cli.testing.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return (
@@ -85,7 +56,7 @@ def tiny_model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spread_model_dirs(tmp_path_factory):
     """Like ``tiny_model_dirs``, but pi_theta lists 4 extra EOS ids: response lengths spread widely."""
-    from qstar_cli.tiny import save_tiny_model
+    from qstar_cli.testing.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("spread_models")
     return (
@@ -101,3 +72,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def spread_pair(tiny_tokenizer):
+    return (
+        LoadedModel(build_tiny_model(tiny_tokenizer, seed=1, sharpness=4.0, extra_eos=SPREAD_EOS), tiny_tokenizer, "theta"),
+        LoadedModel(build_tiny_model(tiny_tokenizer, seed=2, sharpness=4.0, extra_rows=5), tiny_tokenizer, "target"),
+    )
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base_args(tiny_model_dirs, prompts_file):
+    theta, target = tiny_model_dirs
+    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
+            "--max-new-tokens", "16", "--batch-size", "3", "--device", "cpu"]  # fmt: skip

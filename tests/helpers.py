@@ -1,11 +1,18 @@
 """Helpers shared by test modules (fixtures live in ``conftest.py``)."""
 
 import hashlib
+import json
 from pathlib import Path
 
+import orjson
+import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from qstar_cli.cli import app
+from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha
+from qstar_cli.engine.sampler import DualModelSampler
 
 
 def invoke(*args):
@@ -34,3 +41,149 @@ def run_files(out) -> list[Path]:
     """The main file, sidecar and manifest of the run ``out``."""
     stem = str(out).removesuffix(".jsonl")
     return [Path(out), Path(f"{stem}.diagnostics.jsonl"), Path(f"{stem}.meta.json")]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the sum of the first ten positive integers?"}],
+    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Another one?"}],
+]
+
+
+def make_sampler(pair, **kwargs):
+    kwargs.setdefault("theta_format", "plain")
+    kwargs.setdefault("t_format", "chat")
+    kwargs.setdefault("max_new_tokens", 12)
+    return DualModelSampler(pair[0], pair[1], **kwargs)
+
+
+def full_forward_logps(loaded, prompt_ids, token_ids, vocab):
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1, :vocab]
+    return logits.float().log_softmax(-1)
+
+
+def swapped_tokenizer(tokenizer, a=100, b=101):
+    """A copy of ``tokenizer`` with the tokens of ids ``a`` and ``b`` exchanged; and the original id->token map."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    vocab[by_id[a]], vocab[by_id[b]] = b, a
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        chat_template=tokenizer.chat_template,
+    )
+    return swapped, by_id
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled."""
+    expected = probs.double() * counts.sum()
+    big = expected >= 5
+    observed = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
+    expected = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = observed.numel() - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
+
+
+SPREAD_EOS = tuple(range(100, 112))
+
+
+def conversations(n, long_every=0):
+    """Prompts of different lengths; every ``long_every``-th one is longer than a capacity chunk."""
+    out = []
+    for i in range(n):
+        text = "What is the number %d? " % i * (1 + i % 4)
+        if long_every and i % long_every == long_every - 1:
+            text = "a long story about the sea " * 60
+        out.append([{"role": "user", "content": text}])
+    return out
+
+
+def assert_equals_full_forward(pair, sampler, result):
+    """Every stored per-token number equals one full forward of each model over prompt + response."""
+    logp_theta = full_forward_logps(pair[0], result.prompt_ids_theta, result.token_ids, sampler.vocab)
+    logp_t = full_forward_logps(pair[1], result.prompt_ids_t, result.token_ids, sampler.vocab)
+    picked = torch.tensor(result.token_ids)[:, None]
+    alpha = solve_alpha(logp_theta, logp_t)
+    logp_q = mixture_logprobs(logp_theta, logp_t, alpha).gather(-1, picked)[:, 0]
+    expected = {
+        "logp_theta": logp_theta.gather(-1, picked)[:, 0],
+        "logp_t": logp_t.gather(-1, picked)[:, 0],
+        "alpha": alpha,
+        "logp_q": logp_q,
+    }
+    for name, values in expected.items():
+        stored = torch.tensor(result.per_token[name], dtype=torch.float64)
+        assert torch.allclose(stored, values.double(), atol=2e-4), (name, result.sample_idx)
+
+
+PROMPTS = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}], "id": i} for i in range(10)]
+PROMPTS[3]["messages"][0]["content"] = " "
+PROMPTS[7]["messages"] = None
+
+
+VALID = [0, 1, 2, 4, 5, 6, 8, 9]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, ["generate", *args])
+
+
+def read_lines(path):
+    return [orjson.loads(line) for line in open(path, "rb")]
+
+
+def paths(out):
+    stem = str(out).removesuffix(".jsonl")
+    return out, f"{stem}.diagnostics.jsonl", f"{stem}.meta.json"
+
+
+def file_bytes(out):
+    return [open(p, "rb").read() for p in paths(out)[:2]]
+
+
+def count_lines(path):
+    try:
+        return open(path, "rb").read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def write_prompts(root, prompts) -> str:
+    """``root/prompts.jsonl`` holding one JSON object per prompt; its path."""
+    import json
+
+    path = root / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    return str(path)
+
+
+def as_if_killed_after(out, done: int) -> None:
+    """Make the manifest of the run ``out`` say what a kill after the commit of ``done`` samples
+    leaves: status running, ``done`` samples durable (the files may hold more, or torn lines)."""
+    import json
+    from pathlib import Path
+
+    meta_path = Path(str(out).removesuffix(".jsonl") + ".meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta["status"], meta["counts"]["done"] = "running", done
+    meta_path.write_text(json.dumps(meta))
+
+
+def tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
+    """``qstar generate`` flags of a CPU run of the tiny models (pi_theta on the plain format)."""
+    theta, target = model_dirs
+    return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(dataset),
+            "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size), "--device", "cpu"]  # fmt: skip
+
+
+def tiny_generate_args(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
+    """The whole ``qstar generate`` command line of :func:`tiny_run_flags`."""
+    return ["generate", *tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size)]

@@ -1,0 +1,257 @@
+"""``export`` as a Python API: a run's samples as a pre-tokenized, weighted training set.
+
+>>> from qstar_cli.analysis.export import ExportConfig, export_training_set
+>>> summary = export_training_set(ExportConfig(run=Path("OUT.jsonl"), output=Path("train.parquet")))
+
+One row per sample (SPEC section 9): ``input_ids`` = the exact prompt ids pi_theta saw followed by
+the sampled ids (the EOS included when the sample stopped), ``completion_mask`` (0 over the prompt, 1
+over the response), ``sample_idx``, ``response_idx``, ``finish_reason``, ``weight``, the per-response-
+token ``logp_theta`` and ``logp_q``, and ``messages`` for reading. Training on these ids, rather than
+on ``messages`` re-rendered with a chat template, trains pi_theta on the prompt format it sampled
+under and on the very tokens whose importance weights were computed.
+
+The main file and the sidecar are read line by line in lockstep, twice: once for the sequence
+log-weights (n floats), which fix gamma and the self-normalisation, then to write rows in chunks.
+Neither file is ever held whole. A pair of lines that cannot be read (a line torn by a crash, or one
+file longer than the other) is skipped and counted, like a sample the writer would not count as done.
+The output is written to ``FILE.tmp`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qstar_cli.analysis.statistics import REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
+from qstar_cli.errors import QstarInputError
+from qstar_cli.paths import check_output_file, check_writable
+from qstar_cli.runfiles.format import OutputPaths
+
+FORMATS = (".parquet", ".jsonl")
+#: Rows are written in chunks of about this many tokens (bounds the memory of a chunk).
+CHUNK_TOKENS = 1 << 16
+#: How often, in bytes read, the progress callback hears from a pass.
+PROGRESS_BYTES = 1 << 20
+SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("completion_mask", pa.list_(pa.int8())),
+        ("sample_idx", pa.int64()),
+        ("response_idx", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("weight", pa.float64()),
+        ("logp_theta", pa.list_(pa.float64())),
+        ("logp_q", pa.list_(pa.float64())),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ]
+)
+
+#: ``progress(phase, bytes_done, bytes_total)``; phase is "weights" (first pass) or "writing".
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The settings of ``qstar export``."""
+
+    run: Path  # the main OUT.jsonl; its OUT.diagnostics.jsonl (level full) lies beside it
+    output: Path  # FILE.parquet or FILE.jsonl
+    include_truncated: bool = False
+    ess_floor: float = 0.3
+    gamma: float | None = None  # fixed tempering exponent; None chooses it at ess_floor
+    chunk_tokens: int = CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", Path(self.run))
+        object.__setattr__(self, "output", Path(self.output))
+        if self.output.suffix not in FORMATS:
+            raise QstarInputError(f"--output must end in {' or '.join(FORMATS)}, got {self.output}")
+        if not 0.0 < self.ess_floor <= 1.0:
+            raise QstarInputError(f"--ess-floor must lie in (0, 1], got {self.ess_floor}")
+        if self.gamma is not None and not 0.0 <= self.gamma <= 1.0:
+            raise QstarInputError(f"--gamma must lie in [0, 1], got {self.gamma}")
+
+    @property
+    def sidecar(self) -> Path:
+        return OutputPaths(self.run).diagnostics
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote and left out."""
+
+    output: Path
+    exported: int
+    truncated_left_out: int
+    skipped_lines: list[int]  # line numbers of samples that one of the two files lacks or has torn
+    weights: SequenceWeights
+    #: ``(done, samples)`` when the run's manifest says it is not finished (a stopped or running run), else None.
+    incomplete: tuple[int, int] | None = None
+
+
+@dataclass
+class _LockstepReader:
+    """Reads the main file and the sidecar in lockstep; skipped line numbers are collected."""
+
+    config: ExportConfig
+    progress: Progress | None
+    skipped: list[int] = field(default_factory=list)
+    truncated: int = 0
+
+    def samples(self, phase: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """``(main line, sidecar line)`` of every sample to export, in file order."""
+        self.skipped, self.truncated = [], 0
+        main_path, sidecar = self.config.run, self.config.sidecar
+        total = main_path.stat().st_size + sidecar.stat().st_size
+        done = reported = 0
+        with main_path.open("rb") as main_file, sidecar.open("rb") as sidecar_file:
+            for number, (main_line, sidecar_line) in enumerate(zip_longest(main_file, sidecar_file), start=1):
+                done += len(main_line or b"") + len(sidecar_line or b"")
+                if self.progress and done - reported >= PROGRESS_BYTES:
+                    self.progress(phase, done, total)
+                    reported = done
+                main, record = _load(main_line, ("messages", "sample_idx")), _load(sidecar_line, REQUIRED_KEYS)
+                if main is None or record is None:
+                    self.skipped.append(number)
+                    continue
+                if "per_token" not in record or "prompt_ids_theta" not in record:
+                    raise QstarInputError(
+                        f"{sidecar} holds no token ids (diagnostics level summary); export needs level full: "
+                        "generate with --diagnostics full"
+                    )
+                if _key(main) != _key(record):
+                    raise QstarInputError(
+                        f"line {number}: {main_path} has sample {_key(main)} but {sidecar} has {_key(record)}; "
+                        "they are not the files of one run"
+                    )
+                if len(record["per_token"].get("token_id", ())) != record["num_tokens"]:
+                    self.skipped.append(number)
+                    continue
+                if record["finish_reason"] == "length" and not self.config.include_truncated:
+                    self.truncated += 1
+                    continue
+                yield main, record
+        if self.progress:
+            self.progress(phase, total, total)
+
+
+def _load(line: bytes | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """A line as a dict holding ``keys``, or None (absent, torn or not a sample)."""
+    if line is None:
+        return None
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and all(k in record for k in keys) else None
+
+
+def _key(record: dict[str, Any]) -> tuple[int, int]:
+    return record["sample_idx"], record.get("response_idx", 0)
+
+
+def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) -> dict[str, Any]:
+    """One row of the training set from a sample's main line and sidecar line."""
+    prompt, response = record["prompt_ids_theta"], record["per_token"]["token_id"]
+    return {
+        "input_ids": prompt + response,
+        "completion_mask": [0] * len(prompt) + [1] * len(response),
+        "sample_idx": record["sample_idx"],
+        "response_idx": record.get("response_idx", 0),
+        "finish_reason": record["finish_reason"],
+        "weight": weight,
+        "logp_theta": record["per_token"]["logp_theta"],
+        "logp_q": record["per_token"]["logp_q"],
+        "messages": main["messages"],
+    }
+
+
+class _ParquetSink:
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, SCHEMA)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+
+    def __enter__(self) -> _ParquetSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+
+class _JsonlSink:
+    def __init__(self, path: Path):
+        self.file = path.open("wb")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self.file.write(b"".join(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows))
+
+    def __enter__(self) -> _JsonlSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def export_training_set(config: ExportConfig, progress: Progress | None = None) -> ExportSummary:
+    """Write ``config.output`` from ``config.run`` and its sidecar; see the module docstring."""
+    if not config.run.is_file():
+        raise QstarInputError(f"run file not found: {config.run}")
+    if not config.sidecar.is_file():
+        raise QstarInputError(
+            f"diagnostics sidecar not found: {config.sidecar}; export needs it at level full (generate with --diagnostics full)"
+        )
+    if config.output.resolve() in (config.run.resolve(), config.sidecar.resolve()):
+        raise QstarInputError(f"--output {config.output} would overwrite the run it reads")
+    check_output_file(config.output, "--output")
+    check_writable(config.output, "--output")
+
+    reader = _LockstepReader(config, progress)
+    log_w = array("d", (sequence_log_weight(record) for _, record in reader.samples("weights")))
+    if not log_w:
+        reason = (
+            f"all {reader.truncated} readable samples hit max_new_tokens; add --include-truncated"
+            if reader.truncated
+            else "it holds no readable samples"
+        )
+        raise QstarInputError(f"nothing to export from {config.run}: {reason}")
+    weights = sequence_weights(log_w, config.ess_floor, config.gamma)
+
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = config.output.with_name(config.output.name + ".tmp")
+    try:
+        with _ParquetSink(partial) if config.output.suffix == ".parquet" else _JsonlSink(partial) as sink:
+            chunk, chunk_tokens = [], 0
+            for weight, (main, record) in zip(weights.weights, reader.samples("writing"), strict=True):
+                chunk.append(training_row(main, record, float(weight)))
+                chunk_tokens += len(chunk[-1]["input_ids"])
+                if chunk_tokens >= config.chunk_tokens:
+                    sink.write(chunk)
+                    chunk, chunk_tokens = [], 0
+            if chunk:
+                sink.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, config.output)
+    return ExportSummary(config.output, len(log_w), reader.truncated, reader.skipped, weights, _incomplete(config.run))
+
+
+def _incomplete(run: Path) -> tuple[int, int] | None:
+    """``(done, samples)`` of a run whose manifest says it is unfinished (None when finished or unknown)."""
+    try:
+        meta = orjson.loads(OutputPaths(run).meta.read_bytes())
+        done, samples, status = meta["counts"]["done"], meta["counts"]["samples"], meta["status"]
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return None if status == "complete" and done == samples else (done, samples)

@@ -1,0 +1,89 @@
+"""Rich tables and run labels for ``analyze`` and ``compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from rich import box
+from rich.table import Table
+
+from qstar_cli.analysis.statistics import CHECKS, PERCENTILES, RunAnalysis
+from qstar_cli.runfiles.format import SIDECAR_SUFFIX, SUMMARY_FIELDS, OutputPaths
+
+
+def run_label(sidecar: Path) -> str:
+    """The run's alpha method (``fixed=0.3`` for fixed) from its manifest, else the file's stem."""
+    name = sidecar.name.removesuffix(SIDECAR_SUFFIX)
+    meta_path = OutputPaths(sidecar.with_name(name + ".jsonl")).meta
+    try:
+        config = orjson.loads(meta_path.read_bytes())["config"]
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return name
+    method = config.get("alpha_method", name)
+    return f"fixed={config.get('alpha')}" if method == "fixed" else method
+
+
+def run_labels(sidecars: list[Path]) -> list[str]:
+    """Labels for several runs; a label shared by two runs gets the file stem added."""
+    labels = [run_label(p) for p in sidecars]
+    return [
+        f"{label} ({p.name.removesuffix(SIDECAR_SUFFIX)})" if labels.count(label) > 1 else label
+        for label, p in zip(labels, sidecars)
+    ]
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _table(title: str, first: str) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column(first, no_wrap=True)
+    return table
+
+
+def field_table(run: RunAnalysis, over: str) -> Table:
+    """Mean, std and percentiles of every per-token field ``over`` ``tokens`` or ``samples`` (their means)."""
+    count = f"{run.tokens} tokens" if over == "tokens" else f"the means of {run.samples} samples"
+    table = _table(f"per-token fields over {count}", "field")
+    stats = ("mean", "std", *(f"p{p}" for p in PERCENTILES))
+    for name in stats:
+        table.add_column(name, justify="right", overflow="fold", min_width=8)
+    for name in SUMMARY_FIELDS:
+        values = run.summary["fields"][name][over]
+        table.add_row(name, *(fmt(values[k]) for k in stats))
+    return table
+
+
+def overview_table(runs: list[RunAnalysis], labels: list[str]) -> Table:
+    """The headline numbers of each run in one column: checks, lengths, weights, field means."""
+    table = _table("runs" if len(runs) > 1 else f"run {labels[0]}", "statistic")
+    for label in labels:
+        table.add_column(label, justify="right", overflow="fold")
+
+    def row(name: str, values: list[str]) -> None:
+        table.add_row(name, *values)
+
+    summaries = [r.summary for r in runs]
+    row("samples", [str(s["samples"]) for s in summaries])
+    row("tokens", [str(s["tokens"]) for s in summaries])
+    row("level", [s["level"] for s in summaries])
+    for key, description in CHECKS.items():
+        row(description, [fmt(s["checks"][key], 3) for s in summaries])
+    row("response length mean", [fmt(s["length"]["mean"], 4) for s in summaries])
+    reasons = sorted({k for s in summaries for k in s["length"]["finish_reasons"]})
+    for reason in reasons:
+        row(f"finish_reason {reason}", [str(s["length"]["finish_reasons"].get(reason, 0)) for s in summaries])
+    row("sequence weight ESS / n", [fmt(s["weights"]["ess_ratio"], 3) for s in summaries])
+    row("largest weight share", [fmt(s["weights"]["max_weight_share"], 3) for s in summaries])
+    row("log w std", [fmt(s["weights"]["log_w"]["std"]) for s in summaries])
+    if any(s["per_prompt"] for s in summaries):
+        spread = [s["per_prompt"] or {} for s in summaries]
+        row("responses per prompt", [fmt(p.get("responses_per_prompt"), 3) for p in spread])
+        row("log w std within a prompt", [fmt(p.get("within_std_mean")) for p in spread])
+        row("log w variance within prompts", [fmt(p.get("within_share"), 3) for p in spread])
+    for name in SUMMARY_FIELDS:
+        row(f"{name} mean (tokens)", [fmt(s["fields"][name]["tokens"]["mean"], 4) for s in summaries])
+    row("corrupt lines skipped", [str(s["corrupt_lines"]) for s in summaries])
+    return table

@@ -1,0 +1,492 @@
+"""The dual-model sampler: two causal LMs, their slot KV caches, q* tokens for every running row per round.
+
+``--batch-size N`` is N slots. A row's prompt is prefilled but its last token, which is *pending*:
+each round feeds every running row's pending token to both models, each with its own
+:class:`~qstar_cli.engine.slots.SlotCache`, takes log-softmax in float32 over the shared vocabulary, and
+solves alpha, diagnoses and draws with the math core; the drawn token is the next pending one. One
+host transfer per round carries the per-row results. A row that finishes (an EOS of either model,
+its token budget, or a model's context) frees its slot, which the next requests take after one
+batched prefill per model (continuous batching); ``static`` refills only an empty batch.
+
+With ``draft_k`` > 0 (speculative q* sampling, SPEC section 3) a round also feeds each row's drafts:
+pi_theta (or a small draft pair) proposes them one forward at a time, the other model(s) score
+pending token + drafts in one forward, and :func:`~qstar_cli.distributions.speculative.verify_drafts` keeps the
+accepted ones and one more token, exactly distributed as q*. A row's rejected drafts are rolled
+back by its length alone; other rows keep theirs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qstar_cli.errors import QstarRunError
+from qstar_cli.distributions.mixture import (
+    AlphaMethod,
+    check_alpha_method,
+    mixture_logprobs,
+    solve_alpha,
+    token_diagnostics,
+)
+from qstar_cli.engine.models import (
+    LoadedModel,
+    VocabularyMismatchError,
+    check_shared_vocabulary,
+    context_limit,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from qstar_cli.engine.prompts import Messages, PromptFormat
+from qstar_cli.engine.samples import PER_TOKEN_FIELDS, RowRound, SampleRequest, SampleResult, StreamStats
+from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
+from qstar_cli.engine.scheduler import Row, SlotScheduler
+from qstar_cli.engine.slots import SlotCache
+from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
+
+#: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
+DRAFTERS: tuple[str, ...] = ("theta", "pair")
+#: The most drafts per round: past a few, a draft is rarely reached (acceptance^k) and costs a forward.
+MAX_DRAFT_K = 32
+#: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
+DRAFT_STREAM, ACCEPT_STREAM = 1, 2
+
+
+class NonFiniteLogProbs(QstarRunError):
+    """A model's log-probabilities are NaN: its samples would be the other model's alone."""
+
+
+def eos_ids(*loaded: LoadedModel) -> set[int]:
+    """Every EOS id of either model's generation config and tokenizer."""
+    ids: set[int] = set()
+    for m in loaded:
+        for value in (m.model.generation_config.eos_token_id, m.tokenizer.eos_token_id):
+            if value is not None:
+                ids.update([value] if isinstance(value, int) else value)
+    return ids
+
+
+class DualModelSampler:
+    """Samples responses token by token from q* = pi_theta^alpha * pi_t^(1-alpha) / Z.
+
+    >>> sampler = DualModelSampler.from_pretrained("demo", "demo", theta_format="plain", t_format="chat")
+    >>> [result] = sampler.generate([[{"role": "user", "content": "What is 7 * 8?"}]])
+    >>> result.text, result.per_token["alpha"][:3]
+    """
+
+    def __init__(
+        self,
+        theta: LoadedModel,
+        target: LoadedModel,
+        theta_format: str | None = None,
+        t_format: str | None = None,
+        alpha_method: AlphaMethod = "kl_symmetry",
+        alpha: float = 0.5,
+        max_new_tokens: int = 512,
+        sampling: SamplingParams | None = None,
+        seed: int = 0,
+        draft_k: int | str = 0,
+        draft_pair: tuple[LoadedModel, LoadedModel] | None = None,
+    ):
+        self.theta, self.target = theta, target
+        self.vocab = check_shared_vocabulary(theta, target)
+        #: Drafts per row per round (0: plain sampling; "auto": chosen per row, up to AUTO_MAX_DRAFT).
+        self.auto_draft = draft_k == "auto"
+        self.draft_k = AUTO_MAX_DRAFT if self.auto_draft else check_draft_k(draft_k)
+        #: The models, the prompt each sees (0: pi_theta's, 1: pi_t's), and how they are fed: the
+        #: sequential ones a token per forward (the drafter), the verifying ones a round per forward.
+        self.models: tuple[LoadedModel, ...] = (theta, target)
+        self.sides: tuple[int, ...] = (0, 1)
+        self.sequential, self.verifying = (0,), (1,)
+        if draft_pair is not None:
+            for draft, main in zip(draft_pair, (theta, target)):
+                try:
+                    shared = check_shared_vocabulary(draft, main)
+                except VocabularyMismatchError as err:
+                    raise VocabularyMismatchError(f"draft model {draft.name} against {main.name}: {err}") from None
+                if shared < self.vocab:
+                    raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {self.vocab} ids that {main.name} shares")
+            self.models, self.sides = self.models + tuple(draft_pair), self.sides + (0, 1)
+            self.sequential, self.verifying = (2, 3), (0, 1)
+        self.theta_format = PromptFormat(theta_format, theta.tokenizer)
+        self.t_format = PromptFormat(t_format, target.tokenizer)
+        self.alpha_method, self.alpha = alpha_method, alpha
+        check_alpha_method(alpha_method, alpha)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or SamplingParams()
+        self.seed = seed
+        self._round_costs: dict[int, np.ndarray] = {}
+        self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
+        #: (pi_theta's side, pi_t's side): the most tokens, prompt and response, the models of each side
+        #: take, draft models included (None: no limit known).
+        self.context_limits = tuple(
+            min((limit for i, m in enumerate(self.models) if self.sides[i] == side if (limit := context_limit(m)) is not None), default=None)
+            for side in (0, 1)
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_theta: str,
+        model_t: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        draft_model_theta: str | None = None,
+        draft_model_t: str | None = None,
+        **kwargs,
+    ) -> DualModelSampler:
+        """Load the models (hub id, local directory, ``.gguf`` file, or ``demo``) and build a sampler;
+        ``draft_model_theta`` and ``draft_model_t`` name a draft pair for speculative sampling."""
+        # "meta" (the architecture without weights) is for a driver whose replicas sample elsewhere.
+        dev = torch.device("meta") if device == "meta" else resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        loaded: dict[str, LoadedModel] = {}
+        for spec in (model_theta, model_t, draft_model_theta, draft_model_t):
+            if spec is not None and spec not in loaded:
+                loaded[spec] = load_model(spec, dev, dt)
+        pair = (loaded[draft_model_theta], loaded[draft_model_t]) if draft_model_theta and draft_model_t else None
+        return cls(loaded[model_theta], loaded[model_t], draft_pair=pair, **kwargs)
+
+    def encode_prompts(self, conversation: Messages) -> tuple[list[int], list[int]]:
+        """The prompt ids each model sees for one conversation."""
+        return self.theta_format.encode(conversation), self.t_format.encode(conversation)
+
+    def token_budget(self, prompt_theta: list[int], prompt_t: list[int]) -> int:
+        """New tokens a row may get: ``max_new_tokens``, and no more than either model's context leaves."""
+        room = [limit - len(p) for limit, p in zip(self.context_limits, (prompt_theta, prompt_t)) if limit is not None]
+        return min([self.max_new_tokens, *room])
+
+    def _pad_id(self, loaded: LoadedModel) -> int:
+        tok = loaded.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        conversations: list[Messages],
+        sample_indices: list[int] | None = None,
+        prompt_ids: list[tuple[list[int], list[int]]] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        batch_size: int | None = None,
+        scheduler: str = "continuous",
+    ) -> list[SampleResult]:
+        """One response per conversation; results in input order.
+
+        ``sample_indices`` (default 0..n-1) key the counter-based randomness: the same index, seed and
+        settings give the same response whatever else is in the batch (with ``draft_k="auto"``, one
+        from the same distribution: the batch shares its draft lengths). ``prompt_ids`` are the
+        ``encode_prompts`` of the conversations when the caller has them already. ``batch_size``
+        slots (default: all conversations at once) are scheduled as in :meth:`stream`.
+        """
+        if sample_indices is None:
+            sample_indices = list(range(len(conversations)))
+        prompts = prompt_ids if prompt_ids is not None else [self.encode_prompts(c) for c in conversations]
+        requests = [SampleRequest(i, p_theta, p_t) for i, (p_theta, p_t) in zip(sample_indices, prompts)]
+        results: list[SampleResult | None] = [None] * len(requests)
+        for position, result in self.stream(requests, batch_size or max(len(requests), 1), scheduler, on_step):
+            results[position] = result
+        return results
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        requests: Iterable[SampleRequest],
+        slots: int = 8,
+        scheduler: str = "continuous",
+        on_step: Callable[[int], None] | None = None,
+        max_waiting: int | None = None,
+        stats: StreamStats | None = None,
+    ) -> Iterator[tuple[int, SampleResult]]:
+        """Generate the requests on ``slots`` slots; yield ``(position, result)`` as samples finish.
+
+        ``position`` is the request's index in ``requests``, which is read lazily. Each step is one
+        round (one token per row, or with ``draft_k`` a row's drafts and the tokens accepted of
+        them). After a round, :class:`~qstar_cli.engine.scheduler.SlotScheduler` (``scheduler``
+        ``continuous`` or ``static``; ``max_waiting``, default ``32 * slots``) says which requests
+        join; they are prefilled together, one forward per model.
+
+        The schedule depends on the requests and the sampled rounds alone, never on timing, so a
+        run that replays its already-written samples (``SampleRequest.replay_tokens`` and
+        ``replay_rounds``) gives every other sample exactly the batches, slots and floats it had in
+        the uninterrupted run. ``on_step(n)`` is called after each round with the tokens it
+        produced; an exception it raises ends the stream.
+        """
+        stats = stats if stats is not None else StreamStats()
+        schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
+        caches = tuple(SlotCache(m.model.config, slots, 1) for m in self.models)
+        while True:
+            if group := schedule.next_group():
+                schedule.rows.extend(self._prefill(caches, schedule.rows, group, stats))
+            rows = schedule.rows
+            if not rows:
+                return
+            if schedule.replayed_only():
+                finished = schedule.jump()
+            else:
+                finished = self._round(caches, rows, self._draft_lengths(rows), stats)
+            for i in finished:
+                if rows[i].result is not None:
+                    yield rows[i].position, self._finish(rows[i].result)
+            if on_step is not None and any(r.result is not None for r in rows):
+                on_step(sum(len(r.result.token_ids) - r.reported for r in rows if r.result is not None))
+                for row in rows:
+                    row.reported = row.produced
+            for src, dst, row in schedule.remove(finished):
+                for cache, side in zip(caches, self.sides):
+                    cache.move(src, dst, row.cached(side))
+
+    def round_costs(self, rows: int) -> np.ndarray:
+        """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts for ``rows`` rows (:func:`round_costs`),
+        for ``--draft-k auto``: constants of the models and device, never timings, so that the
+        rounds (and the samples) do not depend on timing. Kept per sampler (a cache on the method
+        would keep every sampler, and its models, alive)."""
+        if rows not in self._round_costs:
+            size = [sum(p.numel() for p in m.model.parameters()) for m in self.models]
+            self._round_costs[rows] = round_costs(
+                sum(size[i] for i in self.sequential), sum(size[i] for i in self.verifying), rows, self.theta.model.device.type
+            )
+        return self._round_costs[rows]
+
+    def _draft_lengths(self, rows: list[Row]) -> list[int]:
+        """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice for the batch,
+        or a replayed row's recorded one), never more than leave room for the round's last token."""
+        room = np.array([r.budget - r.produced - 1 for r in rows])
+        k = self.draft_k
+        if self.auto_draft:
+            accepted, tested = (np.array([getattr(r, name) for r in rows], dtype=np.float64) for name in ("accepted", "tested"))
+            k = auto_draft_len(accepted, tested, room, self.round_costs(len(rows)))
+        return [r.replay_draft_len() if r.result is None else int(min(k, space)) for r, space in zip(rows, room)]
+
+    def _admit(self, position: int, request: SampleRequest) -> Row:
+        if request.replay_tokens is not None:
+            # The budget it had (which --draft-k auto reads); it ends where it ended.
+            return Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), None, request.replay_rounds)
+        result = SampleResult(
+            request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
+            {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
+        )
+        if self.draft_k:
+            result.draft_lengths, result.round_tokens = [], []
+        budget = self.token_budget(request.prompt_ids_theta, request.prompt_ids_t)
+        if budget < 1:
+            raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
+        return Row(position, request, budget, result)
+
+    def _prefill(self, caches, rows: list[Row], group: list[Row], stats: StreamStats) -> list[Row]:
+        """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its
+        distinct prompts but their last token (fed with the first round), whose caches are then
+        copied to their other responses. Returns the group in slot order (distinct prompts first).
+        """
+        first = [i == 0 or not r.request.shares_prompt(group[i - 1].request) for i, r in enumerate(group)]
+        distinct = [r for r, f in zip(group, first) if f]
+        copies = [r for r, f in zip(group, first) if not f]
+        # Each copy's prompt is the last distinct one before it.
+        origin = list(itertools.accumulate((int(f) for f in first)))
+        origin = [o - 1 for o, f in zip(origin, first) if not f]
+        group = distinct + copies
+        start = len(rows)
+        for cache, side in zip(caches, self.sides):
+            cache.ensure_capacity(max(r.prompt_lengths[side] + r.budget for r in group))
+        width = [max(r.prompt_lengths[side] for r in distinct) - 1 for side in self.sides]
+        if not any(r.result is not None for r in rows + group) or not any(width):
+            return group
+        for cache, loaded, side, side_width in zip(caches, self.models, self.sides, width):
+            if not side_width:
+                continue
+            ids = [r.prompt_ids(side)[:-1] for r in distinct]
+            tokens = torch.full((len(ids), side_width), self._pad_id(loaded), dtype=torch.long)
+            positions = torch.full((len(ids), side_width), -1, dtype=torch.long)
+            for i, prompt in enumerate(ids):
+                if prompt:
+                    tokens[i, -len(prompt) :] = torch.tensor(prompt)
+                    positions[i, -len(prompt) :] = torch.arange(len(prompt))
+            device = loaded.model.device
+            cache.forward(loaded.model, tokens.to(device), positions.to(device), start, side_width, self.vocab)
+            for j, i in enumerate(origin):
+                cache.move(start + i, start + len(distinct) + j, len(ids[i]))
+        stats.prefills += 1
+        stats.prompts_prefilled += len(distinct)
+        return group
+
+    def _mixture(self, logp_theta: Tensor, logp_t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, log q)`` of two models' log-probs under this sampler's alpha method."""
+        alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
+        return alpha, mixture_logprobs(logp_theta, logp_t, alpha)
+
+    def _round(self, caches, rows: list[Row], draft_len: list[int], stats: StreamStats) -> list[int]:
+        """One round for every row: draft, verify, accept, then each row applies what it got; the
+        rows that finished.
+
+        Each row feeds its pending token (the last one emitted, or its prompt's last) and
+        ``draft_len`` drafts (:meth:`_draft`), which the verifying models score in one forward
+        (:meth:`_verify`). q is solved at every position and :func:`verify_drafts` keeps each row's
+        accepted drafts plus one token (:meth:`_accept`); the cache columns of rejected drafts are
+        simply overwritten by the row's next round.
+        """
+        k = max(draft_len)
+        device = self.theta.model.device
+        keys = torch.tensor([(r.request.sample_idx, r.request.response_idx, r.produced) for r in rows], device=device)
+        sample, step = sample_key(keys[:, 0], keys[:, 1]), keys[:, 2]
+        lengths = torch.tensor(draft_len, device=device)
+        feed = _Feed.of(rows, lengths, k)
+        draft_ids, logp_p, drafter_logps = self._draft(caches, feed, sample, step, k)
+        logp_theta, logp_t = self._verify(caches, feed, draft_ids, drafter_logps)
+        columns, accepted = self._accept(logp_theta, logp_t, logp_p, draft_ids, lengths, feed.offsets, sample, step)
+        nan = self._nan_rows(columns, accepted, logp_p, feed.offsets, lengths)
+        stats.steps += 1
+        finished = []
+        for i, (row, got) in enumerate(zip(rows, self._to_host(accepted, nan, columns, draft_len, rows))):
+            if row.result is None:
+                row.replay(1)
+            else:
+                row.apply(got, self.eos, stats)
+            if row.done:
+                finished.append(i)
+        return finished
+
+    def _accept(self, logp_theta, logp_t, logp_p, draft_ids, lengths, offsets, sample, step) -> tuple[dict[str, Tensor], Tensor]:
+        """q at every position, the accepted drafts and the round's last token: the per-token
+        columns (:data:`PER_TOKEN_FIELDS`, ``[n * (k + 1)]`` each) and the drafts accepted per row."""
+        n, k = draft_ids.shape
+        alpha, logp_q = self._mixture(logp_theta, logp_t)  # [n * (k + 1), V]
+        logp_r = sampling_logprobs(logp_q, self.sampling)
+        u_accept = counter_uniform(self.seed, sample.unsqueeze(-1).expand(n, k), step.unsqueeze(-1) + offsets[:k], ACCEPT_STREAM)
+        accepted, logp_last = verify_drafts(logp_r.view(n, k + 1, -1), logp_p, draft_ids, lengths, u_accept)
+        # The round's last token is keyed by its position, stream 0: without drafts, plain sampling's draw.
+        last = sample_tokens(logp_last, counter_uniform(self.seed, sample, step + accepted))
+        tokens = torch.cat([draft_ids, last.unsqueeze(-1)], dim=1).scatter_(1, accepted.unsqueeze(-1), last.unsqueeze(-1))
+        picked = tokens.view(-1, 1)
+        columns = {
+            "token_id": tokens.view(-1),
+            "alpha": alpha,
+            "logp_theta": logp_theta.gather(-1, picked).squeeze(-1),
+            "logp_t": logp_t.gather(-1, picked).squeeze(-1),
+            "logp_q": logp_r.gather(-1, picked).squeeze(-1),
+            **token_diagnostics(logp_theta, logp_t, logp_q),
+        }
+        return columns, accepted
+
+    def _nan_rows(self, columns: dict[str, Tensor], accepted: Tensor, logp_p: Tensor, offsets: Tensor, lengths: Tensor) -> Tensor:
+        """``[n, 2]``: whether pi_theta's (or the draft pair's), and pi_t's, log-probs are NaN at a
+        token the row emits. A NaN would silently make q the other model alone: never recorded."""
+        n = len(accepted)
+        emitted = (offsets <= accepted.unsqueeze(-1)).flatten()
+        nan = torch.stack([columns[f].isnan() & emitted for f in ("logp_theta", "logp_t")], dim=-1).view(n, -1, 2).any(1)
+        if len(self.sequential) > 1:  # the draft pair's own NaN would skew the residual a rejection draws from
+            drafted = offsets[: logp_p.shape[1]] < lengths.unsqueeze(-1)
+            nan[:, 0] |= (logp_p.isnan().any(-1) & drafted).any(-1)
+        return nan
+
+    def _to_host(self, accepted: Tensor, nan: Tensor, columns: dict[str, Tensor], draft_len: list[int], rows: list[Row]) -> list[RowRound]:
+        """The round's only host synchronisation: each row's :class:`RowRound`; NaN stops the run."""
+        n = len(accepted)
+        values = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).view(n, -1, len(PER_TOKEN_FIELDS))
+        host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), nan.to(torch.float64), values.flatten(1)], dim=1).tolist()
+        if any(row.result is not None and (h[1] or h[2]) for row, h in zip(rows, host)):
+            raise NonFiniteLogProbs(self._nan_message(rows, host))
+        width = len(PER_TOKEN_FIELDS)
+        return [
+            RowRound(d, int(h[0]), [h[3 + j * width : 3 + (j + 1) * width] for j in range(int(h[0]) + 1)]) for d, h in zip(draft_len, host)
+        ]
+
+    def _nan_message(self, rows: list[Row], host: list[list[float]]) -> str:
+        """Which model gave NaN log-probabilities, for which samples of the round."""
+        bad = [(row, values) for row, values in zip(rows, host) if row.result is not None and (values[1] or values[2])]
+        theta = "pi_theta or the draft pair" if len(self.sequential) > 1 else "pi_theta"
+        roles = " and ".join(
+            f"{role} ({model.name})" for role, model, j in ((theta, self.theta, 1), ("pi_t", self.target, 2)) if any(v[j] for _, v in bad)
+        )
+        row = bad[0][0]
+        return (
+            f"{roles} gave NaN log-probabilities in {len(bad)} of the round's {len(rows)} rows (first: sample "
+            f"{row.request.sample_idx} response {row.request.response_idx}, token {row.produced}); no such token is written. "
+            "The checkpoint may be damaged, or float16 may overflow (try --dtype float32 or bfloat16)"
+        )
+
+    def _draft(self, caches, feed: _Feed, sample: Tensor, step: Tensor, k: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The sequential models take the pending tokens, then each draft, one forward at a time;
+        after each forward a draft is drawn from the drafter's distribution (pi_theta's, or the
+        draft pair's mixture q'), tempered and truncated as q is.
+
+        Returns the drafts ``[n, k]``, the log p they were drawn from ``[n, k, V]``, and the
+        drafter's k + 1 untempered log-probs (``[n, V]`` each; pi_theta's are reused for q).
+        """
+        drafts, draft_logps, drafter_logps = [], [], []
+        for j in range(k + 1):
+            out = []
+            for i in self.sequential:
+                side = self.sides[i]
+                fed = feed.pending[side] if j == 0 else drafts[-1]
+                positions = feed.positions[side][:, j : j + 1]
+                out.append(caches[i].forward(self.models[i].model, fed.unsqueeze(-1), positions, 0, feed.longest[side], self.vocab))
+            drafter_logps.append(out[0] if len(out) == 1 else self._mixture(*out)[1])
+            if j < k:
+                logp_p = sampling_logprobs(drafter_logps[-1], self.sampling)
+                drafts.append(sample_tokens(logp_p, counter_uniform(self.seed, sample, step + j, DRAFT_STREAM)))
+                draft_logps.append(logp_p)
+        if not k:
+            empty = drafter_logps[0].new_zeros(len(sample), 0, self.vocab)
+            return sample.new_zeros(len(sample), 0), empty, drafter_logps
+        return torch.stack(drafts, dim=1), torch.stack(draft_logps, dim=1), drafter_logps
+
+    def _verify(self, caches, feed: _Feed, draft_ids: Tensor, drafter_logps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The verifying models score pending token + drafts in one forward each; pi_theta's and
+        pi_t's log-probs at every position of the round, ``[n * (k + 1), V]`` each."""
+        verified = {}
+        for i in self.verifying:
+            side = self.sides[i]
+            ids = torch.cat([feed.pending[side].unsqueeze(-1), draft_ids], dim=1)
+            verified[i] = caches[i].forward(self.models[i].model, ids, feed.positions[side], 0, feed.longest[side], self.vocab, every_query=True)
+        logp_theta = verified[0] if 0 in verified else torch.stack(drafter_logps, dim=1)
+        return logp_theta.flatten(0, 1), verified[1].flatten(0, 1)
+
+    def _finish(self, result: SampleResult) -> SampleResult:
+        text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+        result.text = self.target.tokenizer.decode(text_ids)
+        return result
+
+
+def check_draft_k(value: int | str) -> int:
+    """A fixed draft length: an integer from 0 to :data:`MAX_DRAFT_K` (``auto`` is the caller's)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
+    try:
+        k = int(value)
+    except ValueError:
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}") from None
+    if not 0 <= k <= MAX_DRAFT_K:
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
+    return k
+
+
+@dataclass
+class _Feed:
+    """What a round feeds each side (0: pi_theta's prompt, 1: pi_t's): pending tokens ``[n]``, the
+    positions of the k + 1 queries ``[n, k + 1]`` (-1 past a row's drafts), the forwards' width."""
+
+    offsets: Tensor
+    pending: dict[int, Tensor]
+    positions: dict[int, Tensor]
+    longest: dict[int, int]
+
+    @classmethod
+    def of(cls, rows: list[Row], lengths: Tensor, k: int) -> _Feed:
+        device = lengths.device
+        offsets = torch.arange(k + 1, device=device)
+        queries = offsets <= lengths.unsqueeze(-1)
+        pending, positions, longest = {}, {}, {}
+        for side in (0, 1):
+            cached = [r.cached(side) for r in rows]
+            pending[side] = torch.tensor([r.pending(side) for r in rows], device=device)
+            positions[side] = torch.where(queries, torch.tensor(cached, device=device).unsqueeze(-1) + offsets, -1)
+            longest[side] = max(cached) + k + 1
+        return cls(offsets, pending, positions, longest)
+
+

@@ -1,0 +1,68 @@
+"""Where the samples of a run are made: behind one protocol, this process (:class:`LocalEngine`) or
+model replicas on Ray (:class:`~qstar_cli.generate.ray_engine.RayEngine`).
+
+:func:`~qstar_cli.generate.run.run_generate` asks an engine for the models it needs to encode the
+prompts (:meth:`Engine.load`), then for the samples of the schedule (:meth:`Engine.stream`), and
+writes them; it has no branch on which engine runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
+
+if TYPE_CHECKING:
+    from qstar_cli.engine.sampler import DualModelSampler
+    from qstar_cli.generate.config import GenerateConfig
+
+
+class Engine(Protocol):
+    """What a run needs of an engine; ``record`` is what the manifest's session keeps of it."""
+
+    record: dict[str, Any]
+
+    def load(self) -> DualModelSampler:
+        """The models, at least as far as encoding prompts and checking vocabularies needs."""
+
+    def placement(self, sampler: DualModelSampler) -> tuple[str, str]:
+        """``(device, dtype)`` for the manifest."""
+
+    def stream(
+        self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
+    ) -> Iterator[tuple[int, SampleResult]]:
+        """``(position, result)`` of every request that is not a replay, as samples finish.
+        ``on_step(tokens)`` follows each step (an exception it raises ends the stream); ``stats``
+        counts the work."""
+
+
+class LocalEngine:
+    """The samples made here, on ``batch_size`` slots (``sampler`` reuses loaded models)."""
+
+    def __init__(self, config: GenerateConfig, sampler: DualModelSampler | None = None):
+        self.config, self.sampler = config, sampler
+        self.record: dict[str, Any] = {"name": "local"}
+
+    def load(self) -> DualModelSampler:
+        if self.sampler is None:
+            self.sampler = self.config.load_sampler()
+        return self.sampler
+
+    def placement(self, sampler: DualModelSampler) -> tuple[str, str]:
+        model = sampler.theta.model
+        return str(model.device), str(model.dtype).removeprefix("torch.")
+
+    def stream(
+        self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
+    ) -> Iterator[tuple[int, SampleResult]]:
+        return self.load().stream(requests, self.config.batch_size, self.config.scheduler, on_step, stats=stats)
+
+
+def make_engine(config: GenerateConfig, sampler: DualModelSampler | None = None) -> Engine:
+    """The engine ``config.engine`` names (checked before anything is written)."""
+    if config.engine == "ray":
+        from qstar_cli.generate.ray_engine import RayEngine
+
+        return RayEngine(config)
+    return LocalEngine(config, sampler)

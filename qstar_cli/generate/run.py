@@ -1,0 +1,344 @@
+"""``generate`` as a Python API: dataset rows in, resumable q* samples out.
+
+>>> from qstar_cli import GenerateConfig, run_generate
+>>> summary = run_generate(GenerateConfig(model_theta="demo", model_t="demo", theta_format="plain",
+...                                       dataset="data/demo_prompts.jsonl", num_samples=4))
+
+The schedule is the usable rows in row order, each ``samples_per_prompt`` times (row-major: row 0's
+responses, then row 1's ...), fed to ``batch_size`` slots (``scheduler``
+``continuous`` or ``static``, see :meth:`DualModelSampler.stream`). Samples finish out of order and
+are written in schedule order, so the files are always a prefix of the schedule. A resumed run
+replays the samples already written (their lengths, and a speculative run's rounds, come from the
+sidecar; nothing of them is recomputed unless a new sample shares its batch) so that every new
+sample sees the batches it saw in an uninterrupted run: with the same batch size, scheduler, device and dtype the files end up
+byte-identical to an uninterrupted run's. (At ``--diagnostics none`` there are no lengths to replay;
+a resumed run then starts its slots afresh, which changes float rounding only.)
+
+Beyond one device: ``num_shards``/``shard_index`` run one part of the schedule
+(:func:`~qstar_cli.generate.schedule.shard_positions`) into files of its own, joined by :mod:`qstar_cli.runfiles.merge`; ``engine="ray"``
+takes the samples from model replicas on Ray (:mod:`qstar_cli.generate.ray_engine`), this process writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Protocol
+
+import qstar_cli
+from qstar_cli.engine.models import model_digests, model_identity
+from qstar_cli.engine.samples import SampleRequest, StreamStats
+from qstar_cli.errors import QstarRunError
+from qstar_cli.generate.adapters import adapt_rows, load_source, resolve_adapter
+from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, draft_settings, run_models
+from qstar_cli.generate.engines import make_engine
+from qstar_cli.generate.schedule import Schedule, continued_prompt_ids, encode_all, nothing_usable, prompt_ids_fingerprint, shard_split
+from qstar_cli.runfiles.writer import CheckpointedWriter, OutputPaths, ResumeError, fingerprint
+
+if TYPE_CHECKING:
+    from qstar_cli.engine.sampler import DualModelSampler
+
+#: What a resumed run says when content, not a setting, differs.
+CONTENT_CHANGES = {
+    "prompt_ids": "the prompt ids of the schedule changed (a dataset row, a prompt format or a tokenizer)",
+    "model_theta_identity": "the files of pi_theta changed (hub revision, configs or weights)",
+    "model_t_identity": "the files of pi_t changed (hub revision, configs or weights)",
+    "draft_model_theta_identity": "the files of the draft model for pi_theta changed",
+    "draft_model_t_identity": "the files of the draft model for pi_t changed",
+}
+#: The draft models' content, fingerprinted (like the draft settings) only when the pair drafts.
+DRAFT_CONTENT = {"draft_model_theta_identity": None, "draft_model_t_identity": None}
+#: The models of a run, by setting, and what a message calls them.
+MODEL_ROLES = {"model_theta": "pi_theta", "model_t": "pi_t", "draft_model_theta": "the draft model for pi_theta",
+               "draft_model_t": "the draft model for pi_t"}  # fmt: skip
+
+
+class ProgressSink(Protocol):
+    """What ``run_generate`` reports as it goes; the CLI draws it as a progress bar."""
+
+    def message(self, text: str) -> None: ...
+
+    def start(self, total: int, done: int) -> None: ...
+
+    def tokens(self, count: int) -> None: ...
+
+    def samples(self, count: int) -> None: ...
+
+
+class _NoProgress:
+    def message(self, text: str) -> None:
+        pass
+
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def tokens(self, count: int) -> None:
+        pass
+
+    def samples(self, count: int) -> None:
+        pass
+
+
+@dataclass
+class RunSummary:
+    """How a ``run_generate`` call ended."""
+
+    paths: OutputPaths
+    status: str  # "complete" or "interrupted"
+    total: int  # samples the run will have when complete
+    done: int  # samples in the files now
+    resumed_from: int
+    new_tokens: int
+    seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C or SIGTERM); the samples committed so far are kept."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT or SIGTERM; a second signal acts as usual (immediate stop)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        stop.set()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def check_model_digests(writer: CheckpointedWriter, config: GenerateConfig) -> dict[str, dict[str, str]]:
+    """The SHA-256 of every local model file of the run, after checking them against the run being
+    continued: weights saved over a checkpoint keep its names and sizes (the fingerprinted identity),
+    not its bytes. A run begun by a qstar that recorded no digests is continued, and they are recorded."""
+    digests = {name: found for name, spec in run_models(config).items() if (found := model_digests(spec)) is not None}
+    previous = None if config.overwrite else writer.previous_meta()
+    recorded = (previous or {}).get("weights_sha256")
+    for name, files in digests.items():
+        old = recorded.get(name) if isinstance(recorded, dict) else None
+        if isinstance(old, dict) and old != files:
+            changed = sorted(f for f in set(old) | set(files) if old.get(f) != files.get(f))
+            raise ResumeError(
+                f"the files of {MODEL_ROLES[name]} changed since {writer.paths.main} began ({getattr(config, name)}: "
+                f"{', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} in content); "
+                "resume with the model it began with, or add --overwrite to start afresh"
+            )
+    return digests
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "datasets", "tokenizers", "numpy")
+    return {"qstar": qstar_cli.__version__, "python": platform.python_version(), **{n: metadata.version(n) for n in names}}
+
+
+def run_generate(
+    config: GenerateConfig,
+    progress: ProgressSink | None = None,
+    stop: threading.Event | None = None,
+    sampler: DualModelSampler | None = None,
+) -> RunSummary:
+    """Generate (or finish generating) the output of ``config``: check, load, schedule, resume,
+    stream, commit.
+
+    ``stop``, once set, ends the run after the current step; the batch in progress is dropped and
+    regenerated on resume. ``sampler`` reuses already loaded models (it must match ``config``).
+    """
+    progress = progress or _NoProgress()
+    # Every check that needs no model comes first; nothing is deleted until everything has loaded.
+    paths = check_output(config)
+    if sampler is None:
+        check_before_loading(config)
+    engine = make_engine(config, sampler)
+    adapted = adapt_rows(*_rows(config), config.start_index, config.num_samples, config.system_prompt)
+    if not adapted.prompts:
+        raise nothing_usable(adapted)
+    with CheckpointedWriter(paths.main, config.diagnostics) as writer:
+        settings = config.fingerprint_config()
+        writer.check_config(settings, overwrite=config.overwrite, optional=draft_settings())
+        if not config.overwrite:
+            writer.check_files()
+        digests = check_model_digests(writer, config)
+        if sampler is None:
+            progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
+        sampler = engine.load()
+        prompts = encode_all(sampler, adapted)
+        if not prompts:
+            raise nothing_usable(adapted)
+        fp_config = {**settings, **content_fingerprint(config, prompts)}
+        continued = {**fp_config, "prompt_ids": continued_prompt_ids(writer, prompts, config.overwrite)}
+        previous = writer.check_config(
+            continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **DRAFT_CONTENT}
+        )
+        if config.overwrite:
+            writer.start_afresh()
+        shard = {}
+        if config.num_shards > 1:  # a shard takes whole prompts (all K responses of each)
+            split, positions = shard_split(config, previous, prompts)
+            shard = {"index": config.shard_index, "count": config.num_shards, "schedule_samples": len(prompts) * config.samples_per_prompt,
+                     **({"split": split} if split else {})}  # fmt: skip
+            prompts = [prompts[p] for p in positions]
+        # Row-major: each usable row's samples_per_prompt responses, then the next row's.
+        schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
+        done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
+        meta = {
+            "qstar_version": qstar_cli.__version__,
+            "status": "running",
+            "fingerprint": fingerprint(fp_config),
+            "fingerprint_config": fp_config,
+            "config": {**dataclasses.asdict(config), "adapter_resolved": adapted.adapter},
+            **dict(zip(("device", "dtype"), engine.placement(sampler))),
+            "versions": package_versions(),
+            "weights_sha256": digests,
+            "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
+            "sessions": (previous or {}).get("sessions", []),
+            **({"shard": shard} if shard else {}),
+        }
+        commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None)
+        status = commits.run(schedule, _requests(writer, config, schedule, done))
+    return RunSummary(writer.paths, status, len(schedule), commits.done, done, commits.new_tokens, commits.seconds, dict(adapted.skipped))
+
+
+def _rows(config: GenerateConfig) -> tuple[Any, Any]:
+    """The dataset and the adapter that turns its rows into prompts."""
+    dataset = load_source(config.dataset, config.subset, config.split)
+    return dataset, resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
+
+
+def content_fingerprint(config: GenerateConfig, prompts: Schedule) -> dict[str, Any]:
+    """What identifies the content a run samples from: each model's files and the prompt ids."""
+    return {
+        **{f"{name}_identity": model_identity(spec) for name, spec in run_models(config).items()},
+        "prompt_ids": prompt_ids_fingerprint(prompts),
+    }
+
+
+def _requests(writer: CheckpointedWriter, config: GenerateConfig, schedule: list, done: int) -> tuple[int, Iterator[SampleRequest]]:
+    """Where the stream starts and its requests: the samples already written are replayed (their
+    lengths, and a speculative run's rounds, from the sidecar), so that the new ones see the batches
+    of an uninterrupted run; without a sidecar the stream starts after them."""
+    lengths = writer.sample_lengths(done)
+    rounds = writer.sample_rounds(done) if config.draft_k and lengths is not None else None
+    if rounds is not None and None in rounds:  # written without rounds: cannot be replayed
+        lengths = rounds = None
+    first = 0 if lengths is not None else done
+    requests = (
+        SampleRequest(
+            prompt.row_idx, *ids, response_idx=r,
+            replay_tokens=lengths[i] if i < done else None,
+            replay_rounds=rounds[i] if rounds is not None and i < done else None,
+        )
+        for i, (prompt, ids, r) in enumerate(schedule[first:], start=first)
+    )  # fmt: skip
+    return first, requests
+
+
+class _Commits:
+    """The samples of the stream written in schedule order and committed after each step, the
+    manifest following; what a failure of the disk or a model leaves is said in one line."""
+
+    def __init__(self, writer, config, meta, engine, progress, stop, done: int, fresh: bool):
+        self.writer, self.config, self.meta, self.engine, self.progress, self.stop = writer, config, meta, engine, progress, stop
+        self.done = self.committed = done  # written; durable in the files and counted by the manifest
+        self.fresh, self.unwritten, self.new_tokens, self.seconds = fresh, 0, 0, 0.0
+        self.stats = StreamStats()
+        self.session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed_from": done, "engine": engine.record}
+        meta["sessions"].append(self.session)
+        writer.write_meta(meta)
+
+    def run(self, schedule: list, start: tuple[int, Iterator[SampleRequest]]) -> str:
+        """Stream the samples and write them; the run's status."""
+        self.progress.start(len(schedule), self.done)
+        self.started, status = time.perf_counter(), "complete"
+        first, requests = start
+        waiting: dict[int, Any] = {}  # finished samples after the first unfinished one, by position
+        try:
+            try:
+                for position, result in self.engine.stream(requests, self._step, self.stats):
+                    waiting[position + first] = result
+                    while self.done in waiting:
+                        self.writer.write(schedule[self.done][0], waiting.pop(self.done))
+                        self.done += 1
+                        self.unwritten += 1
+            except Interrupted:
+                status = "interrupted"
+            if self.unwritten:
+                self._commit()
+        except (OSError, QstarRunError) as err:
+            # What the last commit made durable stays, and the manifest (if it can still be written)
+            # says so; the same command resumes from there.
+            with contextlib.suppress(OSError):
+                self._record(self.committed, "failed")
+            why = f"cannot write the run files beside {self.writer.paths.main}: {err.strerror or err}" if isinstance(err, OSError) else str(err)
+            fix = "free the space (or fix the files) and " if isinstance(err, OSError) else ""
+            raise QstarRunError(f"{why}; {self.committed} of {len(schedule)} samples are saved; {fix}run the same command to resume") from err
+        except BaseException:
+            if self.fresh and not self.committed:  # a fresh run that wrote nothing leaves nothing behind
+                self.writer.start_afresh()
+            raise
+        self._record(self.done, status)
+        return status
+
+    def _step(self, tokens: int) -> None:
+        self.new_tokens += tokens
+        self.progress.tokens(tokens)
+        if self.unwritten:
+            self._commit()
+        if self.stop.is_set():
+            raise Interrupted
+
+    def _commit(self) -> None:
+        self.writer.commit()
+        self.progress.samples(self.unwritten)
+        self.unwritten, self.committed = 0, self.done
+        self._record(self.done, "running")
+
+    def _record(self, done: int, status: str) -> None:
+        self.seconds = time.perf_counter() - self.started
+        _record_session(self.meta, self.session, done, self.new_tokens, self.seconds, status, self.stats, self.config.batch_size)
+        self.writer.write_meta(self.meta)
+
+
+def _record_session(
+    meta: dict, session: dict, done: int, tokens: int, seconds: float, status: str, stats: StreamStats, slots: int
+) -> None:
+    meta["status"] = status
+    meta["counts"]["done"] = done
+    session.update(
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        done=done,
+        new_tokens=tokens,
+        seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        slot_utilisation=round(stats.utilisation(slots), 4),
+        steps=stats.steps,
+        prefills=stats.prefills,
+        prompts_prefilled=stats.prompts_prefilled,
+    )
+    if meta["config"]["draft_k"]:
+        session["speculative"] = stats.speculative()

@@ -1,0 +1,356 @@
+"""Results out: the main JSONL, the diagnostics sidecar and the run manifest, crash-safe and resumable.
+
+For an output ``OUT.jsonl`` the files are ``OUT.jsonl`` (conversations), ``OUT.diagnostics.jsonl``
+(per-sample diagnostics, same order), ``OUT.meta.json`` (configuration, fingerprint, counts,
+timings) and ``OUT.jsonl.lock`` (held while a process writes). Samples are appended in batches and
+committed (flushed and fsynced) together; a sample is done only when every data file holds its line.
+On resume, both files are cut back to their common complete prefix, which also repairs a line torn
+by a crash; what a crash cannot explain (a missing sidecar, a file shorter than the manifest's count
+of committed samples, an edited line among them) is refused instead, and nothing is cut. Lines are serialised by orjson with a fixed key order, so equal results give equal bytes.
+Non-finite floats (``ess_ratio`` when ``ess_t`` is 0) are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import filelock
+import numpy as np
+import orjson
+
+from qstar_cli.errors import QstarInputError
+from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, PER_TOKEN_FIELDS, SEQUENCE_SUMS, SUMMARY_FIELDS, OutputPaths
+
+if TYPE_CHECKING:
+    from qstar_cli.engine.samples import SampleResult
+    from qstar_cli.generate.adapters import Prompt
+
+__all__ = ["DIAGNOSTICS_LEVELS", "SUMMARY_FIELDS", "CheckpointedWriter", "OutputPaths", "ResumeError", "RunFilesDamaged"]
+
+_DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+
+
+class ResumeError(QstarInputError):
+    """The existing output cannot be resumed with this configuration, or another process holds it."""
+
+
+class RunFilesDamaged(ResumeError):
+    """The run's files disagree in a way a crash cannot explain: resuming would cut committed samples."""
+
+
+def _committed(meta: dict[str, Any] | None) -> int:
+    """Samples the manifest says are durable (0 without a manifest)."""
+    done = (meta or {}).get("counts", {}).get("done", 0) if isinstance((meta or {}).get("counts"), dict) else 0
+    return done if isinstance(done, int) and done >= 0 else 0
+
+
+def _damage(path: Path, lines: list[_Line], good: int, committed: int, expected: tuple[int, int] | None = None) -> str:
+    """Why ``path`` holds only ``good`` of the ``committed`` samples: lines gone, one unreadable, or
+    one holding another sample than ``expected``."""
+    advice = "restore it to resume, or move it away (or add --overwrite) to start afresh"
+    if good == len(lines):
+        return f"{path} holds {good} samples, but the manifest says {committed} are done: lines were deleted or the file was replaced; {advice}"
+    key = lines[good].key
+    if key is None:
+        return f"{path} line {good + 1} is damaged (not a sample record) within the {committed} samples done; {advice}"
+    return (
+        f"{path} line {good + 1} holds sample {key[0]} response {key[1]}, where sample {expected[0]} response {expected[1]} belongs: "
+        f"the file was edited (a line deleted, moved or added); {advice}"
+    )
+
+
+def main_record(prompt: Prompt, result: SampleResult) -> dict[str, Any]:
+    """One line of the main file: the conversation with the sampled answer, in OpenAI chat format."""
+    messages = [*prompt.messages, {"role": "assistant", "content": result.text}]
+    return {
+        "messages": messages,
+        "sample_idx": result.sample_idx,
+        "response_idx": result.response_idx,
+        "finish_reason": result.finish_reason,
+        **prompt.metadata,
+    }
+
+
+def diagnostics_record(result: SampleResult, level: str) -> dict[str, Any]:
+    """One line of the sidecar: statistics and sequence sums, plus the exact ids and arrays at ``full``."""
+    arrays = {name: np.asarray(result.per_token[name], dtype=np.float64) for name in SUMMARY_FIELDS}
+    record: dict[str, Any] = {
+        "sample_idx": result.sample_idx,
+        "response_idx": result.response_idx,
+        "num_tokens": len(result.token_ids),
+        "finish_reason": result.finish_reason,
+    }
+    if result.draft_lengths is not None:  # speculative: the rounds, which a resumed run replays
+        record["draft_lengths"] = result.draft_lengths
+        record["round_tokens"] = result.round_tokens
+    for name, values in arrays.items():
+        record[f"{name}_mean"] = float(values.mean())
+        record[f"{name}_std"] = float(values.std())
+        record[f"{name}_min"] = float(values.min())
+        record[f"{name}_max"] = float(values.max())
+    for name in SEQUENCE_SUMS:
+        record[f"{name}_sum"] = float(arrays[name].sum())
+    if level == "full":
+        record["prompt_ids_theta"] = result.prompt_ids_theta
+        record["prompt_ids_t"] = result.prompt_ids_t
+        record["per_token"] = {name: result.per_token[name] for name in PER_TOKEN_FIELDS}
+    return record
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """A short stable hash of a configuration dictionary."""
+    return hashlib.sha256(orjson.dumps(config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], descriptions: dict[str, str] | None = None) -> list[str]:
+    """For each key of ``new`` whose value differs in ``old``: its description if it has one, else ``key (old -> new)``."""
+    descriptions = descriptions or {}
+
+    def shown(value: Any) -> str:  # a nested value (a model's files) is named, not dumped
+        return "..." if isinstance(value, (dict, list)) else repr(value)
+
+    return [descriptions.get(k, f"{k} ({shown(old.get(k))} -> {shown(new.get(k))})") for k in sorted(new) if old.get(k) != new[k]]
+
+
+@dataclass
+class _Line:
+    """What resuming reads of one line: where it ends, and its sample key and rounds (None: unreadable)."""
+
+    end: int
+    key: tuple[int, int] | None
+    num_tokens: int | None = None
+    rounds: tuple[list[int], list[int]] | None = None
+
+
+def _read_lines(path: Path) -> list[_Line]:
+    """Every complete line of a data file (streamed; the file may be large); a torn last line is left out."""
+    lines, offset = [], 0
+    with path.open("rb") as f:
+        for raw in f:
+            offset += len(raw)
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("sample_idx"), int):
+                lines.append(_Line(offset, None))
+                continue
+            rounds = record.get("draft_lengths"), record.get("round_tokens")
+            lines.append(_Line(
+                offset, (record["sample_idx"], record.get("response_idx", 0)), record.get("num_tokens"),
+                rounds if isinstance(rounds[0], list) and isinstance(rounds[1], list) else None,
+            ))  # fmt: skip
+    return lines
+
+
+def _first_mismatch(lines: list[_Line], expected: list[tuple[int, int]]) -> int:
+    """How many leading lines are the expected samples, readable."""
+    for i, line in enumerate(lines):
+        if i >= len(expected) or line.key != expected[i]:
+            return i
+    return len(lines)
+
+
+class CheckpointedWriter:
+    """Appends samples to the main file and the sidecar; resumes, repairs and locks.
+
+    >>> with CheckpointedWriter(Path("out.jsonl"), "full") as writer:
+    ...     writer.check_config(settings)
+    ...     done = writer.resume(expected_samples)
+    ...     writer.write(prompt, result); writer.commit()
+    """
+
+    def __init__(self, output: Path, diagnostics: str = "full"):
+        if diagnostics not in DIAGNOSTICS_LEVELS:
+            raise QstarInputError(f"unknown diagnostics level {diagnostics!r}; choose {', '.join(DIAGNOSTICS_LEVELS)}")
+        self.paths = OutputPaths(Path(output))
+        self.level = diagnostics
+        self._lock = filelock.FileLock(self.paths.lock, timeout=0)
+        self._files: list = []
+        self._lines: dict[Path, list[_Line] | None] | None = None  # each data file's lines, once read
+        self._replay: list[_Line] | None = None
+
+    @property
+    def data_files(self) -> list[Path]:
+        return [self.paths.main] + ([self.paths.diagnostics] if self.level != "none" else [])
+
+    def __enter__(self) -> CheckpointedWriter:
+        try:
+            self.paths.main.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except filelock.Timeout as err:
+            raise ResumeError(
+                f"another qstar process is writing {self.paths.main} (lock {self.paths.lock}); wait for it or choose another --output"
+            ) from err
+        except OSError as err:
+            raise ResumeError(f"cannot write beside {self.paths.main}: {err.strerror}") from err
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files:
+            # What a close still has to flush was never committed: after a failed write (a full
+            # disk) it is lost by design, and the failure already reported.
+            with contextlib.suppress(OSError):
+                f.close()
+        self._files = []
+        if self._lock.is_locked:
+            self._lock.release()
+
+    @property
+    def run_files(self) -> list[Path]:
+        return [self.paths.main, self.paths.diagnostics, self.paths.meta]
+
+    def previous_meta(self) -> dict[str, Any] | None:
+        """The manifest of the run in these files, if there is one; a damaged one is refused."""
+        if not self.paths.meta.exists():
+            return None
+        try:
+            meta = orjson.loads(self.paths.meta.read_bytes())
+        except orjson.JSONDecodeError as err:
+            raise ResumeError(f"the manifest {self.paths.meta} is damaged ({err}); restore it, or add --overwrite to start afresh") from err
+        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint_config"), dict):
+            raise ResumeError(f"the manifest {self.paths.meta} is damaged (no fingerprint_config); restore it, or add --overwrite to start afresh")
+        return meta
+
+    def check_config(
+        self,
+        config: dict[str, Any],
+        overwrite: bool = False,
+        descriptions: dict[str, str] | None = None,
+        optional: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """The previous run's manifest, after checking that ``config`` may continue it; changes nothing.
+
+        Every key of ``config`` must have the same value in the manifest's ``fingerprint_config``; a
+        mismatch is refused naming the keys (or their ``descriptions``). ``optional`` keys are
+        fingerprinted only when set: either side may lack one, meaning its value there. With ``overwrite`` there is
+        nothing to continue: ``None``, and :meth:`start_afresh` deletes the old files once the run
+        is ready to start.
+        """
+        if overwrite:
+            return None
+        meta = self.previous_meta()
+        if meta is None:
+            if any(p.exists() and p.stat().st_size for p in self.run_files):
+                raise ResumeError(
+                    f"{self.paths.main} or its sidecar exists without a manifest {self.paths.meta.name}; "
+                    "add --overwrite to replace it or choose another --output"
+                )
+            return None
+        optional = optional or {}
+        old = {**optional, **meta["fingerprint_config"]}
+        config = {**optional, **config}
+        missing = sorted(k for k in config if k not in old)
+        if missing:
+            raise ResumeError(
+                f"{self.paths.main} was made by an older qstar whose manifest lacks {', '.join(missing)}; "
+                "add --overwrite to start afresh"
+            )
+        changed = config_differences(old, config, descriptions)
+        if changed:
+            raise ResumeError(
+                f"{self.paths.main} was made with another configuration: {', '.join(changed)}; "
+                "run with the same settings to resume, or add --overwrite to start afresh"
+            )
+        return meta
+
+    def start_afresh(self) -> None:
+        """Delete the previous run's files (``--overwrite``)."""
+        for path in self.run_files:
+            path.unlink(missing_ok=True)
+        self._lines = None
+
+    def resume(self, expected_samples: list[tuple[int, int]]) -> int:
+        """Repair the data files, open them for appending and return how many samples are already done.
+
+        The manifest's ``counts.done`` is what the last commit made durable. Lines past it are what a
+        crash may have torn or left in one file only, and are cut back to the samples every file
+        holds; a file that holds fewer readable, expected samples than that (a deleted or edited
+        line, a missing sidecar) cannot be explained by a crash, and is refused, changing nothing.
+        ``expected_samples`` is the run's ``(sample_idx, response_idx)`` order.
+        """
+        done = self._repair(expected_samples)
+        self._files = [path.open("ab") for path in self.data_files]
+        return done
+
+    def check_files(self) -> None:
+        """Refuse, before the models load, files that a crash cannot explain: a data file missing
+        while another holds samples, or fewer complete, readable lines than the manifest's committed
+        samples. Each file is read once, for this and :meth:`resume`; nothing is changed."""
+        committed = _committed(self.previous_meta())
+        self._lines = {path: _read_lines(path) if path.exists() else None for path in self.data_files}
+        held = {path: len(path_lines or ()) for path, path_lines in self._lines.items()}
+        for path, path_lines in self._lines.items():
+            if path_lines is None and (committed or any(held.values())):
+                others = ", ".join(f"{p} holds {n} samples" for p, n in held.items() if n)
+                raise RunFilesDamaged(
+                    f"{path} is missing, but {others or f'the manifest says {committed} samples are done'}; "
+                    f"restore it to resume, or move {self.paths.main.name} and its files away (or add --overwrite) to start afresh"
+                )
+            readable = next((i for i, line in enumerate(path_lines or ()) if line.key is None), held[path])
+            if readable < committed:
+                raise RunFilesDamaged(_damage(path, path_lines, readable, committed))
+
+    def _repair(self, expected_samples: list[tuple[int, int]]) -> int:
+        if self._lines is None:
+            self.check_files()
+        committed = _committed(self.previous_meta())
+        if committed > len(expected_samples):
+            raise ResumeError(
+                f"{self.paths.main} holds {committed} samples but this run has only {len(expected_samples)}; "
+                "add --overwrite to start afresh"
+            )
+        for path, path_lines in self._lines.items():  # every file is checked before any is cut
+            good = _first_mismatch(path_lines or [], expected_samples)
+            if good < committed:
+                raise RunFilesDamaged(_damage(path, path_lines, good, committed, expected_samples[good]))
+        done = min(_first_mismatch(path_lines or [], expected_samples) for path_lines in self._lines.values())
+        for path, path_lines in self._lines.items():  # cut lines past the common prefix, and a torn last line
+            if path_lines is not None:
+                with path.open("r+b") as f:
+                    f.truncate(path_lines[done - 1].end if done else 0)
+        side = self._lines.get(self.paths.diagnostics) if self.level != "none" else None
+        self._replay = None if side is None else side[:done]
+        return done
+
+    def sample_lengths(self, done: int) -> list[int] | None:
+        """Tokens of each of the first ``done`` samples (from the sidecar read by :meth:`resume`), or
+        None without a sidecar."""
+        if self._replay is None:
+            return None
+        return [line.num_tokens for line in self._replay[:done]]
+
+    def sample_rounds(self, done: int) -> list[tuple[list[int], list[int]] | None]:
+        """Drafts and tokens per round of each of the first ``done`` samples of a speculative run
+        (None for a sample written without them)."""
+        return [line.rounds for line in (self._replay or [])[:done]]
+
+    def write(self, prompt: Prompt, result: SampleResult) -> None:
+        """Append one sample (not durable until :meth:`commit`)."""
+        records = [main_record(prompt, result)]
+        if self.level != "none":
+            records.append(diagnostics_record(result, self.level))
+        for f, record in zip(self._files, records):
+            f.write(orjson.dumps(record, option=_DUMP_OPTIONS, default=str))
+
+    def commit(self) -> None:
+        """Make every written sample durable."""
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Replace the manifest atomically (a crash leaves the old one or the new one, never half)."""
+        tmp = self.paths.meta.with_name(self.paths.meta.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))
+        os.replace(tmp, self.paths.meta)

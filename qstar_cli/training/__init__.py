@@ -1,0 +1,1 @@
+"""Training on the output: a TRL ``SFTTrainer`` that weights each sequence's loss."""

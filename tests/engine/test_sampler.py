@@ -1,0 +1,138 @@
+"""The dual-model sampler on tiny random models: exactness, batching, endpoints, distribution."""
+
+
+import pytest
+import torch
+
+from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha
+from qstar_cli.distributions.sampling import SamplingParams
+from qstar_cli.engine.models import LoadedModel, VocabularyMismatchError
+from qstar_cli.engine.sampler import DualModelSampler
+from tests.helpers import (
+    CONVERSATIONS,
+    chi_square_pvalue,
+    full_forward_logps,
+    make_sampler,
+    swapped_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tokenizer, tiny_models):
+    theta, target = tiny_models
+    return LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")
+
+
+def test_cached_log_probs_equal_one_full_forward(pair):
+    sampler = make_sampler(pair)
+    results = sampler.generate(CONVERSATIONS)
+    assert len({len(r.prompt_ids_t) for r in results}) == 3, "prompts of mixed lengths in one batch"
+    for r in results:
+        assert len(r.token_ids) >= 1
+        logp_theta = full_forward_logps(pair[0], r.prompt_ids_theta, r.token_ids, sampler.vocab)
+        logp_t = full_forward_logps(pair[1], r.prompt_ids_t, r.token_ids, sampler.vocab)
+        picked = torch.tensor(r.token_ids)[:, None]
+        assert torch.allclose(logp_theta.gather(-1, picked)[:, 0].double(), torch.tensor(r.per_token["logp_theta"], dtype=torch.float64), atol=1e-4)
+        assert torch.allclose(logp_t.gather(-1, picked)[:, 0].double(), torch.tensor(r.per_token["logp_t"], dtype=torch.float64), atol=1e-4)
+        alpha = solve_alpha(logp_theta, logp_t)
+        assert torch.allclose(alpha.double(), torch.tensor(r.per_token["alpha"], dtype=torch.float64), atol=1e-4)
+        logp_q = mixture_logprobs(logp_theta, logp_t, alpha).gather(-1, picked)[:, 0]
+        assert torch.allclose(logp_q.double(), torch.tensor(r.per_token["logp_q"], dtype=torch.float64), atol=1e-4)
+        assert r.per_token["token_id"] == r.token_ids
+        assert all(len(v) == len(r.token_ids) for v in r.per_token.values())
+
+
+def test_prompts_follow_each_models_format(pair):
+    sampler = make_sampler(pair)
+    r = sampler.generate(CONVERSATIONS[2:])[0]
+    tok = pair[0].tokenizer
+    assert tok.decode(r.prompt_ids_theta) == "User: Name a prime.\n\nAssistant: Seven.\n\nUser: Another one?\n\nAssistant:"
+    assert tok.decode(r.prompt_ids_t).endswith("<|im_start|>user\nAnother one?<|im_end|>\n<|im_start|>assistant\n")
+    assert "Seven." in tok.decode(r.prompt_ids_t)
+
+
+def test_a_rows_result_does_not_depend_on_its_batch(pair):
+    sampler = make_sampler(pair, max_new_tokens=16)
+    together = sampler.generate(CONVERSATIONS, sample_indices=[10, 11, 12])
+    for i, conversation in enumerate(CONVERSATIONS):
+        [alone] = sampler.generate([conversation], sample_indices=[10 + i])
+        assert alone.token_ids == together[i].token_ids
+        assert alone.finish_reason == together[i].finish_reason
+        assert torch.allclose(torch.tensor(alone.per_token["logp_q"]), torch.tensor(together[i].per_token["logp_q"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha, side", [(1.0, 0), (0.0, 1)])
+def test_alpha_end_points_reproduce_a_single_model(pair, alpha, side):
+    single = (pair[side], pair[side])
+    mixed = make_sampler(pair, alpha_method="fixed", alpha=alpha, theta_format="chat")
+    alone = make_sampler(single, alpha_method="fixed", alpha=alpha, theta_format="chat")
+    a = mixed.generate(CONVERSATIONS, sample_indices=[3, 4, 5])
+    b = alone.generate(CONVERSATIONS, sample_indices=[3, 4, 5])
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        key = "logp_theta" if side == 0 else "logp_t"
+        assert torch.allclose(torch.tensor(x.per_token["logp_q"]), torch.tensor(x.per_token[key]), atol=1e-5)
+
+
+def test_greedy_takes_the_argmax_of_q(pair):
+    sampler = make_sampler(pair, sampling=SamplingParams(temperature=0))
+    for r in sampler.generate(CONVERSATIONS):
+        logp_theta = full_forward_logps(pair[0], r.prompt_ids_theta, r.token_ids, sampler.vocab)
+        logp_t = full_forward_logps(pair[1], r.prompt_ids_t, r.token_ids, sampler.vocab)
+        logp_q = mixture_logprobs(logp_theta, logp_t, solve_alpha(logp_theta, logp_t))
+        assert r.token_ids == logp_q.argmax(-1).tolist()
+        assert r.per_token["logp_q"] == [0.0] * len(r.token_ids)
+
+
+def test_first_token_frequencies_match_q(tiny_tokenizer, sharp_models):
+    pair = tuple(LoadedModel(m, tiny_tokenizer, f"sharp{i}") for i, m in enumerate(sharp_models))
+    sampler = make_sampler(pair, max_new_tokens=1)
+    n = 3000
+    results = sampler.generate([CONVERSATIONS[1]] * n, sample_indices=list(range(n)))
+    r = results[0]
+    logp_theta = full_forward_logps(pair[0], r.prompt_ids_theta, r.token_ids, sampler.vocab)
+    logp_t = full_forward_logps(pair[1], r.prompt_ids_t, r.token_ids, sampler.vocab)
+    q = mixture_logprobs(logp_theta, logp_t, solve_alpha(logp_theta, logp_t)).exp()[0]
+    counts = torch.bincount(torch.tensor([x.token_ids[0] for x in results]), minlength=sampler.vocab)
+    assert q.max() > 0.05, "the models must be peaky enough for the test to have power"
+    assert chi_square_pvalue(counts, q) > 1e-3
+    # Power: neither model alone explains the draws.
+    assert chi_square_pvalue(counts, logp_theta.exp()[0]) < 1e-6
+    assert chi_square_pvalue(counts, logp_t.exp()[0]) < 1e-6
+
+
+def test_vocabulary_mismatch_names_the_first_differing_token(pair, tiny_tokenizer):
+    swapped, by_id = swapped_tokenizer(tiny_tokenizer)
+    with pytest.raises(VocabularyMismatchError, match=rf"token id 100 is {by_id[100]!r} for theta but {by_id[101]!r} for other"):
+        DualModelSampler(pair[0], LoadedModel(pair[1].model, swapped, "other"))
+
+
+def test_padded_embeddings_never_emit_extra_rows(pair):
+    # The target fixture model has 5 embedding rows beyond its tokenizer.
+    assert pair[1].model.get_output_embeddings().weight.shape[0] == len(pair[1].tokenizer) + 5
+    sampler = make_sampler(pair, max_new_tokens=30)
+    assert sampler.vocab == len(pair[0].tokenizer)
+    results = sampler.generate(CONVERSATIONS * 4, sample_indices=list(range(12)))
+    assert max(max(r.token_ids) for r in results) < sampler.vocab
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_eos_of_either_model_stops_its_rows_at_different_steps(pair, side):
+    sampler = make_sampler(pair, max_new_tokens=40)
+    baseline = sampler.generate(CONVERSATIONS, sample_indices=[0, 1, 2])
+    # Make the 4th token of row 0 an EOS of one model only: row 0 stops there, the others run on.
+    stop_token = baseline[0].token_ids[3]
+    model = pair[side].model
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [saved, stop_token]
+    try:
+        results = make_sampler(pair, max_new_tokens=40).generate(CONVERSATIONS, sample_indices=[0, 1, 2])
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert results[0].finish_reason == "stop"
+    assert results[0].token_ids == baseline[0].token_ids[: baseline[0].token_ids.index(stop_token) + 1]
+    for r, b in zip(results, baseline):
+        n = len(r.token_ids)
+        assert r.token_ids == b.token_ids[:n]
+        assert r.finish_reason == "stop" or n == 40
+    assert len({len(r.token_ids) for r in results}) > 1

@@ -1,0 +1,59 @@
+"""A run begun by the previous release, killed, and resumed by this one ends byte-identical to an
+uninterrupted run: the fingerprint, the files and the schedule are compatible across the release.
+
+The previous release's package is taken from git (``git archive``), so this needs the repository's
+history, as a clone has it."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_files, write_prompts
+
+REPO = Path(__file__).resolve().parents[2]
+#: The last commit of the previous release (before the reliability work of issues 21 and 25).
+PREVIOUS_RELEASE = "8a5728c"
+#: Runs ``qstar`` from the directory given first, not from the installed (editable) package.
+LAUNCH = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in type(f).__module__]; "
+    "sys.path.insert(0, sys.argv.pop(1)); from qstar_cli.cli import app; app(prog_name='qstar')"
+)
+PROMPTS = [{"prompt": f"Count to {i} and then stop. " * (1 + i % 3)} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def previous_release(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("previous_release")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS_RELEASE, "qstar_cli"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    return root
+
+
+def spawn(package: Path | None, args: list[str], out: Path) -> subprocess.Popen:
+    launch = [sys.executable, "-c", LAUNCH, str(package)] if package else [sys.executable, "-m", "qstar_cli"]
+    return subprocess.Popen([*launch, "generate", *args, "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_run_of_the_previous_release_resumes_byte_identical(previous_release, spread_model_dirs, tmp_path):
+    theta, target = spread_model_dirs
+    args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", write_prompts(tmp_path, PROMPTS),
+            "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    reference, out = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
+    assert spawn(None, args, reference).wait(timeout=300) == 0
+
+    old = spawn(previous_release, args, out)
+    while (not out.exists() or out.read_bytes().count(b"\n") < 2) and old.poll() is None:
+        time.sleep(0.01)
+    old.kill()
+    old.wait()
+    committed = out.read_bytes().count(b"\n")
+    assert 2 <= committed < len(PROMPTS), "the previous release must be killed mid-run"
+    assert b"weights_sha256" not in run_files(out)[2].read_bytes()  # written by the previous release
+
+    new = spawn(None, args, out)
+    assert new.wait(timeout=300) == 0, new.stderr.read().decode()
+    assert "resuming: " in new.stdout.read().decode()
+    assert [p.read_bytes() for p in run_files(out)[:2]] == [p.read_bytes() for p in run_files(reference)[:2]]

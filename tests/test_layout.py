@@ -1,0 +1,121 @@
+"""The package's layers: no import cycle, no module over ~500 lines, light imports where a command
+only reads files, and each ``generate`` setting declared once (the CLI, the config file, the
+fingerprint and the docs derived from the declaration)."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qstar_cli
+from qstar_cli.cli import generate_options
+from qstar_cli.generate.config import (
+    GenerateConfig,
+    flag,
+    flag_table,
+    setting,
+    settings,
+)
+
+PACKAGE = Path(qstar_cli.__file__).parent
+MAX_LINES = 510
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The qstar_cli modules ``path`` imports anywhere (functions too), but under ``if TYPE_CHECKING``."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}  # fmt: skip
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # from package import module
+    return {name for name in found if name.startswith("qstar_cli")}
+
+
+def test_no_import_cycle():
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for nxt in sorted(graph[name]):
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt) :] + [name, nxt]) if nxt in path else f"{name} -> {nxt}")
+            if nxt not in state:
+                visit(nxt, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert graph["qstar_cli.distributions.mixture"] == set()  # the maths imports nothing of ours
+
+
+def test_no_module_is_over_500_lines():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["qstar_cli", "qstar_cli.cli", "qstar_cli.runfiles.merge", "qstar_cli.analysis.statistics", "qstar_cli.analysis.export",
+     "qstar_cli.analysis.html_report", "qstar_cli.generate.config"],
+)  # fmt: skip
+def test_reading_commands_import_neither_torch_nor_datasets(module):
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_the_api_is_importable_from_the_package():
+    assert qstar_cli.GenerateConfig is GenerateConfig
+    for name in qstar_cli.__all__:
+        assert getattr(qstar_cli, name) is not None
+    from qstar_cli.adapters import (  # users' adapters import these
+        DatasetAdapter,
+        SkipRow,
+    )
+
+    assert DatasetAdapter is qstar_cli.DatasetAdapter and SkipRow is qstar_cli.SkipRow
+
+
+def test_every_setting_is_one_option_and_one_table_row():
+    options = {p.name: p.default.param_decls for p in generate_options()}
+    names = [f.name for f, _ in settings()]
+    assert list(options) == [*names, "config"]
+    assert all(options[name] == (flag(name),) for name in names)
+    table = flag_table()
+    assert all(f"| `{flag(name)}` |" in table for name in names)
+
+
+def test_a_setting_declared_once_reaches_the_cli_the_config_the_fingerprint_and_the_docs():
+    extended = dataclasses.make_dataclass(
+        "Extended",
+        [("beam_width", int, setting(3, "A new setting.", since="0.2.0")),
+         ("log_every", int, setting(10, "Another, which does not change the samples.", fingerprinted=False))],
+        bases=(GenerateConfig,),
+    )  # fmt: skip
+    config = extended.from_dict({"model-theta": "demo", "model_t": "demo", "dataset": "d.jsonl", "beam-width": "5"})
+    assert config.beam_width == 5  # the YAML config and its types
+    fingerprint = config.fingerprint_config()
+    assert fingerprint["beam_width"] == 5 and "log_every" not in fingerprint
+    options = {p.name: p for p in generate_options(extended)}
+    assert options["beam_width"].default.param_decls == ("--beam-width",) and options["beam_width"].annotation is int
+    assert "A new setting. (default: 3)" in options["beam_width"].default.help
+    assert "| `--beam-width` | A new setting. | `3` | yes | 0.2.0 |" in flag_table(extended)
+    assert "| `--log-every` | Another, which does not change the samples. | `10` | no | 0.1.0 |" in flag_table(extended)
+    assert dataclasses.asdict(config)["beam_width"] == 5  # what the manifest's config records
