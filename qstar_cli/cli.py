@@ -34,7 +34,7 @@ from typer.core import TyperGroup
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError, QstarRunError
-from qstar_cli.paths import check_output_dir, check_output_file
+from qstar_cli.paths import check_output_dir, check_output_file, check_writable
 
 err_console = Console(stderr=True)
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -102,19 +102,18 @@ def one_line_errors() -> Iterator[None]:
     (a bug) exit 1 too, its traceback printed only under ``--debug`` or ``QSTAR_DEBUG=1``."""
     try:
         yield
-    except QstarInputError as err:
-        raise fail(str(err)) from None
-    except QstarRunError as err:
-        raise fail(str(err), EXIT_RUN) from None
-    except OSError as err:  # the machine: a file that cannot be read or written
-        where = f" {err.filename}" if err.filename else ""
-        raise fail(f"cannot read or write{where}: {err.strerror or err}", EXIT_RUN) from None
     except Exception as err:
-        if os.environ.get("QSTAR_DEBUG", "") not in ("", "0"):
+        debug = os.environ.get("QSTAR_DEBUG", "") not in ("", "0")
+        if debug:
             err_console.print(traceback.format_exc(), highlight=False, markup=False)
-            hint = ""
-        else:
-            hint = " (run with qstar --debug or QSTAR_DEBUG=1 for the traceback)"
+        if isinstance(err, QstarInputError):
+            raise fail(str(err)) from None
+        if isinstance(err, QstarRunError):
+            raise fail(str(err), EXIT_RUN) from None
+        if isinstance(err, OSError):  # the machine: a file that cannot be read or written
+            where = f" {err.filename}" if err.filename else ""
+            raise fail(f"cannot read or write{where}: {err.strerror or err}", EXIT_RUN) from None
+        hint = "" if debug else " (run with qstar --debug or QSTAR_DEBUG=1 for the traceback)"
         first = (str(err).strip().splitlines() or [""])[0]
         raise fail(f"{type(err).__name__}: {first}{hint}", EXIT_RUN) from None
 
@@ -323,7 +322,11 @@ def analyze(
         if plots is not None:
             check_output_dir(plots, "--plots")
         if export_weights is not None:
-            check_output_file(export_weights, "--export-weights", [sidecar.resolve()])
+            from qstar_cli.runfiles.format import OutputPaths, SIDECAR_SUFFIX
+
+            run = OutputPaths(sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".jsonl"))
+            check_output_file(export_weights, "--export-weights", [p.resolve() for p in (sidecar, run.main, run.meta)])
+            check_writable(export_weights, "--export-weights")
         runs = _load_runs([sidecar])
         _report(runs, [_labels([sidecar])[0]], json_output, plots, single=True)
         if export_weights is not None:

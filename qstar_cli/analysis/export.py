@@ -213,7 +213,8 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
         )
     if config.output.resolve() in (config.run.resolve(), config.sidecar.resolve()):
         raise QstarInputError(f"--output {config.output} would overwrite the run it reads")
-    check_output_file(config.output, "--output")
+    for path in (config.output, config.output.with_name(config.output.name + ".tmp")):  # the file and its partial copy
+        check_output_file(path, "--output")
     check_writable(config.output, "--output")
 
     reader = _LockstepReader(config, progress)

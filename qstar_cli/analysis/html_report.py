@@ -39,7 +39,8 @@ from rich.table import Table
 import qstar_cli
 from qstar_cli.analysis.statistics import CHECKS, RunAnalysis, analyze_sidecar, sequence_weights
 from qstar_cli.errors import QstarInputError
-from qstar_cli.paths import check_output_file, check_writable
+from qstar_cli.generate.config import path_settings
+from qstar_cli.paths import check_output_file, check_writable, local_path
 from qstar_cli.analysis.plots import plot_runs
 from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_label
 from qstar_cli.runfiles.format import OutputPaths
@@ -432,9 +433,12 @@ def build_report(
             hint = " (a run made with --diagnostics none has none)" if path == paths.diagnostics else ""
             raise QstarInputError(f"{what} not found: {path}{hint}")
     out = Path(output) if output is not None else paths.stem.with_name(paths.stem.name + ".report.html")
-    check_output_file(out, "--output", [paths.main.resolve(), paths.diagnostics.resolve(), paths.meta.resolve()])
-    check_writable(out, "--output")
     meta = _read_manifest(paths.meta)
+    # The run's files, the tokenizer, and every local input the run names (its models, dataset, templates).
+    specs = [tokenizer, *(meta["config"].get(name) for name in path_settings())]
+    inputs = [paths.main, paths.diagnostics, paths.meta, *(p for spec in specs if isinstance(spec, str) and (p := local_path(spec)))]
+    check_output_file(out, "--output", [p.resolve() for p in inputs])
+    check_writable(out, "--output")
     selection = SampleSelection(max_samples, seed)
     # Level summary has no per-token arrays, so it needs no token strings; a missing tokenizer fails before the pass.
     pi_t_tokenizer = _tokenizer(tokenizer, meta["config"]) if meta["config"].get("diagnostics", "full") == "full" else None

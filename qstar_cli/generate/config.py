@@ -176,7 +176,8 @@ class GenerateConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                at_least = "0 or more" if name == "start_index" else "positive"
+                raise ConfigError(f"--{name.replace('_', '-')} must be {at_least}, got {getattr(self, name)}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.seed < 1 << 64:  # the counter-based generator's key is 64 bits
@@ -231,6 +232,8 @@ class GenerateConfig:
             raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(types))}")
         typed = {}
         for name, value in normalised.items():
+            if isinstance(value, bool) and types[name] is not bool:  # YAML's true is no number of tokens
+                raise ConfigError(f"{source}: {name} must be {_type_name(types[name])}, got {value!r}")
             try:
                 typed[name] = pydantic.TypeAdapter(types[name], config=_LAX).validate_python(value)
             except pydantic.ValidationError as err:

@@ -170,7 +170,12 @@ class RayEngine:
         if started_here:
             sigterm = signal.getsignal(signal.SIGTERM)
             # address None: RAY_ADDRESS if set, else a new local Ray that lives as long as this run.
-            ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
+            try:
+                ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
+            except Exception as err:  # Ray raises ConnectionError, RuntimeError, ... for a cluster it cannot join
+                where = self.config.ray_address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise QstarInputError(f"cannot join the Ray cluster at {where}: {first}") from None
             if sigterm is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, sigterm)  # Ray's own would end the run at once, unsaved
         # Ray Data's notices (such as that its progress bars are off) would break into the run's bar.

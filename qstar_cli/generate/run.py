@@ -182,6 +182,7 @@ def run_generate(
         settings = config.fingerprint_config()
         writer.check_config(settings, overwrite=config.overwrite, optional=draft_settings())
         if not config.overwrite:
+            check_shard_of(writer, config)
             writer.check_files()
         digests = check_model_digests(writer, config)
         if sampler is None:
@@ -222,6 +223,16 @@ def run_generate(
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None)
         status = commits.run(schedule, _requests(writer, config, schedule, done))
     return RunSummary(writer.paths, status, len(schedule), commits.done, done, commits.new_tokens, commits.seconds, dict(adapted.skipped))
+
+
+def check_shard_of(writer: CheckpointedWriter, config: GenerateConfig) -> None:
+    """Refuse to continue a shard's files as a run of their own (``--output`` naming a shard file)."""
+    shard = (writer.previous_meta() or {}).get("shard")
+    if config.num_shards == 1 and isinstance(shard, dict):
+        raise ResumeError(
+            f"{writer.paths.main} is shard {shard.get('index')} of {shard.get('count')} of a run: resume it with --output naming "
+            f"the run's file and --num-shards {shard.get('count')} --shard-index {shard.get('index')}, or join the shards with qstar merge"
+        )
 
 
 def _rows(config: GenerateConfig) -> tuple[Any, Any]:

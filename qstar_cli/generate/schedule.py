@@ -123,7 +123,7 @@ def continued_prompt_ids(writer: CheckpointedWriter, schedule: Schedule, overwri
         return prompt_ids_fingerprint(schedule)
     if old["samples"] > len(schedule):
         raise ResumeError(
-            f"{writer.paths.main} was made with a schedule of {old['samples']} samples and this run has {len(schedule)}; "
+            f"{writer.paths.main} was made with a schedule of {old['samples']} prompts and this run has {len(schedule)}; "
             "a resumed schedule may grow (--num-samples, rows added), not shrink; add --overwrite to start afresh"
         )
     return prompt_ids_fingerprint(schedule, old["samples"])

@@ -71,6 +71,8 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
         if not shard.meta.exists():
             raise MergeError(f"shard {shard.main} has no manifest {shard.meta.name}: it was not written by qstar generate")
         metas.append(_read_manifest(shard))
+        if metas[-1]["fingerprint_config"].get("diagnostics") != "none" and not shard.diagnostics.is_file():
+            raise MergeError(f"shard {shard.main} has no sidecar {shard.diagnostics.name}: restore it (or regenerate the shard with --overwrite)")
     # The run is what most shards say it is; a shard that says otherwise is the foreign one.
     run_fingerprint = Counter(m.get("fingerprint") for m in metas).most_common(1)[0][0]
     reference = next(m for m in metas if m.get("fingerprint") == run_fingerprint)
@@ -116,7 +118,8 @@ def _read_manifest(shard: OutputPaths) -> dict[str, Any]:
         raise MergeError(f"the manifest {shard.meta} is damaged (not a JSON object); {hint}")
     for fields, where in ((_MANIFEST_FIELDS, meta), (_COUNT_FIELDS, meta.get("counts"))):
         for name, kind in fields.items():
-            if not isinstance(where, dict) or not isinstance(where.get(name), kind) or isinstance(where.get(name), bool):
+            value = where.get(name) if isinstance(where, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
                 raise MergeError(f"the manifest {shard.meta} is damaged ({name} missing or not {kind.__name__}); {hint}")
     return meta
 
@@ -133,7 +136,10 @@ def _shard_lines(
             sample_idx = _main_idx(line)
             side_line = next(side, b"") if side is not None else None
             if sample_idx is None or (side is not None and not (side_line.endswith(b"\n") and _sidecar_idx(side_line) == sample_idx)):
-                raise MergeError(f"shard {shard.main} line {count + 1} is torn or its sidecar does not match; re-run its generate command to repair it")
+                raise MergeError(
+                    f"shard {shard.main} line {count + 1} is torn, deleted or edited, or its sidecar does not match: re-run its generate "
+                    "command, which repairs what a crash tore and names what it cannot repair"
+                )
             count += 1
             yield sample_idx, index, line, side_line
         if count != samples or (side is not None and next(side, None) is not None):

@@ -44,9 +44,8 @@ class RunFilesDamaged(ResumeError):
 
 
 def _committed(meta: dict[str, Any] | None) -> int:
-    """Samples the manifest says are durable (0 without a manifest)."""
-    done = (meta or {}).get("counts", {}).get("done", 0) if isinstance((meta or {}).get("counts"), dict) else 0
-    return done if isinstance(done, int) and done >= 0 else 0
+    """Samples the manifest (checked by :meth:`CheckpointedWriter.previous_meta`) says are durable; 0 without one."""
+    return meta["counts"]["done"] if meta else 0
 
 
 def _damage(path: Path, lines: list[_Line], good: int, committed: int, expected: tuple[int, int] | None = None) -> str:
@@ -125,6 +124,7 @@ class _Line:
     key: tuple[int, int] | None
     num_tokens: int | None = None
     rounds: tuple[list[int], list[int]] | None = None
+    finish_reason: str | None = None
 
 
 def _read_lines(path: Path) -> list[_Line]:
@@ -145,7 +145,7 @@ def _read_lines(path: Path) -> list[_Line]:
             rounds = record.get("draft_lengths"), record.get("round_tokens")
             lines.append(_Line(
                 offset, (record["sample_idx"], record.get("response_idx", 0)), record.get("num_tokens"),
-                rounds if isinstance(rounds[0], list) and isinstance(rounds[1], list) else None,
+                rounds if isinstance(rounds[0], list) and isinstance(rounds[1], list) else None, record.get("finish_reason"),
             ))  # fmt: skip
     return lines
 
@@ -220,6 +220,12 @@ class CheckpointedWriter:
             raise ResumeError(f"the manifest {self.paths.meta} is damaged ({err}); restore it, or add --overwrite to start afresh") from err
         if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint_config"), dict):
             raise ResumeError(f"the manifest {self.paths.meta} is damaged (no fingerprint_config); restore it, or add --overwrite to start afresh")
+        done = meta.get("counts", {}).get("done") if isinstance(meta.get("counts"), dict) else None
+        if type(done) is not int or done < 0 or not isinstance(meta.get("sessions", []), list):
+            raise ResumeError(
+                f"the manifest {self.paths.meta} is damaged (counts.done is {done!r}, not a count of samples); "
+                "restore it, or add --overwrite to start afresh"
+            )
         return meta
 
     def check_config(
@@ -300,6 +306,22 @@ class CheckpointedWriter:
             readable = next((i for i, line in enumerate(path_lines or ()) if line.key is None), held[path])
             if readable < committed:
                 raise RunFilesDamaged(_damage(path, path_lines, readable, committed))
+            # The schedule is in (sample_idx, response_idx) order: a line out of it was moved or edited.
+            moved = next((i for i in range(1, committed) if path_lines[i].key <= path_lines[i - 1].key), None)
+            if moved is not None:
+                raise RunFilesDamaged(
+                    f"{path} line {moved + 1} holds sample {path_lines[moved].key[0]} after sample {path_lines[moved - 1].key[0]}: "
+                    "lines were moved or edited; restore it to resume, or move it away (or add --overwrite) to start afresh"
+                )
+        if self.level != "none":  # the two files must tell of the same samples, each line of one run
+            pairs = zip((self._lines[self.paths.main] or [])[:committed], (self._lines[self.paths.diagnostics] or [])[:committed])
+            for i, (main, side) in enumerate(pairs):
+                if (main.key, main.finish_reason) != (side.key, side.finish_reason):
+                    raise RunFilesDamaged(
+                        f"line {i + 1} of {self.paths.main.name} and {self.paths.diagnostics.name} disagree (sample {main.key[0]}: "
+                        f"{main.finish_reason} against {side.finish_reason}): one of them was edited or comes from another run; "
+                        "restore the run's own files to resume, or add --overwrite to start afresh"
+                    )
 
     def _repair(self, expected_samples: list[tuple[int, int]]) -> int:
         if self._lines is None:

@@ -88,7 +88,7 @@ def test_a_deleted_main_file_line_names_the_damaged_file(w, tmp_path):
     one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} holds 5 samples, but the manifest says 6 are done")
     assert snapshot(tmp_path) == before
     out.write_bytes(b"".join(kept[:2] + kept[3:4] + kept[2:3] + kept[4:]))  # two lines swapped
-    one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} line 3 holds sample 3 response 0, where sample 2", "edited")
+    one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} line 4 holds sample 2 after sample 3", "moved or edited")
 
 
 def test_a_damaged_sidecar_line_changes_nothing(w, tmp_path):
@@ -385,3 +385,71 @@ def test_a_refusal_shows_no_raw_dicts(w, tmp_path):
     swapped = pair[:-1] + [w.models[0]]
     line = one_line_error(invoke("generate", *w.flags, *swapped, "--output", out), "draft_model_t")
     assert "{" not in line
+
+
+# --- What an adversarial run of this release found ---------------------------------------------------
+
+
+def test_export_weights_and_report_never_overwrite_an_input(w, tmp_path):
+    out = copy_run(w.ref, tmp_path)
+    tokenizer = Path(shutil.copytree(w.models[1], tmp_path / "tokenizer"))
+    before = snapshot(tmp_path)
+    one_line_error(invoke("analyze", run_files(out)[1], "--export-weights", out), "would overwrite the input")
+    one_line_error(invoke("analyze", run_files(out)[1], "--export-weights", run_files(out)[2]), "would overwrite the input")
+    for target in (tokenizer / "tokenizer.json", Path(w.data), Path(w.models[1]) / "model.safetensors"):
+        one_line_error(invoke("report", out, "--tokenizer", tokenizer, "--output", target), "would overwrite the input")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("done", [-1, "6", 5.0, None, True])
+def test_a_manifest_whose_count_is_not_a_count_is_damaged(w, tmp_path, done):
+    out = copy_run(w.ref, tmp_path)
+    meta_path = run_files(out)[2]
+    meta = json.loads(meta_path.read_text())
+    meta["counts"]["done"] = done
+    meta_path.write_text(json.dumps(meta))
+    before = snapshot(tmp_path)
+    one_line_error(invoke("generate", *w.flags, "--output", out), f"the manifest {meta_path} is damaged (counts.done")
+    assert snapshot(tmp_path) == before
+
+
+def test_files_that_disagree_or_lines_out_of_order_are_refused_before_the_models_load(w, tmp_path):
+    out = copy_run(w.ref, tmp_path)
+    kept = lines(out)
+    out.write_bytes(b"".join(kept[:2] + kept[3:4] + kept[2:3] + kept[4:]))  # two lines swapped
+    result = invoke("generate", *w.flags, "--output", out)
+    one_line_error(result, f"{out} line 4 holds sample 2 after sample 3", "moved or edited")
+    assert LOADING not in result.stdout
+    edited = kept[0].replace(b'"finish_reason":"length"', b'"finish_reason":"stop"')
+    assert edited != kept[0]
+    out.write_bytes(b"".join([edited, *kept[1:]]))
+    result = invoke("generate", *w.flags, "--output", out)
+    one_line_error(result, "line 1 of run.jsonl and run.diagnostics.jsonl disagree (sample 0: stop against length)")
+    assert LOADING not in result.stdout
+
+
+def test_a_shard_file_is_not_continued_as_a_run_of_its_own(w, tmp_path):
+    flags = tiny_run_flags(w.models, w.data, 4, 2)
+    assert invoke("generate", *flags, "--num-samples", "4", "--num-shards", "2", "--shard-index", "1", "--output", tmp_path / "run.jsonl").exit_code == 0
+    result = invoke("generate", *flags, "--num-samples", "4", "--output", tmp_path / "run-00001-of-00002.jsonl")
+    one_line_error(result, "is shard 1 of 2 of a run", "--num-shards 2 --shard-index 1")
+    assert LOADING not in result.stdout
+
+
+def test_merge_names_a_missing_shard_sidecar(w, tmp_path):
+    for index in range(2):
+        args = ["--num-samples", "4", "--num-shards", "2", "--shard-index", str(index), "--output", tmp_path / "run.jsonl"]
+        assert invoke("generate", *tiny_run_flags(w.models, w.data, 4, 2), *args).exit_code == 0
+    run_files(tmp_path / "run-00001-of-00002.jsonl")[1].unlink()
+    one_line_error(invoke("merge", tmp_path / "run.jsonl"), "run-00001-of-00002.jsonl has no sidecar")
+
+
+def test_a_yaml_boolean_is_not_a_number(w, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("top_k: true\n")
+    one_line_error(invoke("generate", *w.flags, "--config", config, "--output", tmp_path / "o.jsonl"), "top_k must be an integer, got True")
+
+
+def test_export_refuses_a_blocked_partial_file(w, tmp_path):
+    (tmp_path / "t.parquet.tmp").mkdir()
+    one_line_error(invoke("export", w.ref, "--output", tmp_path / "t.parquet", "--include-truncated"), "t.parquet.tmp is a directory")
