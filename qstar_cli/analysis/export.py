@@ -3,7 +3,7 @@
 >>> from qstar_cli.analysis.export import ExportConfig, export_training_set
 >>> summary = export_training_set(ExportConfig(run=Path("OUT.jsonl"), output=Path("train.parquet")))
 
-One row per sample (SPEC section 9): ``input_ids`` = the exact prompt ids pi_theta saw followed by
+One row per sample: ``input_ids`` = the exact prompt ids pi_theta saw followed by
 the sampled ids (the EOS included when the sample stopped), ``completion_mask`` (0 over the prompt, 1
 over the response), ``sample_idx``, ``response_idx``, ``finish_reason``, ``weight``, the per-response-
 token ``logp_theta`` and ``logp_q``, and ``messages`` for reading. Training on these ids, rather than

@@ -13,7 +13,7 @@ Token-level means and standard deviations are exact at both levels: they are poo
 per-sample means and standard deviations. ``null`` values (non-finite, e.g. ``ess_ratio`` where
 ``ess_t`` is 0) are left out of the statistics.
 
-Importance weights (SPEC section 9): ``w_i = exp(log w_i)``; the normalised effective sample size
+Importance weights: ``w_i = exp(log w_i)``; the normalised effective sample size
 ``ESS / n = (sum w)^2 / (n sum w^2)`` is computed in log space. For training, ``w^gamma`` tempers
 the weights; :func:`choose_gamma` picks the largest gamma in [0, 1] whose ESS ratio stays at or above
 a floor. :func:`sequence_weights` gives the training weights that both ``analyze --export-weights``
@@ -37,7 +37,7 @@ from qstar_cli.runfiles.format import SUMMARY_FIELDS
 PERCENTILES = (5, 25, 50, 75, 95)
 RESERVOIR_SIZE = 1 << 20
 ALPHA_BINS = np.linspace(0.0, 1.0, 51)
-#: The theoretical checks of SPEC section 6, as shares of tokens.
+#: The theoretical checks (docs/analyze.md), as shares of tokens.
 CHECKS = {
     "kl_gap_below_0.05": "share of tokens with |kl_theta - kl_t| < 0.05",
     "ess_ratio_in_0.8_1.2": "share of tokens with ess_ratio in [0.8, 1.2]",

@@ -1,6 +1,6 @@
 """The q* mathematics: pure, vectorised functions over ``[batch, vocab]`` log-probabilities.
 
-Notation (SPEC section 2): ``a = log pi_theta``, ``b = log pi_t``, ``d = b - a`` and
+Notation: ``a = log pi_theta``, ``b = log pi_t``, ``d = b - a`` and
 
     log q_alpha = alpha * a + (1 - alpha) * b - log Z_alpha.
 
@@ -187,7 +187,7 @@ def _ess(logp_q: Tensor, logp_other: Tensor) -> Tensor:
 def token_diagnostics(
     logp_theta: Tensor, logp_t: Tensor, logp_q: Tensor
 ) -> dict[str, Tensor]:
-    """Per-row diagnostics of SPEC section 2 for the full (untempered) mixture ``logp_q``.
+    """Per-row diagnostics for the full (untempered) mixture ``logp_q``.
 
     Returns ``[batch]`` tensors keyed by :data:`DIAGNOSTIC_FIELDS`. Each KL and entropy is one
     masked dot product over the vocabulary (a token q cannot draw adds 0; one it can draw but a

@@ -1,6 +1,6 @@
 """Speculative q* sampling: the acceptance rule and the draft-length policy, as pure functions.
 
-SPEC section 3. A drafter proposes tokens ``x_1..x_k`` from its distributions ``p_1..p_k``; the
+Speculative q* sampling (docs/speculative.md). A drafter proposes tokens ``x_1..x_k`` from its distributions ``p_1..p_k``; the
 target (q* as sampled: tempered, top-k, top-p) gives ``r_1..r_{k+1}`` at the same positions. Draft
 ``x_i`` is accepted with probability ``min(1, r_i(x_i) / p_i(x_i))``; at the first rejection the
 token is drawn from the residual ``normalise(max(0, r_i - p_i))`` and the round ends; if all ``k``

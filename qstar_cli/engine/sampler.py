@@ -8,7 +8,7 @@ host transfer per round carries the per-row results. A row that finishes (an EOS
 its token budget, or a model's context) frees its slot, which the next requests take after one
 batched prefill per model (continuous batching); ``static`` refills only an empty batch.
 
-With ``draft_k`` > 0 (speculative q* sampling, SPEC section 3) a round also feeds each row's drafts:
+With ``draft_k`` > 0 (speculative q* sampling, docs/speculative.md) a round also feeds each row's drafts:
 pi_theta (or a small draft pair) proposes them one forward at a time, the other model(s) score
 pending token + drafts in one forward, and :func:`~qstar_cli.distributions.speculative.verify_drafts` keeps the
 accepted ones and one more token, exactly distributed as q*. A row's rejected drafts are rolled

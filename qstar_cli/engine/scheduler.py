@@ -1,4 +1,4 @@
-"""The schedule: which request runs in which slot, and when (SPEC section 5, "Determinism").
+"""The schedule: which request runs in which slot, and when (docs/resume-and-files.md).
 
 A :class:`SlotScheduler` admits requests into ``slots`` slots and keeps the running rows packed in
 the leading slots; the model loop (:class:`~qstar_cli.engine.sampler.DualModelSampler.stream`) prefills

@@ -3,8 +3,8 @@
 When ``pi_theta = N(mu_theta, S_theta)`` and ``pi_t = N(mu_t, S_t)``, the geometric mixture
 ``q_alpha ~ pi_theta^alpha * pi_t^(1 - alpha)`` is Gaussian again: its precision is the
 alpha-weighted sum of the two precisions, its mean the precision-weighted mean. The KLs between
-Gaussians are closed-form too, so alpha* (the root of ``KL(q||pi_theta) = KL(q||pi_t)``, SPEC
-section 2) needs only a scalar root finder, here a bisection vectorised over cases.
+Gaussians are closed-form too, so alpha* (the root of ``KL(q||pi_theta) = KL(q||pi_t)``)
+needs only a scalar root finder, here a bisection vectorised over cases.
 
 The same cases discretised on a fine grid, whose points play the vocabulary, go through the
 product's own :func:`~qstar_cli.distributions.mixture.solve_alpha`: the two answers agree to ~2e-9 on the default

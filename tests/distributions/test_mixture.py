@@ -112,7 +112,7 @@ def test_root_balances_the_two_kls_in_float64():
     f = (q * (logp_t - logp_theta)).sum(-1)
     assert f.abs().max() < 1e-10
     assert (diag["kl_theta"] - diag["kl_t"]).abs().max() < 1e-10
-    # At the root both KLs equal -log Z_alpha* (SPEC section 2).
+    # At the root both KLs equal -log Z_alpha* (the Chernoff point).
     log_z = torch.logsumexp(alpha[:, None] * logp_theta + (1 - alpha[:, None]) * logp_t, -1)
     assert torch.allclose(diag["kl_theta"], -log_z, atol=1e-10)
 
@@ -220,7 +220,7 @@ def test_diagnostics_against_explicit_float64_formulas():
     assert torch.allclose(diag["ess_ratio"], diag["ess_theta"] / diag["ess_t"])
     assert torch.allclose(diag["entropy_q"], -(q * q.log()).sum(-1))
 
-    # SPEC: sum pi_theta^2 / q = Z_alpha * Z_(2 - alpha), sum pi_t^2 / q = Z_alpha * Z_(-alpha).
+    # sum pi_theta^2 / q = Z_alpha * Z_(2 - alpha), sum pi_t^2 / q = Z_alpha * Z_(-alpha).
     def log_z(beta):
         return torch.logsumexp(beta[:, None] * logp_theta + (1 - beta[:, None]) * logp_t, -1)
 

@@ -362,7 +362,7 @@ def test_resume_follows_content(w, tiny_tokenizer, tmp_path):
     template.write_text(template.read_text().replace("bot", "assistant"))
     # A row removed: the schedule would shrink under the samples written.
     write_jsonl(data, ROWS[:3])
-    refused("schedule of 4 samples and this run has 3", "may grow")
+    refused("schedule of 4 prompts and this run has 3", "may grow")
     write_jsonl(data, ROWS[:4])
     # Other weights in the same directory: the model's files differ.
     saved = shutil.copytree(theta, tmp_path / "saved")
