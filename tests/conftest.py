@@ -94,3 +94,10 @@ def base_args(tiny_model_dirs, prompts_file):
     theta, target = tiny_model_dirs
     return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
             "--max-new-tokens", "16", "--batch-size", "3", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pair(tiny_tokenizer, tiny_models):
+    """The tiny models as a ``(pi_theta, pi_t)`` pair of loaded models."""
+    theta, target = tiny_models
+    return LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")

@@ -43,7 +43,7 @@ from qstar_cli.generate.config import path_settings
 from qstar_cli.paths import check_output_file, check_writable, local_path
 from qstar_cli.analysis.plots import plot_runs
 from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_label
-from qstar_cli.runfiles.format import OutputPaths
+from qstar_cli.runfiles.format import OutputPaths, read_manifest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -277,18 +277,6 @@ def script_json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode("utf-8").replace("<", "\\u003c")
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        meta = orjson.loads(path.read_bytes())
-    except OSError as err:
-        raise QstarInputError(f"cannot read the run manifest {path}: {err.strerror} (qstar generate writes it beside the run)") from err
-    except orjson.JSONDecodeError as err:
-        raise QstarInputError(f"the run manifest {path} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise QstarInputError(f"the run manifest {path} has no 'config' object")
-    return meta
-
-
 def _tokenizer(spec: str | None, config: dict[str, Any]) -> PreTrainedTokenizerBase:
     source = spec or config.get("model_t")
     if not source:
@@ -433,7 +421,7 @@ def build_report(
             hint = " (a run made with --diagnostics none has none)" if path == paths.diagnostics else ""
             raise QstarInputError(f"{what} not found: {path}{hint}")
     out = Path(output) if output is not None else paths.stem.with_name(paths.stem.name + ".report.html")
-    meta = _read_manifest(paths.meta)
+    meta = read_manifest(paths.meta, ("config",), "qstar generate writes it beside the run")
     # The run's files, the tokenizer, and every local input the run names (its models, dataset, templates).
     specs = [tokenizer, *(meta["config"].get(name) for name in path_settings())]
     inputs = [paths.main, paths.diagnostics, paths.meta, *(p for spec in specs if isinstance(spec, str) and (p := local_path(spec)))]

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
+
+import orjson
+
+from qstar_cli.errors import QstarInputError
 
 MAIN_SUFFIX = ".jsonl"
 SIDECAR_SUFFIX = ".diagnostics.jsonl"
@@ -54,3 +59,58 @@ class OutputPaths:
         """The files of shard ``index`` of ``count``: ``run-00001-of-00003.jsonl`` for ``run.jsonl``."""
         suffix = MAIN_SUFFIX if self.main.suffix == MAIN_SUFFIX else ""
         return OutputPaths(self.stem.with_name(f"{self.stem.name}-{index:05d}-of-{count:05d}{suffix}"))
+
+
+class Counts(TypedDict):
+    rows: int  # dataset rows taken
+    samples: int  # samples the schedule has
+    done: int  # samples committed (durable in every data file)
+    skipped: dict[str, int]  # rows skipped, by reason
+
+
+class Manifest(TypedDict, total=False):
+    """``OUT.meta.json``: what ``generate`` (and ``merge``) write, and every reader reads through
+    :func:`read_manifest`."""
+
+    qstar_version: str
+    status: str  # running, complete, interrupted or failed
+    fingerprint: str
+    fingerprint_config: dict[str, Any]  # the settings and content a resumed run must share
+    config: dict[str, Any]  # every setting, as given
+    device: str
+    dtype: str
+    versions: dict[str, str]
+    weights_sha256: dict[str, dict[str, str]]  # local model files' digests, by setting
+    counts: Counts
+    sessions: list[dict[str, Any]]
+    shard: dict[str, Any]  # a shard's index, count, schedule_samples and split
+    merged: str  # a merged run: when
+    shards: list[dict[str, Any]]  # a merged run: each shard's manifest
+
+
+_TYPES: dict[str, type] = {
+    "qstar_version": str, "status": str, "fingerprint": str, "fingerprint_config": dict, "config": dict, "device": str,
+    "dtype": str, "versions": dict, "counts": dict, "sessions": list, "shard": dict,
+}  # fmt: skip
+_COUNT_TYPES: dict[str, type] = {"rows": int, "samples": int, "done": int, "skipped": dict}
+
+
+def read_manifest(path: Path, required: tuple[str, ...], hint: str, error: type[QstarInputError] = QstarInputError) -> Manifest:
+    """The manifest at ``path``, refused with ``error`` in one line (ending in ``hint``) when it cannot be
+    read, is not JSON, or lacks one of the ``required`` fields with its type (``counts`` also checks
+    that each count is a count: an integer, not a boolean, not negative)."""
+    try:
+        meta = orjson.loads(path.read_bytes())
+    except OSError as err:
+        raise error(f"cannot read the manifest {path}: {err.strerror}") from err
+    except orjson.JSONDecodeError as err:
+        raise error(f"the manifest {path} is damaged (not valid JSON: {err}); {hint}") from err
+    if not isinstance(meta, dict):
+        raise error(f"the manifest {path} is damaged (not a JSON object); {hint}")
+    checks = [(name, meta.get(name), _TYPES[name]) for name in required]
+    if "counts" in required and isinstance(meta.get("counts"), dict):
+        checks += [(f"counts.{name}", meta["counts"].get(name), kind) for name, kind in _COUNT_TYPES.items()]
+    for name, value, kind in checks:
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise error(f"the manifest {path} is damaged ({name} is {value!r:.40}, not {'a count' if kind is int else kind.__name__}); {hint}")
+    return meta

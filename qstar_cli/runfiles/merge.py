@@ -30,9 +30,14 @@ import orjson
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
+from qstar_cli.runfiles.format import read_manifest
 from qstar_cli.runfiles.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, config_differences
 
 _SIDECAR_KEY = re.compile(rb'"sample_idx":(\d+),"response_idx":(\d+)')
+
+
+#: What merging reads of each shard's manifest.
+MERGED_FIELDS = ("fingerprint", "fingerprint_config", "config", "counts", "shard", "status", "device", "dtype", "versions")
 
 
 class MergeError(QstarInputError):
@@ -70,7 +75,8 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
             raise MergeError(f"shard {shard.main} is missing: run generate with --num-shards {len(shards)} --shard-index {index}")
         if not shard.meta.exists():
             raise MergeError(f"shard {shard.main} has no manifest {shard.meta.name}: it was not written by qstar generate")
-        metas.append(_read_manifest(shard))
+        hint = f"re-run that shard's generate command to rewrite it, or restore {shard.meta.name}"
+        metas.append(read_manifest(shard.meta, MERGED_FIELDS, hint, MergeError))
         if metas[-1]["fingerprint_config"].get("diagnostics") != "none" and not shard.diagnostics.is_file():
             raise MergeError(f"shard {shard.main} has no sidecar {shard.diagnostics.name}: restore it (or regenerate the shard with --overwrite)")
     # The run is what most shards say it is; a shard that says otherwise is the foreign one.
@@ -97,31 +103,6 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
     if sum(m["counts"]["samples"] for m in metas) != schedule:
         raise MergeError(f"the shards of {len(shards)} hold {sum(m['counts']['samples'] for m in metas)} samples, not the run's {schedule}")
     return metas
-
-
-#: What merging reads of a shard's manifest, and the type each must have.
-_MANIFEST_FIELDS = {"fingerprint": str, "fingerprint_config": dict, "config": dict, "counts": dict, "shard": dict,
-                    "status": str, "device": str, "dtype": str, "versions": dict}  # fmt: skip
-_COUNT_FIELDS = {"rows": int, "samples": int, "done": int, "skipped": dict}
-
-
-def _read_manifest(shard: OutputPaths) -> dict[str, Any]:
-    """A shard's manifest, refused in one line when it cannot be read or lacks what merging needs."""
-    hint = f"re-run that shard's generate command to rewrite it, or restore {shard.meta.name}"
-    try:
-        meta = orjson.loads(shard.meta.read_bytes())
-    except OSError as err:
-        raise MergeError(f"cannot read the manifest {shard.meta}: {err.strerror}") from err
-    except orjson.JSONDecodeError as err:
-        raise MergeError(f"the manifest {shard.meta} is damaged (not valid JSON: {err}); {hint}") from err
-    if not isinstance(meta, dict):
-        raise MergeError(f"the manifest {shard.meta} is damaged (not a JSON object); {hint}")
-    for fields, where in ((_MANIFEST_FIELDS, meta), (_COUNT_FIELDS, meta.get("counts"))):
-        for name, kind in fields.items():
-            value = where.get(name) if isinstance(where, dict) else None
-            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
-                raise MergeError(f"the manifest {shard.meta} is damaged ({name} missing or not {kind.__name__}); {hint}")
-    return meta
 
 
 def _shard_lines(

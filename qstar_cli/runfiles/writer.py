@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, PER_TOKEN_FIELDS, SEQUENCE_SUMS, SUMMARY_FIELDS, OutputPaths
+from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, PER_TOKEN_FIELDS, SEQUENCE_SUMS, SUMMARY_FIELDS, Manifest, OutputPaths, read_manifest
 
 if TYPE_CHECKING:
     from qstar_cli.engine.samples import SampleResult
@@ -210,23 +210,11 @@ class CheckpointedWriter:
     def run_files(self) -> list[Path]:
         return [self.paths.main, self.paths.diagnostics, self.paths.meta]
 
-    def previous_meta(self) -> dict[str, Any] | None:
+    def previous_meta(self) -> Manifest | None:
         """The manifest of the run in these files, if there is one; a damaged one is refused."""
         if not self.paths.meta.exists():
             return None
-        try:
-            meta = orjson.loads(self.paths.meta.read_bytes())
-        except orjson.JSONDecodeError as err:
-            raise ResumeError(f"the manifest {self.paths.meta} is damaged ({err}); restore it, or add --overwrite to start afresh") from err
-        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint_config"), dict):
-            raise ResumeError(f"the manifest {self.paths.meta} is damaged (no fingerprint_config); restore it, or add --overwrite to start afresh")
-        done = meta.get("counts", {}).get("done") if isinstance(meta.get("counts"), dict) else None
-        if type(done) is not int or done < 0 or not isinstance(meta.get("sessions", []), list):
-            raise ResumeError(
-                f"the manifest {self.paths.meta} is damaged (counts.done is {done!r}, not a count of samples); "
-                "restore it, or add --overwrite to start afresh"
-            )
-        return meta
+        return read_manifest(self.paths.meta, ("fingerprint_config", "counts"), "restore it, or add --overwrite to start afresh", ResumeError)
 
     def check_config(
         self,

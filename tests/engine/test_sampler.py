@@ -17,12 +17,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_tokenizer, tiny_models):
-    theta, target = tiny_models
-    return LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")
-
-
 def test_cached_log_probs_equal_one_full_forward(pair):
     sampler = make_sampler(pair)
     results = sampler.generate(CONVERSATIONS)

@@ -24,12 +24,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_tokenizer, tiny_models):
-    theta, target = tiny_models
-    return LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")
-
-
 def requests_for(sampler, conversations, k, replay=None):
     out = []
     for row, conversation in enumerate(conversations):

@@ -177,8 +177,8 @@ def test_a_shard_rerun_with_more_samples_equals_a_fresh_shard_run(w, tmp_path):
     "damage, fragment",
     [
         (lambda meta: b"{not json", "not valid JSON"),
-        (lambda meta: json.dumps({**meta, "counts": None}).encode(), "counts missing"),
-        (lambda meta: json.dumps({**meta, "shard": {"index": 1}, "fingerprint": 7}).encode(), "fingerprint missing"),
+        (lambda meta: json.dumps({**meta, "counts": None}).encode(), "counts is None, not dict"),
+        (lambda meta: json.dumps({**meta, "shard": {"index": 1}, "fingerprint": 7}).encode(), "fingerprint is 7, not str"),
         (lambda meta: json.dumps([meta]).encode(), "not a JSON object"),
     ],
     ids=["not json", "no counts", "wrong types", "a list"],
