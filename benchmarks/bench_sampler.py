@@ -1,25 +1,33 @@
-"""Generation throughput: DualModelSampler against the floor, one model's generate, and the naive loop.
+"""Generation throughput: DualModelSampler against the floor, DynamicCache, one model's generate, the naive loop.
 
     python benchmarks/bench_sampler.py                        # demo + tiny models, batch 1 8 32, CPU
-    python benchmarks/bench_sampler.py --models demo --batches 8 --new-tokens 32
+    python benchmarks/bench_sampler.py --models demo --batches 8 32 --new-tokens 32 --no-extras
+    python benchmarks/bench_sampler.py --models demo --batches 8 --context 2000 --new-tokens 16 --repeats 1 --no-extras
 
-For each model pair and batch size, all from one run, on the same prompts and the same number of new
-tokens per row (EOS is ignored so every variant does the same work):
+For each model pair and batch size, all from one run, on the same prompts (``--context``: each padded
+to about that many tokens) and the same number of new tokens per row (EOS is ignored so every
+variant does the same work), alternating the variants ``--repeats`` times:
 
 * floor: the two models' forward passes alone on the sampler's slot caches (prefill, then one cached
   forward each per step), feeding fixed tokens: the physical floor of exact two-model sampling
   without speculation;
 * dynamic: the same forwards on transformers' ``DynamicCache`` (left-padded batch, which copies the
-  whole cache at each step), for scale;
+  whole cache at each step);
 * qstar: ``DualModelSampler.generate`` (kl_symmetry alpha, diagnostics, sampling);
 * generate: one model's own ``generate`` (a single model's cost, for scale);
 * naive: what a user would write from the design notes: per row, the two models one after the other,
   20-step bisection per token, ``torch.multinomial``.
+
+The step columns are milliseconds per decode step (a round: both models' forwards plus, for qstar,
+the mixture, diagnostics and draw), best of the repeats, the prefill left out: ``floor/dyn`` is
+the slot cache's forwards against ``DynamicCache``'s, ``qstar/dyn`` a whole q* step against the two
+forwards on ``DynamicCache``.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from transformers import DynamicCache
@@ -63,8 +71,10 @@ def left_padded(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, positions
 
 
-def floor(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
-    """Both models' forwards alone on slot caches: prefill, then one cached step each per token."""
+def floor(sampler: DualModelSampler, prompts, new_tokens: int) -> float:
+    """Both models' forwards alone on slot caches: prefill, then one cached step each per token.
+    Returns the seconds spent in the decode steps."""
+    decode = 0.0
     for side, loaded in enumerate((sampler.theta, sampler.target)):
         ids = [p[side] for p in prompts]
         cache = SlotCache(loaded.model.config, len(ids), max(map(len, ids)) + new_tokens)
@@ -72,13 +82,17 @@ def floor(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
         cache.forward(loaded.model, tokens, positions, 0, tokens.shape[1], sampler.vocab)
         lengths = torch.tensor([len(x) for x in ids])
         feed = torch.full((len(ids), 1), 5, dtype=torch.long)
+        started = time.perf_counter()
         for step in range(new_tokens - 1):
             longest = max(map(len, ids)) + step + 1
             cache.forward(loaded.model, feed, (lengths + step).unsqueeze(-1), 0, longest, sampler.vocab)
+        decode += time.perf_counter() - started
+    return decode
 
 
-def dynamic(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
-    """The same forwards on DynamicCache (concatenating the cache at every step)."""
+def dynamic(sampler: DualModelSampler, prompts, new_tokens: int) -> float:
+    """The same forwards on DynamicCache (concatenating the cache at every step); decode seconds."""
+    decode = 0.0
     for side, loaded in enumerate((sampler.theta, sampler.target)):
         tokens, positions = left_padded([p[side] for p in prompts])
         mask = (positions >= 0).long()
@@ -86,10 +100,20 @@ def dynamic(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
         loaded.model(input_ids=tokens, attention_mask=mask, position_ids=positions.clamp_min(0), cache=cache, logits_to_keep=1)
         feed = torch.full((len(prompts), 1), 5, dtype=torch.long)
         next_position = positions[:, -1:] + 1
+        started = time.perf_counter()
         for step in range(new_tokens - 1):
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             out = loaded.model(input_ids=feed, attention_mask=mask, position_ids=next_position + step, cache=cache, logits_to_keep=1)
             out.logits[:, -1, : sampler.vocab].float().log_softmax(-1)
+        decode += time.perf_counter() - started
+    return decode
+
+
+def qstar(sampler: DualModelSampler, convs, prompts) -> float:
+    """``DualModelSampler.generate``; the seconds after its first round (prefill and first token)."""
+    first: list[float] = []
+    sampler.generate(convs, prompt_ids=prompts, on_step=lambda _: first or first.append(time.perf_counter()))
+    return time.perf_counter() - first[0]
 
 
 def naive(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
@@ -120,19 +144,30 @@ def hf_generate(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
     )
 
 
+def padded_prompts(n: int, context: int) -> list[list[dict]]:
+    """``n`` conversations; with ``context``, each question follows about that many tokens of text."""
+    text = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
+    return [
+        [{"role": "user", "content": (text * (context // 16) if context else "") + PROMPTS[i % len(PROMPTS)]}]
+        for i in range(n)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "demo"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--context", type=int, default=0, help="prompt tokens per row, about (default: the short prompts)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    parser.add_argument("--no-extras", action="store_true", help="skip generate and the naive loop")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print_header(
-        f"new_tokens={args.new_tokens}",
-        f"{'models':>6} {'batch':>5} | {'floor s':>8} {'dynamic s':>9} {'qstar s':>8} {'generate s':>10} {'naive s':>8} | "
-        f"{'qstar tok/s':>11} | {'qstar/floor':>11} {'naive/qstar':>11}",
+        f"new_tokens={args.new_tokens} context~{args.context or 'short'} repeats={args.repeats}",
+        f"{'models':>6} {'batch':>5} {'prompt':>6} | {'floor ms':>8} {'dyn ms':>8} {'qstar ms':>8} | {'floor/dyn':>9} {'qstar/dyn':>9} "
+        f"{'qstar/floor':>11} | {'qstar tok/s':>11} | {'generate s':>10} {'naive s':>8}",
     )
     for name in args.models:
         theta, target = pair(name)
@@ -141,19 +176,24 @@ def main() -> None:
         )
         sampler.eos = set()  # every row runs the full length in every variant
         for batch in args.batches:
-            convs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
+            convs = padded_prompts(batch, args.context)
             prompts = [sampler.encode_prompts(c) for c in convs]
-            # bench_alpha.timed gives median milliseconds; this table is in seconds.
-            t_floor = timed(lambda: floor(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
-            t_dyn = timed(lambda: dynamic(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
-            t_qstar = timed(lambda: sampler.generate(convs), args.repeats, "cpu") / 1e3
-            t_gen = timed(lambda: hf_generate(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
-            t_naive = float("nan")
-            if not args.no_naive:
-                t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1, "cpu") / 1e3
+            steps = {"floor": [], "dynamic": [], "qstar": []}
+            for _ in range(args.repeats):
+                steps["floor"].append(floor(sampler, prompts, args.new_tokens))
+                steps["dynamic"].append(dynamic(sampler, prompts, args.new_tokens))
+                steps["qstar"].append(qstar(sampler, convs, prompts))
+            t_floor, t_dyn, t_qstar = (1e3 * min(v) / (args.new_tokens - 1) for v in steps.values())
+            t_gen = t_naive = float("nan")
+            if not args.no_extras:
+                # bench_alpha.timed gives median milliseconds; these columns are in seconds.
+                t_gen = timed(lambda: hf_generate(sampler, prompts, args.new_tokens), args.repeats, "cpu") / 1e3
+                if not args.no_naive:
+                    t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1, "cpu") / 1e3
+            prompt = max(len(p[1]) for p in prompts)
             print(
-                f"{name:>6} {batch:>5} | {t_floor:>8.3f} {t_dyn:>9.3f} {t_qstar:>8.3f} {t_gen:>10.3f} {t_naive:>8.3f} | "
-                f"{batch * args.new_tokens / t_qstar:>11.1f} | {t_qstar / t_floor:>10.3f}x {t_naive / t_qstar:>10.2f}x",
+                f"{name:>6} {batch:>5} {prompt:>6} | {t_floor:>8.1f} {t_dyn:>8.1f} {t_qstar:>8.1f} | {t_floor / t_dyn:>8.3f}x "
+                f"{t_qstar / t_dyn:>8.3f}x {t_qstar / t_floor:>10.3f}x | {batch * 1e3 / t_qstar:>11.1f} | {t_gen:>10.3f} {t_naive:>8.3f}",
                 flush=True,
             )
 

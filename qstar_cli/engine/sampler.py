@@ -46,7 +46,7 @@ from qstar_cli.engine.prompts import Messages, PromptFormat
 from qstar_cli.engine.samples import PER_TOKEN_FIELDS, RowRound, SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.engine.scheduler import Row, SlotScheduler
-from qstar_cli.engine.slots import SlotCache
+from qstar_cli.engine.slots import SlotCache, use_slot_attention
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
 
 #: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
@@ -113,6 +113,8 @@ class DualModelSampler:
                     raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {self.vocab} ids that {main.name} shares")
             self.models, self.sides = self.models + tuple(draft_pair), self.sides + (0, 1)
             self.sequential, self.verifying = (2, 3), (0, 1)
+        for loaded in self.models:
+            use_slot_attention(loaded.model)
         self.theta_format = PromptFormat(theta_format, theta.tokenizer)
         self.t_format = PromptFormat(t_format, target.tokenizer)
         self.alpha_method, self.alpha = alpha_method, alpha

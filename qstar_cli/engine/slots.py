@@ -1,18 +1,23 @@
 """Per-slot KV storage: each model's keys and values preallocated per slot, written in place.
 
-A :class:`SlotCache` holds, for every layer, keys and values stored as ``[slots, capacity, kv_heads,
-head_dim]`` (read as ``[slots, kv_heads, capacity, head_dim]`` views). Slot ``r`` keeps its sequence's token at position ``p`` in column ``p``, so a row is
-written at its own position with no per-step copy of the cache, a finished row's slot is reused by
-overwriting it, and a row is rolled back by lowering its length (the columns past it are masked out
-and overwritten later). The attention mask needs no history: a query at position ``p`` sees exactly
-the columns ``0..p`` of its own slot, which :meth:`SlotCache.forward` passes as a 4D boolean mask
-(transformers uses a 4D mask as is).
+A :class:`SlotCache` holds, for every layer, keys and values stored heads-major as ``[slots,
+kv_heads, capacity, head_dim]``, the layout the attention kernels take: a forward's rows read
+``[start:stop, :, :width]``, a view whose rows are contiguous, so attention copies nothing. Slot
+``r`` keeps its sequence's token at position ``p`` in column ``p``, so a row is written at its own
+position with no per-step copy of the cache (``DynamicCache`` concatenates its whole history every
+step), a finished row's slot is reused by overwriting it, and a row is rolled back by lowering its
+length (the columns past it are masked out and overwritten later). The attention mask needs no
+history: a query at position ``p`` sees exactly the columns ``0..p`` of its own slot, which
+:meth:`SlotCache.forward` passes as a 4D additive mask (transformers uses a 4D mask as is).
 
 A forward reads the columns up to the longest sequence among its rows (rounded up to
 :data:`WIDTH_STEP`), so attention costs what the batch needs. The capacity grows in chunks of
 :data:`CAPACITY_CHUNK` columns when a longer sequence arrives (one copy of the storage); memory is
 ``2 x layers x slots x capacity x kv_heads x head_dim`` elements per model, with capacity the longest
 prompt + token budget seen so far, rounded up.
+
+Grouped-query models attend through :func:`slot_attention`, which packs each key/value head's
+query heads into one query block instead of repeating the keys and values per query head.
 
 Rows taking part in a forward are always the leading slots ``[start, stop)``: the sampler keeps the
 running rows packed at the front (:meth:`SlotCache.move` copies one row into a freed slot) and
@@ -25,12 +30,47 @@ import math
 
 import torch
 from torch import Tensor
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 #: Capacity is a multiple of this many columns (growth is rare).
 CAPACITY_CHUNK = 256
 #: Columns a forward reads are a multiple of this (fewer distinct shapes for the kernels).
-WIDTH_STEP = 64
+WIDTH_STEP = 8
+#: Longest query block packed per key/value head (decode and verify forwards; a prefill's long
+#: blocks would need a mask per packed query larger than the repeated keys).
+MAX_PACKED_QUERIES = 64
+#: The attention implementation :func:`use_slot_attention` gives a model.
+SLOT_ATTENTION = "qstar_slot_sdpa"
+
+
+def slot_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' SDPA attention, except that with grouped-query heads and a mask shared by all
+    heads the ``groups`` query heads of each key/value head are packed into one block of
+    ``groups x q`` queries (as transformers does for a single query), so that the keys and values are
+    read in place rather than repeated per query head (``repeat_kv`` copies them per layer)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    n, heads, q, dim = query.shape
+    if groups == 1 or attention_mask is None or attention_mask.shape[1] != 1 or groups * q > MAX_PACKED_QUERIES:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # Query head h = kv * groups + g reads key/value head kv; packed row g * q + t sees query t's mask.
+    packed = query.reshape(n, heads // groups, groups * q, dim)
+    mask = attention_mask.repeat(1, 1, groups, 1) if q > 1 else attention_mask
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=kwargs.get("scaling"))
+    return out.reshape(n, heads, q, dim).transpose(1, 2), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
+
+
+def use_slot_attention(model) -> None:
+    """Give a model on transformers' SDPA attention :func:`slot_attention` (the same results, for any
+    cache); other implementations (eager, flash kernels) are left as they are."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(SLOT_ATTENTION)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -46,32 +86,31 @@ class SlotLayer(CacheLayerMixin):
         self.values: Tensor | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        slots, capacity = self.cache.slots, self.cache.capacity
-        # Slot and position adjacent, so that a write is one index_copy_ over (slot, position) rows.
-        self.keys = key_states.new_zeros((slots, capacity, key_states.shape[1], key_states.shape[-1]))
-        self.values = value_states.new_zeros((slots, capacity, value_states.shape[1], value_states.shape[-1]))
+        shape = (self.cache.slots, key_states.shape[1], self.cache.capacity)
+        self.keys = key_states.new_zeros((*shape, key_states.shape[-1]))
+        self.values = value_states.new_zeros((*shape, value_states.shape[-1]))
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        index = self.cache.write_index
+        index = self.cache.write_index(key_states.shape[1])
         for store, new in ((self.keys, key_states), (self.values, value_states)):
-            store.view(-1, *store.shape[2:]).index_copy_(0, index, new.transpose(1, 2).reshape(-1, *store.shape[2:]))
+            store.view(-1, store.shape[-1]).index_copy_(0, index, new.reshape(-1, new.shape[-1]))
         start, stop = self.cache.rows
         width = self.cache.width
-        return self.keys[start:stop, :width].transpose(1, 2), self.values[start:stop, :width].transpose(1, 2)
+        return self.keys[start:stop, :, :width], self.values[start:stop, :, :width]
 
     def grow(self, capacity: int) -> None:
         if self.is_initialized:
-            pad = capacity - self.keys.shape[1]
-            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, 0, 0, pad))
-            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, 0, 0, pad))
+            pad = capacity - self.keys.shape[2]
+            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
+            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
 
     def move(self, src: int, dst: int, length: int) -> None:
         if self.is_initialized:
-            self.keys[dst, :length] = self.keys[src, :length]
-            self.values[dst, :length] = self.values[src, :length]
+            self.keys[dst, :, :length] = self.keys[src, :, :length]
+            self.values[dst, :, :length] = self.values[src, :, :length]
 
     def get_seq_length(self) -> int:
         return self.cache.width
@@ -95,7 +134,8 @@ class SlotCache(Cache):
         self.capacity = _round_up(max(capacity, 1))
         self.rows = (0, 0)
         self.width = 0
-        self.write_index: Tensor | None = None
+        self.columns: Tensor | None = None
+        self._write_index: dict[int, Tensor] = {}
         super().__init__(layers=[SlotLayer(self) for _ in range(config.num_hidden_layers)])
 
     def ensure_capacity(self, length: int) -> None:
@@ -104,6 +144,17 @@ class SlotCache(Cache):
             self.capacity = _round_up(length + 1)
             for layer in self.layers:
                 layer.grow(self.capacity)
+
+    def write_index(self, heads: int) -> Tensor:
+        """Row of each new key and value (``[rows, heads, q]``, flattened) in a layer's storage seen as
+        ``[slots * heads * capacity, head_dim]``: one ``index_copy_`` writes a forward's columns.
+        Built once per forward, shared by every layer."""
+        if heads not in self._write_index:
+            start, stop = self.rows
+            slots = torch.arange(start, stop, device=self.columns.device)[:, None, None]
+            heads_of = torch.arange(heads, device=self.columns.device)[None, :, None]
+            self._write_index[heads] = ((slots * heads + heads_of) * self.capacity + self.columns[:, None, :]).flatten()
+        return self._write_index[heads]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` columns of slot ``src`` into slot ``dst``."""
@@ -125,13 +176,13 @@ class SlotCache(Cache):
         self.rows = (start, start + n)
         self.width = min(WIDTH_STEP * math.ceil(longest / WIDTH_STEP), self.capacity)
         pad = positions < 0
-        columns = torch.where(pad, self.capacity - 1, positions)
-        # Flat (slot, column) row of each query's key and value in the [slots * capacity, ...] storage.
-        slots = torch.arange(start, start + n, device=ids.device).unsqueeze(-1)
-        self.write_index = (slots * self.capacity + columns).reshape(-1)
+        self.columns = torch.where(pad, self.capacity - 1, positions)
+        self._write_index.clear()
         # A query at position p sees columns 0..p of its own slot; padding queries see column 0 only.
+        # Additive (0 or the dtype's min) rather than boolean: the kernels would convert it per layer.
         seen = torch.where(pad, 0, positions)
-        mask = torch.arange(self.width, device=ids.device) <= seen.unsqueeze(-1)
+        hidden = torch.arange(self.width, device=ids.device) > seen.unsqueeze(-1)
+        mask = torch.zeros(hidden.shape, dtype=model.dtype, device=ids.device).masked_fill_(hidden, torch.finfo(model.dtype).min)
         out = model(
             input_ids=ids,
             attention_mask=mask.unsqueeze(1),
