@@ -13,7 +13,8 @@ variant does the same work), alternating the variants ``--repeats`` times:
   without speculation;
 * dynamic: the same forwards on transformers' ``DynamicCache`` (left-padded batch, which copies the
   whole cache at each step);
-* qstar: ``DualModelSampler.generate`` (kl_symmetry alpha, diagnostics, sampling);
+* qstar: ``DualModelSampler.generate`` (kl_symmetry alpha, diagnostics, sampling); ``bare``: the
+  same with ``diagnostics="none"`` (the per-token diagnostics not computed);
 * generate: one model's own ``generate`` (a single model's cost, for scale);
 * naive: what a user would write from the design notes: per row, the two models one after the other,
   20-step bisection per token, ``torch.multinomial``.
@@ -109,10 +110,11 @@ def dynamic(sampler: DualModelSampler, prompts, new_tokens: int) -> float:
     return decode
 
 
-def qstar(sampler: DualModelSampler, convs, prompts) -> float:
+def qstar(sampler: DualModelSampler, convs, prompts, diagnostics: str = "full") -> float:
     """``DualModelSampler.generate``; the seconds after its first round (prefill and first token)."""
     first: list[float] = []
-    sampler.generate(convs, prompt_ids=prompts, on_step=lambda _: first or first.append(time.perf_counter()))
+    on_step = lambda _: first or first.append(time.perf_counter())  # noqa: E731
+    sampler.generate(convs, prompt_ids=prompts, on_step=on_step, diagnostics=diagnostics)
     return time.perf_counter() - first[0]
 
 
@@ -166,8 +168,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print_header(
         f"new_tokens={args.new_tokens} context~{args.context or 'short'} repeats={args.repeats}",
-        f"{'models':>6} {'batch':>5} {'prompt':>6} | {'floor ms':>8} {'dyn ms':>8} {'qstar ms':>8} | {'floor/dyn':>9} {'qstar/dyn':>9} "
-        f"{'qstar/floor':>11} | {'qstar tok/s':>11} | {'generate s':>10} {'naive s':>8}",
+        f"{'models':>6} {'batch':>5} {'prompt':>6} | {'floor ms':>8} {'dyn ms':>8} {'qstar ms':>8} {'bare ms':>8} | {'floor/dyn':>9} "
+        f"{'qstar/dyn':>9} {'bare/dyn':>9} {'qstar/floor':>11} | {'qstar tok/s':>11} | {'generate s':>10} {'naive s':>8}",
     )
     for name in args.models:
         theta, target = pair(name)
@@ -178,12 +180,13 @@ def main() -> None:
         for batch in args.batches:
             convs = padded_prompts(batch, args.context)
             prompts = [sampler.encode_prompts(c) for c in convs]
-            steps = {"floor": [], "dynamic": [], "qstar": []}
+            steps = {"floor": [], "dynamic": [], "qstar": [], "bare": []}
             for _ in range(args.repeats):
                 steps["floor"].append(floor(sampler, prompts, args.new_tokens))
                 steps["dynamic"].append(dynamic(sampler, prompts, args.new_tokens))
                 steps["qstar"].append(qstar(sampler, convs, prompts))
-            t_floor, t_dyn, t_qstar = (1e3 * min(v) / (args.new_tokens - 1) for v in steps.values())
+                steps["bare"].append(qstar(sampler, convs, prompts, "none"))
+            t_floor, t_dyn, t_qstar, t_bare = (1e3 * min(v) / (args.new_tokens - 1) for v in steps.values())
             t_gen = t_naive = float("nan")
             if not args.no_extras:
                 # bench_alpha.timed gives median milliseconds; these columns are in seconds.
@@ -192,8 +195,9 @@ def main() -> None:
                     t_naive = timed(lambda: naive(sampler, prompts, args.new_tokens), 1, "cpu") / 1e3
             prompt = max(len(p[1]) for p in prompts)
             print(
-                f"{name:>6} {batch:>5} {prompt:>6} | {t_floor:>8.1f} {t_dyn:>8.1f} {t_qstar:>8.1f} | {t_floor / t_dyn:>8.3f}x "
-                f"{t_qstar / t_dyn:>8.3f}x {t_qstar / t_floor:>10.3f}x | {batch * 1e3 / t_qstar:>11.1f} | {t_gen:>10.3f} {t_naive:>8.3f}",
+                f"{name:>6} {batch:>5} {prompt:>6} | {t_floor:>8.1f} {t_dyn:>8.1f} {t_qstar:>8.1f} {t_bare:>8.1f} | {t_floor / t_dyn:>8.3f}x "
+                f"{t_qstar / t_dyn:>8.3f}x {t_bare / t_dyn:>8.3f}x {t_qstar / t_floor:>10.3f}x | {batch * 1e3 / t_qstar:>11.1f} | "
+                f"{t_gen:>10.3f} {t_naive:>8.3f}",
                 flush=True,
             )
 

@@ -470,6 +470,11 @@ def build_report(
             ("alpha mean", fmt(summary["fields"]["alpha"]["tokens"]["mean"], 3)),
             ("sequence ESS / n", fmt(summary["weights"]["ess_ratio"], 3)),
             ("|kl_theta - kl_t| < 0.05", fmt(summary["checks"]["kl_gap_below_0.05"], 3)),
+            *(
+                [("draft acceptance", fmt(spec["acceptance_rate"], 3)), ("tokens per round", fmt(spec["tokens_per_round"], 3))]
+                if (spec := summary.get("speculative"))
+                else []
+            ),
         ],
         checks=[(CHECKS[k], fmt(v, 4)) for k, v in summary["checks"].items()],
         tables=[table_view(t) for t in (overview_table([run], [label]), field_table(run, "tokens"), field_table(run, "samples"))],

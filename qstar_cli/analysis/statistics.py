@@ -214,6 +214,18 @@ class _Sample:
     log_w: float
     stats: np.ndarray  # [4, fields]: mean, std, min, max
     rows: np.ndarray | None  # [tokens, fields]
+    rounds: np.ndarray | None = None  # speculative: rounds, drafts, drafts accepted, drafts tested
+
+
+def speculative_counts(draft_lengths: list[int], round_tokens: list[int]) -> np.ndarray:
+    """``[rounds, drafted, accepted, tested]`` of a speculative sample's recorded rounds: a round
+    that emitted ``r`` tokens of ``d`` drafts accepted ``r - 1`` and tested ``min(r, d)`` (drafts
+    after a rejection are never tested). A manifest counts one more accepted where an EOS among
+    the drafts ended the sample, which the sidecar cannot tell from an EOS drawn after them."""
+    d, r = np.asarray(draft_lengths, dtype=np.int64), np.asarray(round_tokens, dtype=np.int64)
+    if d.shape != r.shape or d.ndim != 1 or (r < 1).any() or (r > d + 1).any():
+        raise ValueError("draft_lengths and round_tokens do not describe rounds")
+    return np.array([len(d), d.sum(), (r - 1).sum(), np.minimum(r, d).sum()])
 
 
 def _parse(record: dict[str, Any]) -> _Sample:
@@ -226,7 +238,27 @@ def _parse(record: dict[str, Any]) -> _Sample:
         if rows.ndim != 2 or len(rows) != record["num_tokens"]:
             raise ValueError("per_token arrays do not match num_tokens")
     identity = int(record["sample_idx"]), int(record.get("response_idx", 0)), int(record["num_tokens"]), str(record["finish_reason"])
-    return _Sample(*identity, sequence_log_weight(record), stats, rows)
+    rounds = None
+    if "draft_lengths" in record:
+        rounds = speculative_counts(record["draft_lengths"], record["round_tokens"])
+        if sum(record["round_tokens"]) != identity[2]:
+            raise ValueError("round_tokens do not add up to num_tokens")
+    return _Sample(*identity, sequence_log_weight(record), stats, rows, rounds)
+
+
+def _speculative_summary(counts: np.ndarray, samples: int, tokens: int) -> dict[str, Any] | None:
+    """A speculative run's rounds: acceptance rate (per draft tested), tokens and drafts per round."""
+    rounds, drafted, accepted, tested = (int(c) for c in counts)
+    if not samples:
+        return None
+    return {
+        "samples": samples,
+        "rounds": rounds,
+        "acceptance_rate": accepted / tested if tested else None,
+        "tokens_per_round": tokens / rounds if rounds else None,
+        "drafts_per_round": drafted / rounds if rounds else None,
+        "accepted_per_round": accepted / rounds if rounds else None,
+    }
 
 
 def analyze_sidecar(
@@ -248,6 +280,7 @@ def analyze_sidecar(
     pos_sum, pos_count = np.zeros(0), np.zeros(0, dtype=np.int64)
     checks = Counter()
     full_samples = 0
+    rounds, round_samples, round_sample_tokens = np.zeros(4, dtype=np.int64), 0, 0
     column = {name: i for i, name in enumerate(SUMMARY_FIELDS)}
 
     for number, record in iter_sidecar(path, corrupt):
@@ -265,6 +298,10 @@ def analyze_sidecar(
             on_sample(number, record, sample)
         for store, value in zip(stats, sample.stats.ravel()):
             store.append(value)
+        if sample.rounds is not None:
+            rounds += sample.rounds
+            round_samples += 1
+            round_sample_tokens += sample.num_tokens
         if sample.rows is None:
             continue
         full_samples += 1
@@ -315,6 +352,7 @@ def analyze_sidecar(
             "max_weight_share": float(np.exp(log_w_arr.max() - logsumexp(log_w_arr))) if samples else None,
         },
         "per_prompt": per_prompt_spread(np.asarray(indices, dtype=np.int64), log_w_arr),
+        "speculative": _speculative_summary(rounds, round_samples, round_sample_tokens),
     }
     return RunAnalysis(
         path=path,

@@ -83,6 +83,11 @@ def overview_table(runs: list[RunAnalysis], labels: list[str]) -> Table:
         row("responses per prompt", [fmt(p.get("responses_per_prompt"), 3) for p in spread])
         row("log w std within a prompt", [fmt(p.get("within_std_mean")) for p in spread])
         row("log w variance within prompts", [fmt(p.get("within_share"), 3) for p in spread])
+    if any(s.get("speculative") for s in summaries):
+        rounds = [s.get("speculative") or {} for s in summaries]
+        row("draft acceptance rate", [fmt(r.get("acceptance_rate"), 3) for r in rounds])
+        row("tokens per round", [fmt(r.get("tokens_per_round"), 3) for r in rounds])
+        row("drafts per round", [fmt(r.get("drafts_per_round"), 3) for r in rounds])
     for name in SUMMARY_FIELDS:
         row(f"{name} mean (tokens)", [fmt(s["fields"][name]["tokens"]["mean"], 4) for s in summaries])
     row("corrupt lines skipped", [str(s["corrupt_lines"]) for s in summaries])

@@ -282,3 +282,12 @@ def check_shared_vocabulary(theta: LoadedModel, target: LoadedModel) -> int:
     # Ids >= vocab (padded rows, or tokens only one side knows) get probability zero under both.
     return vocab
 
+
+def eos_ids(*loaded: LoadedModel) -> set[int]:
+    """Every EOS id of either model's generation config and tokenizer."""
+    ids: set[int] = set()
+    for m in loaded:
+        for value in (m.model.generation_config.eos_token_id, m.tokenizer.eos_token_id):
+            if value is not None:
+                ids.update([value] if isinstance(value, int) else value)
+    return ids

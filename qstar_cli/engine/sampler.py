@@ -17,6 +17,7 @@ back by its length alone; other rows keep theirs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from qstar_cli.errors import QstarRunError
 from qstar_cli.distributions.mixture import (
+    DIAGNOSTIC_FIELDS,
     AlphaMethod,
     check_alpha_method,
     mixture_logprobs,
@@ -38,15 +40,18 @@ from qstar_cli.engine.models import (
     VocabularyMismatchError,
     check_shared_vocabulary,
     context_limit,
+    eos_ids,
     load_model,
     resolve_device,
     resolve_dtype,
 )
+from qstar_cli.engine.memory import SlotPlan, plan_slots
 from qstar_cli.engine.prompts import Messages, PromptFormat
-from qstar_cli.engine.samples import PER_TOKEN_FIELDS, RowRound, SampleRequest, SampleResult, StreamStats
+from qstar_cli.engine.samples import RowRound, SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.engine.scheduler import Row, SlotScheduler
 from qstar_cli.engine.slots import SlotCache, use_slot_attention
+from qstar_cli.runfiles.format import per_token_fields
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
 
 #: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
@@ -59,16 +64,6 @@ DRAFT_STREAM, ACCEPT_STREAM = 1, 2
 
 class NonFiniteLogProbs(QstarRunError):
     """A model's log-probabilities are NaN: its samples would be the other model's alone."""
-
-
-def eos_ids(*loaded: LoadedModel) -> set[int]:
-    """Every EOS id of either model's generation config and tokenizer."""
-    ids: set[int] = set()
-    for m in loaded:
-        for value in (m.model.generation_config.eos_token_id, m.tokenizer.eos_token_id):
-            if value is not None:
-                ids.update([value] if isinstance(value, int) else value)
-    return ids
 
 
 class DualModelSampler:
@@ -178,6 +173,7 @@ class DualModelSampler:
         on_step: Callable[[int], None] | None = None,
         batch_size: int | None = None,
         scheduler: str = "continuous",
+        diagnostics: str = "full",
     ) -> list[SampleResult]:
         """One response per conversation; results in input order.
 
@@ -185,14 +181,15 @@ class DualModelSampler:
         settings give the same response whatever else is in the batch (with ``draft_k="auto"``, one
         from the same distribution: the batch shares its draft lengths). ``prompt_ids`` are the
         ``encode_prompts`` of the conversations when the caller has them already. ``batch_size``
-        slots (default: all conversations at once) are scheduled as in :meth:`stream`.
+        slots (default: all conversations at once) are scheduled as in :meth:`stream`, which also
+        says what ``diagnostics`` does.
         """
         if sample_indices is None:
             sample_indices = list(range(len(conversations)))
         prompts = prompt_ids if prompt_ids is not None else [self.encode_prompts(c) for c in conversations]
         requests = [SampleRequest(i, p_theta, p_t) for i, (p_theta, p_t) in zip(sample_indices, prompts)]
         results: list[SampleResult | None] = [None] * len(requests)
-        for position, result in self.stream(requests, batch_size or max(len(requests), 1), scheduler, on_step):
+        for position, result in self.stream(requests, batch_size or max(len(requests), 1), scheduler, on_step, diagnostics=diagnostics):
             results[position] = result
         return results
 
@@ -205,6 +202,7 @@ class DualModelSampler:
         on_step: Callable[[int], None] | None = None,
         max_waiting: int | None = None,
         stats: StreamStats | None = None,
+        diagnostics: str = "full",
     ) -> Iterator[tuple[int, SampleResult]]:
         """Generate the requests on ``slots`` slots; yield ``(position, result)`` as samples finish.
 
@@ -219,9 +217,14 @@ class DualModelSampler:
         ``replay_rounds``) gives every other sample exactly the batches, slots and floats it had in
         the uninterrupted run. ``on_step(n)`` is called after each round with the tokens it
         produced; an exception it raises ends the stream.
+
+        ``diagnostics`` (a level of :data:`~qstar_cli.runfiles.format.DIAGNOSTICS_LEVELS`) is the
+        work asked for: at ``none`` the per-token diagnostics are neither computed nor brought to
+        the host, and results keep only their token ids per token (the tokens are the same).
         """
         stats = stats if stats is not None else StreamStats()
-        schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
+        fields = per_token_fields(diagnostics)
+        schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, functools.partial(self._admit, fields=fields))
         caches = tuple(SlotCache(m.model.config, slots, 1) for m in self.models)
         while True:
             if group := schedule.next_group():
@@ -232,7 +235,7 @@ class DualModelSampler:
             if schedule.replayed_only():
                 finished = schedule.jump()
             else:
-                finished = self._round(caches, rows, self._draft_lengths(rows), stats)
+                finished = self._round(caches, rows, self._draft_lengths(rows), stats, fields)
             for i in finished:
                 if rows[i].result is not None:
                     yield rows[i].position, self._finish(rows[i].result)
@@ -243,6 +246,12 @@ class DualModelSampler:
             for src, dst, row in schedule.remove(finished):
                 for cache, side in zip(caches, self.sides):
                     cache.move(src, dst, row.cached(side))
+
+    def plan_slots(self, prompt_ids: list[tuple[list[int], list[int]]], memory_fraction: float, samples: int) -> SlotPlan:
+        """The slots that fit the free memory beside the loaded models (``--batch-size auto``,
+        :func:`~qstar_cli.engine.memory.plan_slots`) for these prompts' sequences."""
+        longest = tuple(max(len(ids[side]) + self.token_budget(*ids) for ids in prompt_ids) for side in (0, 1))
+        return plan_slots([m.model for m in self.models], list(self.sides), longest, self.vocab, self.draft_k, memory_fraction, samples)
 
     def round_costs(self, rows: int) -> np.ndarray:
         """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts for ``rows`` rows (:func:`round_costs`),
@@ -266,13 +275,13 @@ class DualModelSampler:
             k = auto_draft_len(accepted, tested, room, self.round_costs(len(rows)))
         return [r.replay_draft_len() if r.result is None else int(min(k, space)) for r, space in zip(rows, room)]
 
-    def _admit(self, position: int, request: SampleRequest) -> Row:
+    def _admit(self, position: int, request: SampleRequest, fields: tuple[str, ...]) -> Row:
         if request.replay_tokens is not None:
             # The budget it had (which --draft-k auto reads); it ends where it ended.
             return Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), None, request.replay_rounds)
         result = SampleResult(
             request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
-            {f: [] for f in PER_TOKEN_FIELDS}, request.response_idx,
+            {f: [] for f in fields}, request.response_idx,
         )
         if self.draft_k:
             result.draft_lengths, result.round_tokens = [], []
@@ -322,7 +331,7 @@ class DualModelSampler:
         alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
         return alpha, mixture_logprobs(logp_theta, logp_t, alpha)
 
-    def _round(self, caches, rows: list[Row], draft_len: list[int], stats: StreamStats) -> list[int]:
+    def _round(self, caches, rows: list[Row], draft_len: list[int], stats: StreamStats, fields: tuple[str, ...]) -> list[int]:
         """One round for every row: draft, verify, accept, then each row applies what it got; the
         rows that finished.
 
@@ -340,11 +349,11 @@ class DualModelSampler:
         feed = _Feed.of(rows, lengths, k)
         draft_ids, logp_p, drafter_logps = self._draft(caches, feed, sample, step, k)
         logp_theta, logp_t = self._verify(caches, feed, draft_ids, drafter_logps)
-        columns, accepted = self._accept(logp_theta, logp_t, logp_p, draft_ids, lengths, feed.offsets, sample, step)
+        columns, accepted = self._accept(logp_theta, logp_t, logp_p, draft_ids, lengths, feed.offsets, sample, step, fields)
         nan = self._nan_rows(columns, accepted, logp_p, feed.offsets, lengths)
         stats.steps += 1
         finished = []
-        for i, (row, got) in enumerate(zip(rows, self._to_host(accepted, nan, columns, draft_len, rows))):
+        for i, (row, got) in enumerate(zip(rows, self._to_host(accepted, nan, [columns[f] for f in fields], draft_len, rows))):
             if row.result is None:
                 row.replay(1)
             else:
@@ -353,9 +362,10 @@ class DualModelSampler:
                 finished.append(i)
         return finished
 
-    def _accept(self, logp_theta, logp_t, logp_p, draft_ids, lengths, offsets, sample, step) -> tuple[dict[str, Tensor], Tensor]:
+    def _accept(self, logp_theta, logp_t, logp_p, draft_ids, lengths, offsets, sample, step, fields) -> tuple[dict[str, Tensor], Tensor]:
         """q at every position, the accepted drafts and the round's last token: the per-token
-        columns (:data:`PER_TOKEN_FIELDS`, ``[n * (k + 1)]`` each) and the drafts accepted per row."""
+        columns (``[n * (k + 1)]`` each: the token, alpha and the three log-probs, and the
+        diagnostics where ``fields`` asks for them) and the drafts accepted per row."""
         n, k = draft_ids.shape
         alpha, logp_q = self._mixture(logp_theta, logp_t)  # [n * (k + 1), V]
         logp_r = sampling_logprobs(logp_q, self.sampling)
@@ -371,8 +381,9 @@ class DualModelSampler:
             "logp_theta": logp_theta.gather(-1, picked).squeeze(-1),
             "logp_t": logp_t.gather(-1, picked).squeeze(-1),
             "logp_q": logp_r.gather(-1, picked).squeeze(-1),
-            **token_diagnostics(logp_theta, logp_t, logp_q),
         }
+        if DIAGNOSTIC_FIELDS[0] in fields:
+            columns.update(token_diagnostics(logp_theta, logp_t, logp_q))
         return columns, accepted
 
     def _nan_rows(self, columns: dict[str, Tensor], accepted: Tensor, logp_p: Tensor, offsets: Tensor, lengths: Tensor) -> Tensor:
@@ -386,14 +397,14 @@ class DualModelSampler:
             nan[:, 0] |= (logp_p.isnan().any(-1) & drafted).any(-1)
         return nan
 
-    def _to_host(self, accepted: Tensor, nan: Tensor, columns: dict[str, Tensor], draft_len: list[int], rows: list[Row]) -> list[RowRound]:
-        """The round's only host synchronisation: each row's :class:`RowRound`; NaN stops the run."""
-        n = len(accepted)
-        values = torch.stack([columns[f].to(torch.float64) for f in PER_TOKEN_FIELDS], dim=-1).view(n, -1, len(PER_TOKEN_FIELDS))
+    def _to_host(self, accepted: Tensor, nan: Tensor, columns: list[Tensor], draft_len: list[int], rows: list[Row]) -> list[RowRound]:
+        """The round's only host synchronisation: each row's :class:`RowRound` (its tokens' values of
+        ``columns``, token ids first); NaN stops the run."""
+        n, width = len(accepted), len(columns)
+        values = torch.stack([c.to(torch.float64) for c in columns], dim=-1).view(n, -1, width)
         host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), nan.to(torch.float64), values.flatten(1)], dim=1).tolist()
         if any(row.result is not None and (h[1] or h[2]) for row, h in zip(rows, host)):
             raise NonFiniteLogProbs(self._nan_message(rows, host))
-        width = len(PER_TOKEN_FIELDS)
         return [
             RowRound(d, int(h[0]), [h[3 + j * width : 3 + (j + 1) * width] for j in range(int(h[0]) + 1)]) for d, h in zip(draft_len, host)
         ]

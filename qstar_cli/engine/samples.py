@@ -63,7 +63,8 @@ class SampleResult:
 @dataclass
 class RowRound:
     """What one round gave a row: the drafts it made, how many were accepted, and the values of the
-    ``accepted + 1`` tokens it emits (each a list in :data:`PER_TOKEN_FIELDS` order, token id first)."""
+    ``accepted + 1`` tokens it emits (each a list of the stream's per-token fields, in
+    :data:`PER_TOKEN_FIELDS` order, token id first)."""
 
     draft_len: int
     accepted: int

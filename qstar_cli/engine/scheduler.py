@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from qstar_cli.engine.samples import PER_TOKEN_FIELDS, RowRound, SampleRequest, SampleResult, StreamStats
+from qstar_cli.engine.samples import RowRound, SampleRequest, SampleResult, StreamStats
 
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
 
@@ -157,9 +157,8 @@ class Row:
         for token_values in got.tokens:
             token = self.last_token = int(token_values[0])
             result.token_ids.append(token)
-            result.per_token["token_id"].append(token)
-            for name, value in zip(PER_TOKEN_FIELDS[1:], token_values[1:]):
-                result.per_token[name].append(value)
+            for values, value in zip(result.per_token.values(), [token, *token_values[1:]]):  # token_id first
+                values.append(value)
             emitted += 1
             if token in eos:
                 result.finish_reason = "stop"

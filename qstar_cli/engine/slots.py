@@ -131,7 +131,7 @@ class SlotCache(Cache):
 
     def __init__(self, config, slots: int, capacity: int):
         self.slots = slots
-        self.capacity = _round_up(max(capacity, 1))
+        self.capacity = round_capacity(max(capacity, 1))
         self.rows = (0, 0)
         self.width = 0
         self.columns: Tensor | None = None
@@ -141,7 +141,7 @@ class SlotCache(Cache):
     def ensure_capacity(self, length: int) -> None:
         """Make room for sequences of ``length`` tokens (plus the scratch column)."""
         if length + 1 > self.capacity:
-            self.capacity = _round_up(length + 1)
+            self.capacity = round_capacity(length + 1)
             for layer in self.layers:
                 layer.grow(self.capacity)
 
@@ -196,5 +196,6 @@ class SlotCache(Cache):
         return logits.float().log_softmax(-1)
 
 
-def _round_up(length: int) -> int:
+def round_capacity(length: int) -> int:
+    """The capacity (a multiple of :data:`CAPACITY_CHUNK` columns) that holds ``length`` columns."""
     return CAPACITY_CHUNK * math.ceil(length / CAPACITY_CHUNK)

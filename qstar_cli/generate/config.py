@@ -135,7 +135,13 @@ class GenerateConfig:
     temperature: float = setting(1.0, "Applied to q after alpha is solved; 0 is greedy.")
     top_k: int = setting(0, "Keep the k most likely tokens of q; 0 is off.")
     top_p: float = setting(1.0, "Nucleus of q.")
-    batch_size: int = setting(8, "Slots: responses generated at once.", fingerprinted=False)
+    batch_size: int | str = setting(
+        8, "Slots: responses generated at once, or auto: as many as --memory-fraction of the free memory holds.", fingerprinted=False, cli_type=str
+    )
+    memory_fraction: float = setting(
+        0.9, "With --batch-size auto: the share of the memory free once the models are loaded that the slots may take.",
+        fingerprinted=False, since="0.2.0",
+    )  # fmt: skip
     scheduler: str = setting(
         "continuous", "continuous (a finished slot takes the next prompt) or static (fixed batches).", fingerprinted=False
     )
@@ -143,7 +149,7 @@ class GenerateConfig:
     seed: int = setting(0, "Seed of the counter-based sampler.")
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.", fingerprinted=False)
     dtype: str = setting("auto", "auto, float32, bfloat16 or float16.", fingerprinted=False)
-    diagnostics: str = setting("full", "Sidecar level: full, summary or none.")
+    diagnostics: str = setting("full", "Sidecar level: full, summary or none (no sidecar; the per-token diagnostics are not computed).")
     overwrite: bool = setting(False, "Start afresh instead of resuming.", fingerprinted=False)
     num_shards: int = setting(1, "Split the schedule into N disjoint shards (join them with qstar merge).", fingerprinted=False)
     shard_index: int = setting(0, "Which shard this run writes, 0..N-1, to OUT-0000I-of-0000N.jsonl.", fingerprinted=False)
@@ -165,11 +171,12 @@ class GenerateConfig:
         for name in ("model_theta", "model_t", "dataset"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+        self._check_batch_size()
         checks = {
             "num_samples": self.num_samples is None or self.num_samples >= 1,
             "start_index": self.start_index >= 0,
             "max_new_tokens": self.max_new_tokens >= 1,
-            "batch_size": self.batch_size >= 1,
+            "batch_size": self.batch_size == "auto" or self.batch_size >= 1,
             "samples_per_prompt": self.samples_per_prompt >= 1,
             "num_shards": self.num_shards >= 1,
             "replicas": self.replicas >= 1,
@@ -197,6 +204,20 @@ class GenerateConfig:
             check_alpha_method(self.alpha_method, self.alpha)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+
+    def _check_batch_size(self) -> None:
+        """``batch_size`` an integer or auto (local engine), ``memory_fraction`` in (0, 1]."""
+        value = self.batch_size.strip().lower() if isinstance(self.batch_size, str) else self.batch_size
+        try:
+            if isinstance(value, (bool, float)):
+                raise TypeError
+            self.batch_size = value if value == "auto" else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--batch-size must be a positive integer or auto, got {self.batch_size}") from None
+        if not (isinstance(self.memory_fraction, (int, float)) and not isinstance(self.memory_fraction, bool) and 0 < self.memory_fraction <= 1):
+            raise ConfigError(f"--memory-fraction must lie in (0, 1], got {self.memory_fraction}")
+        if self.batch_size == "auto" and self.engine == "ray":
+            raise ConfigError("--batch-size auto sizes this process's slots; with --engine ray give each replica's --batch-size")
 
     def _check_draft(self) -> None:
         """Speculative sampling: ``draft_k`` an integer >= 0 or auto, and a drafter that fits it."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 
 if TYPE_CHECKING:
+    from qstar_cli.engine.memory import SlotPlan
     from qstar_cli.engine.sampler import DualModelSampler
     from qstar_cli.generate.config import GenerateConfig
 
@@ -22,9 +23,13 @@ class Engine(Protocol):
     """What a run needs of an engine; ``record`` is what the manifest's session keeps of it."""
 
     record: dict[str, Any]
+    slots: int | str  # slots per stream (``auto`` until :meth:`plan_slots`)
 
     def load(self) -> DualModelSampler:
         """The models, at least as far as encoding prompts and checking vocabularies needs."""
+
+    def plan_slots(self, prompt_ids: list, samples: int) -> SlotPlan | None:
+        """Resolve ``--batch-size auto`` once the models are loaded; the arithmetic, or None."""
 
     def placement(self, sampler: DualModelSampler) -> tuple[str, str]:
         """``(device, dtype)`` for the manifest."""
@@ -43,6 +48,16 @@ class LocalEngine:
     def __init__(self, config: GenerateConfig, sampler: DualModelSampler | None = None):
         self.config, self.sampler = config, sampler
         self.record: dict[str, Any] = {"name": "local"}
+        #: Slots per stream: ``config.batch_size``, once ``auto`` is resolved by :meth:`plan_slots`.
+        self.slots: int | str = config.batch_size
+        self.slot_plan: SlotPlan | None = None
+
+    def plan_slots(self, prompt_ids: list, samples: int) -> SlotPlan | None:
+        """Resolve ``--batch-size auto`` for the sequences of ``prompt_ids`` (None: a fixed size)."""
+        if self.slots == "auto":
+            self.slot_plan = self.load().plan_slots(prompt_ids, self.config.memory_fraction, max(samples, 1))
+            self.slots = self.slot_plan.slots
+        return self.slot_plan
 
     def load(self) -> DualModelSampler:
         if self.sampler is None:
@@ -56,7 +71,9 @@ class LocalEngine:
     def stream(
         self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
     ) -> Iterator[tuple[int, SampleResult]]:
-        return self.load().stream(requests, self.config.batch_size, self.config.scheduler, on_step, stats=stats)
+        return self.load().stream(
+            requests, self.slots, self.config.scheduler, on_step, stats=stats, diagnostics=self.config.diagnostics
+        )
 
 
 def make_engine(config: GenerateConfig, sampler: DualModelSampler | None = None) -> Engine:

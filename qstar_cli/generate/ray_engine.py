@@ -81,7 +81,7 @@ class Replica:
         transformers.logging.disable_progress_bar()
         config = GenerateConfig(**settings)
         self.sampler = config.load_sampler()
-        self.slots, self.scheduler = config.batch_size, config.scheduler
+        self.slots, self.scheduler, self.diagnostics = config.batch_size, config.scheduler, config.diagnostics
         model = self.sampler.theta.model
         self.identity = {
             "replica": ray.get_runtime_context().get_actor_id()[:12],
@@ -98,7 +98,7 @@ class Replica:
         started = time.perf_counter()
         results = [
             (group.first + offset, result)
-            for offset, result in self.sampler.stream(group.requests, self.slots, self.scheduler, stats=stats)
+            for offset, result in self.sampler.stream(group.requests, self.slots, self.scheduler, stats=stats, diagnostics=self.diagnostics)
         ]
         done = GroupResult(self.identity, results, stats, time.perf_counter() - started)
         return {"result": np.array([done], dtype=object)}
@@ -137,6 +137,10 @@ class RayEngine:
         check_ray_address(config.ray_address or os.environ.get("RAY_ADDRESS"))
         self.group_size = PROMPTS_PER_GROUP * config.batch_size
         self.record: dict[str, Any] = {"name": "ray", "replicas": config.replicas, "address": None, "per_replica": []}
+        self.slots = config.batch_size  # an integer: the configuration refuses auto with Ray
+
+    def plan_slots(self, prompt_ids: list, samples: int) -> None:
+        return None
 
     def load(self):
         """The models' tokenizers and shapes alone (on ``meta``): this process encodes and writes."""

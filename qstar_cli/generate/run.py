@@ -207,6 +207,8 @@ def run_generate(
         # Row-major: each usable row's samples_per_prompt responses, then the next row's.
         schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
+        if plan := engine.plan_slots([ids for _, ids in prompts], len(schedule) - done):
+            progress.message(plan.describe())
         meta = {
             "qstar_version": qstar_cli.__version__,
             "status": "running",
@@ -219,6 +221,7 @@ def run_generate(
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
             "sessions": (previous or {}).get("sessions", []),
             **({"shard": shard} if shard else {}),
+            **({"slot_plan": plan.record()} if plan else {}),
         }
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None)
         status = commits.run(schedule, _requests(writer, config, schedule, done))
@@ -331,7 +334,7 @@ class _Commits:
 
     def _record(self, done: int, status: str) -> None:
         self.seconds = time.perf_counter() - self.started
-        _record_session(self.meta, self.session, done, self.new_tokens, self.seconds, status, self.stats, self.config.batch_size)
+        _record_session(self.meta, self.session, done, self.new_tokens, self.seconds, status, self.stats, self.engine.slots)
         self.writer.write_meta(self.meta)
 
 

@@ -27,6 +27,14 @@ PER_TOKEN_FIELDS: tuple[str, ...] = (
     "token_id", "alpha", "logp_theta", "logp_t", "logp_q",
     "kl_theta", "kl_t", "ess_theta", "ess_t", "ess_ratio", "entropy_theta", "entropy_t", "entropy_q",
 )  # fmt: skip
+
+
+def per_token_fields(level: str) -> tuple[str, ...]:
+    """The per-token fields a run at diagnostics ``level`` keeps: all of them for the sidecar's
+    ``full`` arrays and ``summary`` statistics, the token ids alone without a sidecar (``none``)."""
+    return PER_TOKEN_FIELDS if level != "none" else PER_TOKEN_FIELDS[:1]
+
+
 #: Per-token fields summarised in the sidecar (every one but the token id).
 SUMMARY_FIELDS = PER_TOKEN_FIELDS[1:]
 #: Per-token fields whose sums over a response the sidecar keeps (the sequence log-probabilities).

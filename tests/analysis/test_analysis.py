@@ -16,6 +16,7 @@ from qstar_cli.analysis.statistics import (
     ess_ratio,
     tempered_weights,
 )
+from qstar_cli.analysis.tables import fmt
 from qstar_cli.cli import app
 from qstar_cli.runfiles.writer import SUMMARY_FIELDS
 from tests.helpers import tiny_generate_args, write_prompts
@@ -31,13 +32,15 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dirs, tmp_path_factory):
-    """Sidecars of three tiny-model runs: kl_symmetry (full), fixed 0.3 (full), kl_symmetry (summary)."""
+    """Sidecars of four tiny-model runs: kl_symmetry (full), fixed 0.3 (full), kl_symmetry (summary),
+    and speculative (``--draft-k 3``)."""
     root = tmp_path_factory.mktemp("runs")
     common = tiny_generate_args(tiny_model_dirs, write_prompts(root, PROMPTS), 24, 4)
     variants = {
         "kl": [],
         "fixed": ["--alpha-method", "fixed", "--alpha", "0.3"],
         "summary": ["--diagnostics", "summary"],
+        "speculative": ["--draft-k", "3"],
     }
     for name, extra in variants.items():
         result = invoke(*common, *extra, "--output", str(root / f"{name}.jsonl"))
@@ -135,6 +138,33 @@ def test_compare(runs, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == PLOTS
     table = invoke("compare", str(runs["kl"]), str(runs["fixed"])).stdout
     assert "kl_symmetry" in table and "fixed=0.3" in table
+
+
+def test_acceptance_of_a_speculative_run_where_users_look(runs, tmp_path):
+    lines, _ = raw(runs["speculative"])
+    rounds = sum(len(r["draft_lengths"]) for r in lines)
+    accepted = sum(t - 1 for r in lines for t in r["round_tokens"])
+    tested = sum(min(t, d) for r in lines for t, d in zip(r["round_tokens"], r["draft_lengths"]))
+    assert 0 < accepted < tested, "some drafts accepted and some rejected"
+    spec = analyze_json(str(runs["speculative"]))["speculative"]
+    assert spec["rounds"] == rounds and spec["samples"] == len(lines)
+    assert spec["acceptance_rate"] == pytest.approx(accepted / tested)
+    assert spec["tokens_per_round"] == pytest.approx(sum(r["num_tokens"] for r in lines) / rounds)
+    assert spec["drafts_per_round"] == pytest.approx(sum(map(sum, (r["draft_lengths"] for r in lines))) / rounds)
+    # The manifest counts one more accepted draft for a sample whose EOS was an accepted draft.
+    session = orjson.loads(runs["speculative"].with_name("speculative.meta.json").read_bytes())["sessions"][-1]["speculative"]
+    stops = sum(r["finish_reason"] == "stop" for r in lines)
+    assert accepted / tested <= session["acceptance_rate"] + 1e-4 <= (accepted + stops) / tested + 2e-4
+    assert analyze_json(str(runs["kl"]))["speculative"] is None
+
+    table = invoke("analyze", str(runs["speculative"])).stdout
+    assert fmt(accepted / tested) in table and "draft acceptance rate" in table and "tokens per round" in table
+    compared = invoke("compare", str(runs["kl"]), str(runs["speculative"])).stdout
+    assert "draft acceptance rate" in compared and fmt(accepted / tested) in compared
+    report = tmp_path / "report.html"
+    assert invoke("report", str(runs["speculative"].with_name("speculative.jsonl")), "--output", str(report)).exit_code == 0
+    html = report.read_text()
+    assert "draft acceptance" in html and fmt(accepted / tested) in html
 
 
 def test_missing_file_and_bad_floor(tmp_path, runs):

@@ -1,0 +1,97 @@
+"""The slot cache's storage and attention path: packed grouped-query attention equals transformers'
+own SDPA, reads copy nothing, and the work asked for (diagnostics levels) changes no token."""
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from qstar_cli.engine.slots import SLOT_ATTENTION, SlotCache, slot_attention, use_slot_attention
+from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
+from qstar_cli.testing.tiny import build_tiny_model
+from tests.helpers import CONVERSATIONS, make_sampler
+
+
+class _Heads(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_packed_grouped_query_attention_equals_repeated_keys(queries):
+    gen = torch.Generator().manual_seed(0)
+    rows, kv_heads, width, dim = 4, 2, 37, 16
+    query = torch.randn(rows, 3 * kv_heads, queries, dim, generator=gen, dtype=torch.float64)
+    # Keys as a slot cache holds them: a [:, :, :width] view of longer heads-major storage.
+    key, value = (torch.randn(rows, kv_heads, 64, dim, generator=gen, dtype=torch.float64)[:, :, :width] for _ in range(2))
+    hidden = torch.rand(rows, 1, queries, width, generator=gen) < 0.3
+    hidden[..., 0] = False  # every query sees a column
+    mask = torch.zeros(hidden.shape, dtype=torch.float64).masked_fill_(hidden, torch.finfo(torch.float64).min)
+    packed, _ = slot_attention(_Heads(), query, key, value, mask, scaling=0.25, dropout=0.0)
+    repeated, _ = sdpa_attention_forward(_Heads(), query, key, value, mask, scaling=0.25, dropout=0.0)
+    assert packed.shape == repeated.shape == (rows, queries, 3 * kv_heads, dim)
+    torch.testing.assert_close(packed, repeated, rtol=0, atol=1e-12)
+
+
+def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer, seed=1)
+    use_slot_attention(model)
+    assert model.config._attn_implementation == SLOT_ATTENTION
+    eager = build_tiny_model(tiny_tokenizer, seed=1)
+    eager.set_attn_implementation("eager")
+    use_slot_attention(eager)
+    assert eager.config._attn_implementation == "eager"
+
+    cache = SlotCache(model.config, slots=3, capacity=40)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    cache.forward(model, ids, torch.tensor([[0, 1, 2], [-1, 0, 1]]), start=1, longest=3, vocab=50)
+    layer = cache.layers[0]
+    new = torch.ones(2, layer.keys.shape[1], 3, layer.keys.shape[-1])  # the same rows and queries again
+    keys, _ = layer.update(new, new)
+    assert keys.untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr(), "a view, not a copy"
+    assert keys.stride()[-2:] == (layer.keys.shape[-1], 1), "each head's columns contiguous, as SDPA takes them"
+    assert layer.keys[0].abs().sum() == 0, "slot 0 untouched by a forward on slots 1 and 2"
+
+
+@pytest.mark.parametrize("draft_k", [0, 2])
+def test_diagnostics_none_draws_the_same_tokens_and_keeps_only_their_ids(pair, draft_k):
+    sampler = make_sampler(pair, max_new_tokens=10, draft_k=draft_k)
+    full = sampler.generate(CONVERSATIONS)
+    bare = sampler.generate(CONVERSATIONS, diagnostics="none")
+    for a, b in zip(full, bare):
+        assert (b.token_ids, b.finish_reason, b.text) == (a.token_ids, a.finish_reason, a.text)
+        assert list(b.per_token) == ["token_id"] and b.per_token["token_id"] == a.token_ids
+        assert list(a.per_token) == list(PER_TOKEN_FIELDS)
+        assert b.round_tokens == a.round_tokens
+
+
+#: The Tensor methods that copy device data to the host (each a synchronisation on an accelerator).
+HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("draft_k", [0, 3, "auto"])
+def test_a_round_reads_the_device_once(pair, monkeypatch, draft_k):
+    sampler = make_sampler(pair, max_new_tokens=9, draft_k=draft_k)
+    sampler.generate(CONVERSATIONS)  # warm: lazy initialisation may read the host once
+    reads, rounds, inside = [], [], []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if inside:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    original_round = type(sampler)._round
+
+    def round_(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return original_round(self, *args, **kwargs)
+        finally:
+            inside.pop()
+            rounds.append(1)
+
+    monkeypatch.setattr(type(sampler), "_round", round_)
+    results = sampler.generate(CONVERSATIONS)
+    assert len(rounds) >= max(len(r.token_ids) for r in results) // (1 + (draft_k or 0) if draft_k != "auto" else 5)
+    assert reads == ["tolist"] * len(rounds), f"host reads per round: {reads[:10]}"

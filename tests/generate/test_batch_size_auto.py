@@ -1,0 +1,67 @@
+"""``--batch-size auto``: slots from the free memory, the arithmetic recorded, the refusal."""
+
+import orjson
+import pytest
+
+from qstar_cli.engine import memory
+from qstar_cli.engine.slots import CAPACITY_CHUNK
+from tests.helpers import CONVERSATIONS, file_bytes, invoke, make_sampler, one_line_error, run_files
+
+GIB = 1 << 30
+
+
+def without(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2 :]
+
+
+def test_slots_follow_the_arithmetic_by_hand(pair, monkeypatch):
+    monkeypatch.setattr(memory, "free_memory", lambda device: GIB)
+    sampler = make_sampler(pair, max_new_tokens=300, draft_k=2)
+    prompts = [sampler.encode_prompts(c) for c in CONVERSATIONS]
+    plan = sampler.plan_slots(prompts, 0.5, samples=10_000)
+
+    config = pair[0].model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4  # float32
+    longest = [max(len(p[side]) for p in prompts) + 300 for side in (0, 1)]
+    capacity = [CAPACITY_CHUNK * -(-(n + 1) // CAPACITY_CHUNK) for n in longest]
+    per_slot = sum(c * per_token for c in capacity) + 16 * 3 * sampler.vocab * 4
+    assert plan.kv_bytes_per_token == [per_token, per_token] and plan.capacity == capacity
+    assert plan.bytes_per_slot == per_slot and plan.slots == (GIB // 2) // per_slot
+    assert sampler.plan_slots(prompts, 0.5, samples=3).slots == 3, "never more slots than samples"
+    assert "slots" in plan.describe() and f"{plan.slots} slots" in plan.describe()
+
+
+def test_auto_run_records_its_plan_and_samples_as_a_fixed_size(base_args, tmp_path):
+    auto, fixed = tmp_path / "auto.jsonl", tmp_path / "fixed.jsonl"
+    result = invoke("generate", *without(base_args, "--batch-size"), "--batch-size", "auto", "--output", auto)
+    assert result.exit_code == 0, result.output
+    assert "--batch-size auto: " in result.output
+    meta = orjson.loads(run_files(auto)[2].read_bytes())
+    plan = meta["slot_plan"]
+    assert plan["slots"] >= 1 and plan["memory_fraction"] == 0.9 and meta["config"]["batch_size"] == "auto"
+    assert plan["slots"] == min(meta["counts"]["samples"], int(0.9 * plan["free_bytes"]) // plan["bytes_per_slot"])
+    assert invoke("generate", *without(base_args, "--batch-size"), "--batch-size", plan["slots"], "--output", fixed).exit_code == 0
+    assert file_bytes(auto)[:2] == file_bytes(fixed)[:2]
+
+
+def test_one_slot_that_does_not_fit_is_refused(base_args, tmp_path):
+    out = tmp_path / "run.jsonl"
+    result = invoke("generate", *without(base_args, "--batch-size"), "--batch-size", "auto", "--memory-fraction", "1e-9", "--output", out)
+    one_line_error(result, "--batch-size auto: one slot needs", "GiB", "--memory-fraction")
+    assert not out.exists() or out.read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--batch-size", "many"], "--batch-size must be a positive integer or auto"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--batch-size", "auto", "--memory-fraction", "0"], "--memory-fraction must lie in (0, 1]"),
+        (["--batch-size", "auto", "--memory-fraction", "1.5"], "--memory-fraction must lie in (0, 1]"),
+        (["--batch-size", "auto", "--engine", "ray"], "--batch-size auto sizes this process's slots"),
+    ],
+)
+def test_bad_sizes_are_refused_in_one_line(base_args, tmp_path, flags, fragment):
+    one_line_error(invoke("generate", *without(base_args, "--batch-size"), *flags, "--output", tmp_path / "x.jsonl"), fragment)
