@@ -42,6 +42,10 @@ DIAGNOSTIC_FIELDS: tuple[str, ...] = (
 )
 
 
+#: Devices on which :func:`solve_kl_symmetry` reads whether any row still moves, to stop early.
+EARLY_EXIT_DEVICES: tuple[str, ...] = ("cpu",)
+
+
 def _common_support(logp_theta: Tensor, logp_t: Tensor) -> tuple[Tensor, Tensor]:
     """``(d, b)``: d = b - a with 0 off the common support, b with -inf there.
 
@@ -73,6 +77,10 @@ def solve_kl_symmetry(
     iteration count is fixed (no host sync); ``max_iter=5`` reaches |alpha - alpha*| < 1e-5 on
     LM-like and adversarially peaked rows alike (see tests/test_mixture.py and
     benchmarks/bench_alpha.py).
+
+    On devices in :data:`EARLY_EXIT_DEVICES` (the CPU, where reading a flag costs nothing) the loop
+    stops once no row moved in an iteration: every later iteration would repeat it exactly (same
+    alpha, same q, zero step), so the result is bit-identical to the full count.
     """
     d, b = _common_support(logp_theta, logp_t)
     # [B, 4, V] rows d+, d-, d+^2, d-^2, read by dot products (no [B, 4, V] temporary per step).
@@ -108,6 +116,8 @@ def solve_kl_symmetry(
         proposal = torch.where((newton >= lo) & (newton <= hi), newton, fallback)
         step = torch.where(step.abs() <= tol, 0.0, proposal - alpha)
         alpha = alpha + step
+        if d.device.type in EARLY_EXIT_DEVICES and not step.any():
+            break
     var = (p2 + n2) - (p1 - n1).square()
 
     # d has one sign on the whole support: F keeps that sign and the root is an end point.

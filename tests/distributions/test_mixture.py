@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from qstar_cli.distributions import mixture
 from qstar_cli.distributions.mixture import (
     DEGENERATE_VAR,
     entropy,
@@ -91,6 +92,16 @@ def test_kl_symmetry_matches_float64_reference(kind, vocab):
         assert degenerate.all()
     if kind in ("lm", "independent", "peaked", "very_peaked", "close") and vocab >= 50:
         assert regular.float().mean() > 0.9, "the case must exercise the solver, not the fallback"
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_stopping_once_no_row_moves_is_bit_identical_to_every_iteration(kind, rows, monkeypatch):
+    gen = torch.Generator().manual_seed(7 * rows + KINDS.index(kind))
+    logp_theta, logp_t = make_rows(kind, rows, 512, gen)
+    early = solve_alpha(logp_theta, logp_t)
+    monkeypatch.setattr(mixture, "EARLY_EXIT_DEVICES", ())  # as on an accelerator: every iteration runs
+    assert torch.equal(early, solve_alpha(logp_theta, logp_t))
 
 
 def test_mirror_distribution_gives_one_half():

@@ -1,0 +1,92 @@
+"""What a q* round does besides the two forwards, per function, at batch 8, 32 and 128 (demo pair).
+
+    .venv/bin/python benchmarks/profile_step.py --batches 8 32 128 --new-tokens 16
+
+Each function of the round (the solve, the mixture, the diagnostics, the draw, the host transfer,
+the per-row bookkeeping) is wrapped with a timer; a warm-up run, then one timed ``generate`` per
+batch (EOS ignored). Milliseconds per round, and each item's share of the round. ``--diagnostics
+none`` shows the round without the per-token diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+from bench_alpha import demo_sampler
+from bench_sampler import padded_prompts
+
+import qstar_cli.engine.sampler as sampler_module
+from qstar_cli.engine.scheduler import Row
+from qstar_cli.engine.slots import SlotCache
+
+TIMES: dict[str, float] = collections.defaultdict(float)
+#: Rounds in progress: everything but the round itself is timed only inside one (not the prefill).
+INSIDE: list[bool] = []
+#: (owner, attribute, label) of every timed function.
+TIMED = [
+    (SlotCache, "forward", "forwards"),
+    (sampler_module, "solve_alpha", "solve_alpha"),
+    (sampler_module, "mixture_logprobs", "mixture_logprobs"),
+    (sampler_module, "token_diagnostics", "token_diagnostics"),
+    (sampler_module, "sample_tokens", "draw (sample_tokens)"),
+    (sampler_module, "counter_uniform", "counter_uniform"),
+    (sampler_module.DualModelSampler, "_nan_rows", "NaN check"),
+    (sampler_module.DualModelSampler, "_to_host", "host transfer"),
+    (sampler_module._Feed, "of", "feed tensors"),
+    (Row, "apply", "per-row bookkeeping"),
+    (sampler_module.DualModelSampler, "_round", "round"),
+]
+
+
+def timed(owner, name: str, label: str) -> None:
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if label == "round":
+            INSIDE.append(True)
+        elif not INSIDE:
+            return function(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            TIMES[label] += time.perf_counter() - started
+            if label == "round":
+                INSIDE.pop()
+
+    setattr(owner, name, staticmethod(wrapper) if isinstance(owner.__dict__.get(name), staticmethod) else wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--diagnostics", default="full")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    sampler = demo_sampler(args.new_tokens)
+    sampler.eos = set()
+    for owner, name, label in TIMED:
+        timed(owner, name, label)
+    print(f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens} diagnostics={args.diagnostics}")
+    for batch in args.batches:
+        convs = padded_prompts(batch, 0)
+        prompts = [sampler.encode_prompts(c) for c in convs]
+        sampler.generate(convs[:2], prompt_ids=prompts[:2], diagnostics=args.diagnostics)
+        TIMES.clear()
+        sampler.generate(convs, prompt_ids=prompts, diagnostics=args.diagnostics)
+        rounds = args.new_tokens
+        round_ms = 1e3 * TIMES["round"] / rounds
+        print(f"batch {batch}: {round_ms:.1f} ms per round (the prefill left out)")
+        for label, seconds in sorted(TIMES.items(), key=lambda item: -item[1]):
+            if label != "round":
+                ms = 1e3 * seconds / rounds
+                print(f"  {label:<24} {ms:8.2f} ms  {ms / round_ms:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
