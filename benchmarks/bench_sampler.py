@@ -164,17 +164,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
     parser.add_argument("--no-extras", action="store_true", help="skip generate and the naive loop")
+    parser.add_argument("--compile", action="store_true", help="q* with its round's mathematics compiled (--compile on)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print_header(
-        f"new_tokens={args.new_tokens} context~{args.context or 'short'} repeats={args.repeats}",
+        f"new_tokens={args.new_tokens} context~{args.context or 'short'} repeats={args.repeats} compile={args.compile}",
         f"{'models':>6} {'batch':>5} {'prompt':>6} | {'floor ms':>8} {'dyn ms':>8} {'qstar ms':>8} {'bare ms':>8} | {'floor/dyn':>9} "
         f"{'qstar/dyn':>9} {'bare/dyn':>9} {'qstar/floor':>11} | {'qstar tok/s':>11} | {'generate s':>10} {'naive s':>8}",
     )
     for name in args.models:
         theta, target = pair(name)
         sampler = DualModelSampler(
-            theta, target, theta_format="plain", t_format="chat", max_new_tokens=args.new_tokens
+            theta, target, theta_format="plain", t_format="chat", max_new_tokens=args.new_tokens, compile=args.compile
         )
         sampler.eos = set()  # every row runs the full length in every variant
         for batch in args.batches:

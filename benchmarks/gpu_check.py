@@ -138,7 +138,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the 135M shape, batches 1 and 8, a few tokens (CPU, CI)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise SystemExit(f"error: device {args.device!r} is not usable here ({str(err).splitlines()[0]}); try --device cpu --quick") from None
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     shapes, batches = (["smollm2-135m"], [1, 8]) if args.quick else (list(SHAPES), [1, 8, 64])
     prompt, new = (16, 8) if args.quick else (128, 128)

@@ -26,4 +26,9 @@ if [ "$(id -u)" = 0 ] && ! { command -v chromium && command -v chromedriver; } >
     echo "setup: installing chromium and chromium-driver (apt)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# --compile on a CPU (and its tests) needs a C++ compiler for torch.compile's inductor backend.
+if [ "$(id -u)" = 0 ] && ! command -v g++ >/dev/null 2>&1; then
+    echo "setup: installing g++ (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -229,7 +229,7 @@ def speculative_counts(draft_lengths: list[int], round_tokens: list[int]) -> np.
 
 
 def _parse(record: dict[str, Any]) -> _Sample:
-    """Raises ``ValueError``/``TypeError``/``KeyError`` on a malformed record."""
+    """Raises ``ValueError``/``TypeError``/``KeyError``/``OverflowError`` on a malformed record."""
     stats = np.array([[_number(record.get(f"{name}_{s}")) for name in SUMMARY_FIELDS] for s in ("mean", "std", "min", "max")])
     arrays = record.get("per_token")
     rows = None
@@ -286,7 +286,7 @@ def analyze_sidecar(
     for number, record in iter_sidecar(path, corrupt):
         try:
             sample = _parse(record)
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, OverflowError):
             corrupt.append(number)
             continue
         indices.append(sample.sample_idx)

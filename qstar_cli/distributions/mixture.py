@@ -116,7 +116,7 @@ def solve_kl_symmetry(
         proposal = torch.where((newton >= lo) & (newton <= hi), newton, fallback)
         step = torch.where(step.abs() <= tol, 0.0, proposal - alpha)
         alpha = alpha + step
-        if d.device.type in EARLY_EXIT_DEVICES and not step.any():
+        if d.device.type in EARLY_EXIT_DEVICES and not torch.compiler.is_compiling() and not step.any():
             break
     var = (p2 + n2) - (p1 - n1).square()
 

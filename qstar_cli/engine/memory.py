@@ -24,6 +24,14 @@ WORKING_ROWS = 16
 GIB = 1 << 30
 
 
+def size(n: float) -> str:
+    """Bytes in the unit that shows them: ``512 B``, ``3.5 MiB``, ``12.25 GiB``."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def kv_bytes_per_token(model) -> int:
     """Key and value bytes one token takes in a model's cache: layers x 2 x kv_heads x head_dim x dtype bytes."""
     config = model.config
@@ -60,10 +68,10 @@ class SlotPlan:
 
     def describe(self) -> str:
         return (
-            f"--batch-size auto: {self.slots} slots; each takes {self.bytes_per_slot / GIB:.3f} GiB "
-            f"(KV {' + '.join(f'{c} x {b} B' for c, b in zip(self.capacity, self.kv_bytes_per_token))}, "
-            f"round {self.working_bytes_per_slot / GIB:.3f} GiB), of {self.memory_fraction:g} x {self.free_bytes / GIB:.2f} GiB free "
-            f"beside {self.weights_bytes / GIB:.2f} GiB of weights"
+            f"--batch-size auto: {self.slots} slots; each takes {size(self.bytes_per_slot)} "
+            f"(KV {' + '.join(f'{c} tokens x {b} B' for c, b in zip(self.capacity, self.kv_bytes_per_token))}, "
+            f"round {size(self.working_bytes_per_slot)}), of {self.memory_fraction:g} x {size(self.free_bytes)} free "
+            f"beside {size(self.weights_bytes)} of weights"
         )
 
     def record(self) -> dict:
@@ -87,8 +95,8 @@ def plan_slots(
     plan = SlotPlan(max(1, min(fits, samples)), free, memory_fraction, weights, kv, capacity, working, per_slot)
     if fits < 1:
         raise QstarInputError(
-            f"--batch-size auto: one slot needs {per_slot / GIB:.2f} GiB (keys and values for {max(longest)} tokens "
-            f"per model, and a round's working memory), but {memory_fraction:g} x {free / GIB:.2f} GiB free on {device} "
+            f"--batch-size auto: one slot needs {size(per_slot)} (keys and values for {max(capacity)} tokens "
+            f"per model, and a round's working memory), but {memory_fraction:g} x {size(free)} free on {device} "
             "is less; lower --max-new-tokens, shorten the prompts, use a smaller dtype or model, or raise --memory-fraction"
         )
     return plan

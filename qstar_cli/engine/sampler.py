@@ -27,14 +27,8 @@ import torch
 from torch import Tensor
 
 from qstar_cli.errors import QstarRunError
-from qstar_cli.distributions.mixture import (
-    DIAGNOSTIC_FIELDS,
-    AlphaMethod,
-    check_alpha_method,
-    mixture_logprobs,
-    solve_alpha,
-    token_diagnostics,
-)
+from qstar_cli.distributions.mixture import DIAGNOSTIC_FIELDS, AlphaMethod, check_alpha_method
+from qstar_cli.engine.compiled import EAGER, compiled_math, use_compile
 from qstar_cli.engine.models import (
     LoadedModel,
     VocabularyMismatchError,
@@ -87,6 +81,7 @@ class DualModelSampler:
         seed: int = 0,
         draft_k: int | str = 0,
         draft_pair: tuple[LoadedModel, LoadedModel] | None = None,
+        compile: bool = False,
     ):
         self.theta, self.target = theta, target
         self.vocab = check_shared_vocabulary(theta, target)
@@ -119,6 +114,8 @@ class DualModelSampler:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.seed = seed
+        #: The round's mathematics, compiled (:mod:`qstar_cli.engine.compiled`) or eager.
+        self.math = compiled_math() if compile else EAGER
         self._round_costs: dict[int, np.ndarray] = {}
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
         #: (pi_theta's side, pi_t's side): the most tokens, prompt and response, the models of each side
@@ -137,10 +134,12 @@ class DualModelSampler:
         dtype: str = "auto",
         draft_model_theta: str | None = None,
         draft_model_t: str | None = None,
+        compile: str = "off",
         **kwargs,
     ) -> DualModelSampler:
         """Load the models (hub id, local directory, ``.gguf`` file, or ``demo``) and build a sampler;
-        ``draft_model_theta`` and ``draft_model_t`` name a draft pair for speculative sampling."""
+        ``draft_model_theta`` and ``draft_model_t`` name a draft pair for speculative sampling;
+        ``compile`` is ``on``, ``off`` or ``auto`` (:func:`~qstar_cli.engine.compiled.use_compile`)."""
         # "meta" (the architecture without weights) is for a driver whose replicas sample elsewhere.
         dev = torch.device("meta") if device == "meta" else resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -149,7 +148,7 @@ class DualModelSampler:
             if spec is not None and spec not in loaded:
                 loaded[spec] = load_model(spec, dev, dt)
         pair = (loaded[draft_model_theta], loaded[draft_model_t]) if draft_model_theta and draft_model_t else None
-        return cls(loaded[model_theta], loaded[model_t], draft_pair=pair, **kwargs)
+        return cls(loaded[model_theta], loaded[model_t], draft_pair=pair, compile=use_compile(compile, dev), **kwargs)
 
     def encode_prompts(self, conversation: Messages) -> tuple[list[int], list[int]]:
         """The prompt ids each model sees for one conversation."""
@@ -328,8 +327,8 @@ class DualModelSampler:
 
     def _mixture(self, logp_theta: Tensor, logp_t: Tensor) -> tuple[Tensor, Tensor]:
         """``(alpha, log q)`` of two models' log-probs under this sampler's alpha method."""
-        alpha = solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
-        return alpha, mixture_logprobs(logp_theta, logp_t, alpha)
+        alpha = self.math.solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
+        return alpha, self.math.mixture_logprobs(logp_theta, logp_t, alpha)
 
     def _round(self, caches, rows: list[Row], draft_len: list[int], stats: StreamStats, fields: tuple[str, ...]) -> list[int]:
         """One round for every row: draft, verify, accept, then each row applies what it got; the
@@ -383,7 +382,7 @@ class DualModelSampler:
             "logp_q": logp_r.gather(-1, picked).squeeze(-1),
         }
         if DIAGNOSTIC_FIELDS[0] in fields:
-            columns.update(token_diagnostics(logp_theta, logp_t, logp_q))
+            columns.update(self.math.token_diagnostics(logp_theta, logp_t, logp_q))
         return columns, accepted
 
     def _nan_rows(self, columns: dict[str, Tensor], accepted: Tensor, logp_p: Tensor, offsets: Tensor, lengths: Tensor) -> Tensor:

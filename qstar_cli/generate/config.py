@@ -149,6 +149,9 @@ class GenerateConfig:
     seed: int = setting(0, "Seed of the counter-based sampler.")
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.", fingerprinted=False)
     dtype: str = setting("auto", "auto, float32, bfloat16 or float16.", fingerprinted=False)
+    compile: str = setting(
+        "auto", "Compile the round's mathematics with torch.compile: on, off, or auto (on with CUDA).", fingerprinted=False, since="0.2.0"
+    )
     diagnostics: str = setting("full", "Sidecar level: full, summary or none (no sidecar; the per-token diagnostics are not computed).")
     overwrite: bool = setting(False, "Start afresh instead of resuming.", fingerprinted=False)
     num_shards: int = setting(1, "Split the schedule into N disjoint shards (join them with qstar merge).", fingerprinted=False)
@@ -197,6 +200,8 @@ class GenerateConfig:
             flag = f"--replicas {self.replicas}" if self.replicas != 1 else "--ray-address"
             raise ConfigError(f"{flag} is for --engine ray (model replicas on Ray); add --engine ray, or drop it to run here")
         self._check_draft()
+        if self.compile not in ("on", "off", "auto"):
+            raise ConfigError(f"--compile must be one of on, off, auto, got {self.compile!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
@@ -213,7 +218,7 @@ class GenerateConfig:
                 raise TypeError
             self.batch_size = value if value == "auto" else int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"--batch-size must be a positive integer or auto, got {self.batch_size}") from None
+            raise ConfigError(f"--batch-size must be a positive integer or auto, got {self.batch_size!r}") from None
         if not (isinstance(self.memory_fraction, (int, float)) and not isinstance(self.memory_fraction, bool) and 0 < self.memory_fraction <= 1):
             raise ConfigError(f"--memory-fraction must lie in (0, 1], got {self.memory_fraction}")
         if self.batch_size == "auto" and self.engine == "ray":
@@ -289,6 +294,7 @@ class GenerateConfig:
             sampling=self.sampling_params(),
             seed=self.seed,
             draft_k=self.draft_k,
+            compile=self.compile,
             draft_model_theta=self.draft_model_theta if self.draft == "pair" else None,
             draft_model_t=self.draft_model_t if self.draft == "pair" else None,
         )

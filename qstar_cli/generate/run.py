@@ -188,6 +188,7 @@ def run_generate(
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
         sampler = engine.load()
+        compile_seconds = warm_up_math(sampler, progress)
         prompts = encode_all(sampler, adapted)
         if not prompts:
             raise nothing_usable(adapted)
@@ -196,8 +197,6 @@ def run_generate(
         previous = writer.check_config(
             continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **DRAFT_CONTENT}
         )
-        if config.overwrite:
-            writer.start_afresh()
         shard = {}
         if config.num_shards > 1:  # a shard takes whole prompts (all K responses of each)
             split, positions = shard_split(config, previous, prompts)
@@ -206,9 +205,12 @@ def run_generate(
             prompts = [prompts[p] for p in positions]
         # Row-major: each usable row's samples_per_prompt responses, then the next row's.
         schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
-        done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
-        if plan := engine.plan_slots([ids for _, ids in prompts], len(schedule) - done):
+        # Sized (or refused) before anything is deleted: a run that cannot fit one slot changes nothing.
+        if plan := engine.plan_slots([ids for _, ids in prompts], len(schedule)):
             progress.message(plan.describe())
+        if config.overwrite:
+            writer.start_afresh()
+        done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
         meta = {
             "qstar_version": qstar_cli.__version__,
             "status": "running",
@@ -222,10 +224,23 @@ def run_generate(
             "sessions": (previous or {}).get("sessions", []),
             **({"shard": shard} if shard else {}),
             **({"slot_plan": plan.record()} if plan else {}),
+            **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
         }
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None)
         status = commits.run(schedule, _requests(writer, config, schedule, done))
     return RunSummary(writer.paths, status, len(schedule), commits.done, done, commits.new_tokens, commits.seconds, dict(adapted.skipped))
+
+
+def warm_up_math(sampler: DualModelSampler, progress) -> float | None:
+    """Compile the round's mathematics before the run (``--compile``), saying how long it took."""
+    from qstar_cli.engine.compiled import EAGER, warm_up
+
+    if sampler.math is EAGER or sampler.theta.model.device.type == "meta":  # Ray replicas compile their own
+        return None
+    progress.message("compiling the round's mathematics (torch.compile; once per process)")
+    seconds = warm_up(sampler.math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
+    progress.message(f"compiled in {seconds:.1f} s")
+    return seconds
 
 
 def check_shard_of(writer: CheckpointedWriter, config: GenerateConfig) -> None:

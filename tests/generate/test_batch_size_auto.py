@@ -1,4 +1,4 @@
-"""``--batch-size auto``: slots from the free memory, the arithmetic recorded, the refusal."""
+"""``--batch-size auto`` (slots from the free memory, the arithmetic recorded, the refusal) and ``--compile``."""
 
 import orjson
 import pytest
@@ -49,8 +49,17 @@ def test_auto_run_records_its_plan_and_samples_as_a_fixed_size(base_args, tmp_pa
 def test_one_slot_that_does_not_fit_is_refused(base_args, tmp_path):
     out = tmp_path / "run.jsonl"
     result = invoke("generate", *without(base_args, "--batch-size"), "--batch-size", "auto", "--memory-fraction", "1e-9", "--output", out)
-    one_line_error(result, "--batch-size auto: one slot needs", "GiB", "--memory-fraction")
+    one_line_error(result, "--batch-size auto: one slot needs", "KiB (keys and values for 256 tokens", "free on cpu", "--memory-fraction")
     assert not out.exists() or out.read_bytes() == b""
+
+
+def test_a_refused_overwrite_leaves_the_run_as_it_was(base_args, tmp_path):
+    out = tmp_path / "done.jsonl"
+    assert invoke("generate", *base_args, "--output", out).exit_code == 0
+    before = [p.read_bytes() for p in run_files(out)]
+    flags = [*without(base_args, "--batch-size"), "--batch-size", "auto", "--memory-fraction", "1e-9", "--overwrite"]
+    one_line_error(invoke("generate", *flags, "--output", out), "one slot needs")
+    assert [p.read_bytes() for p in run_files(out)] == before
 
 
 @pytest.mark.parametrize(
@@ -65,3 +74,15 @@ def test_one_slot_that_does_not_fit_is_refused(base_args, tmp_path):
 )
 def test_bad_sizes_are_refused_in_one_line(base_args, tmp_path, flags, fragment):
     one_line_error(invoke("generate", *without(base_args, "--batch-size"), *flags, "--output", tmp_path / "x.jsonl"), fragment)
+
+
+def test_compile_on_warms_up_records_and_samples_as_eager(base_args, tmp_path):
+    compiled, eager = tmp_path / "on.jsonl", tmp_path / "off.jsonl"
+    result = invoke("generate", *base_args, "--compile", "on", "--temperature", "0", "--output", compiled)
+    assert result.exit_code == 0, result.output
+    assert "compiled in " in result.output
+    assert orjson.loads(run_files(compiled)[2].read_bytes())["compile_seconds"] > 0
+    assert invoke("generate", *base_args, "--compile", "off", "--temperature", "0", "--output", eager).exit_code == 0
+    assert "compile_seconds" not in orjson.loads(run_files(eager)[2].read_bytes())
+    assert file_bytes(compiled)[0] == file_bytes(eager)[0], "the same samples"
+    one_line_error(invoke("generate", *base_args, "--compile", "maybe", "--output", tmp_path / "x.jsonl"), "--compile must be one of")
