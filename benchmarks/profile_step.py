@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import time
 
 import torch
@@ -20,6 +21,7 @@ from bench_alpha import demo_sampler
 from bench_sampler import padded_prompts
 
 import qstar_cli.engine.sampler as sampler_module
+from qstar_cli.engine.compiled import EAGER, RoundMath, compiled_math, warm_up
 from qstar_cli.engine.scheduler import Row
 from qstar_cli.engine.slots import SlotCache
 
@@ -29,9 +31,6 @@ INSIDE: list[bool] = []
 #: (owner, attribute, label) of every timed function.
 TIMED = [
     (SlotCache, "forward", "forwards"),
-    (sampler_module, "solve_alpha", "solve_alpha"),
-    (sampler_module, "mixture_logprobs", "mixture_logprobs"),
-    (sampler_module, "token_diagnostics", "token_diagnostics"),
     (sampler_module, "sample_tokens", "draw (sample_tokens)"),
     (sampler_module, "counter_uniform", "counter_uniform"),
     (sampler_module.DualModelSampler, "_nan_rows", "NaN check"),
@@ -43,7 +42,11 @@ TIMED = [
 
 
 def timed(owner, name: str, label: str) -> None:
-    function = getattr(owner, name)
+    setattr(owner, name, timer(getattr(owner, name), label, isinstance(getattr(owner, "__dict__", {}).get(name), staticmethod)))
+
+
+def timer(function, label: str, static: bool = False):
+    """``function`` timed into ``TIMES[label]`` (inside a round only, but for the round itself)."""
 
     def wrapper(*args, **kwargs):
         if label == "round":
@@ -58,7 +61,7 @@ def timed(owner, name: str, label: str) -> None:
             if label == "round":
                 INSIDE.pop()
 
-    setattr(owner, name, staticmethod(wrapper) if isinstance(owner.__dict__.get(name), staticmethod) else wrapper)
+    return staticmethod(wrapper) if static else wrapper
 
 
 def main() -> None:
@@ -66,13 +69,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--diagnostics", default="full")
+    parser.add_argument("--compile", action="store_true", help="the round's mathematics compiled (--compile on)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     sampler = demo_sampler(args.new_tokens)
     sampler.eos = set()
+    math = compiled_math() if args.compile else EAGER
+    warm_up(math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
+    sampler.math = RoundMath(*(timer(getattr(math, f.name), f.name) for f in dataclasses.fields(RoundMath)))
     for owner, name, label in TIMED:
         timed(owner, name, label)
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens} diagnostics={args.diagnostics}")
+    print(f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens} diagnostics={args.diagnostics} compile={args.compile}")
     for batch in args.batches:
         convs = padded_prompts(batch, 0)
         prompts = [sampler.encode_prompts(c) for c in convs]
