@@ -9,6 +9,8 @@ The slots are what ``memory_fraction`` of the memory still free once the models 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,32 @@ from qstar_cli.errors import QstarInputError
 #: sampling distribution, the solver's moments and temporaries, the diagnostics'), rounded up.
 WORKING_ROWS = 16
 GIB = 1 << 30
+
+#: ``mallopt`` parameters (glibc's malloc.h) and the freed host memory the heap keeps for reuse.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HOST_HEAP_KEEP = GIB
+
+
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Make glibc's heap keep freed blocks of up to :data:`HOST_HEAP_KEEP` for reuse; False off glibc.
+
+    A round on the CPU allocates and frees tens of MB of temporaries (``[rows, vocab]`` log-probs,
+    the solver's moments). By default glibc serves every block above its mmap threshold (at most
+    32 MiB, adjusted as blocks come and go) with a fresh ``mmap`` and hands heap tops above twice
+    that back to the kernel, so each round page-faults its temporaries in again: at batch 32 on the
+    demo pair that was three quarters of the solve's time (benchmarks/RESULTS.md). Fixed thresholds
+    of 1 GiB make freed memory stay with the process, the CPU counterpart of CUDA's caching allocator
+    (the process's resident memory may stay up to that much above what it uses). Process-wide, so
+    set once; the memory that loading the models left free is handed back first.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
+        return False
+    malloc_trim(0)
+    return bool(mallopt(M_MMAP_THRESHOLD, HOST_HEAP_KEEP) and mallopt(M_TRIM_THRESHOLD, HOST_HEAP_KEEP))
 
 
 def size(n: float) -> str:

@@ -39,7 +39,7 @@ from qstar_cli.engine.models import (
     resolve_device,
     resolve_dtype,
 )
-from qstar_cli.engine.memory import SlotPlan, plan_slots
+from qstar_cli.engine.memory import SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.prompts import Messages, PromptFormat
 from qstar_cli.engine.samples import RowRound, SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
@@ -105,6 +105,8 @@ class DualModelSampler:
             self.sequential, self.verifying = (2, 3), (0, 1)
         for loaded in self.models:
             use_slot_attention(loaded.model)
+        if any(loaded.model.device.type == "cpu" for loaded in self.models):
+            keep_freed_host_memory()
         self.theta_format = PromptFormat(theta_format, theta.tokenizer)
         self.t_format = PromptFormat(t_format, target.tokenizer)
         self.alpha_method, self.alpha = alpha_method, alpha
