@@ -3,12 +3,12 @@ own ``generate``, speculative q*, slot utilisation, memory bandwidth, peak memor
 that must hold on the device.
 
     python benchmarks/gpu_check.py                      # CUDA: SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B shapes, bf16
-    python benchmarks/gpu_check.py --device cpu --quick # here and in CI: the 135M shape, float32, a few tokens
+    python benchmarks/gpu_check.py --device cpu --quick # here and in CI: the 135M shape (4 layers), float32, a few tokens
 
 Needs only torch and transformers (and this package): models are built from configs with random
 weights at the real shapes, over a synthetic tokenizer of the real vocabulary size, so nothing is
-downloaded. Prints one table row per measurement; exits 1 if a check fails. Compiled decode
-(``--compile``) is not built yet, so only eager forwards are measured.
+downloaded. Prints one table row per measurement; exits 1 if a check fails. q* runs eager and
+compiled (``--compile on``: the round's mathematics and the decode forwards; CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from qstar_cli.engine.compiled import warm_up
 from qstar_cli.engine.memory import kv_bytes_per_token
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
@@ -104,6 +105,26 @@ def hf_rate(loaded: LoadedModel, batch: int, prompt: int, new: int) -> float:
     return batch * new / (time.perf_counter() - started)
 
 
+def hf_batch_rate(loaded: LoadedModel, batch: int, prompt: int, new: int) -> str:
+    """tokens/s of transformers' continuous batching (``generate_batch``), or why it did not run."""
+    ids = [r.prompt_ids_t for r in requests(batch, prompt, loaded.model.config.vocab_size)]
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=True, pad_token_id=0, eos_token_id=None)
+    attention = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("sdpa")  # continuous batching takes transformers' own (paged) kernels
+    try:
+        loaded.model.generate_batch(ids[:1], generation_config=config)
+        sync(loaded.model.device)
+        started = time.perf_counter()
+        outputs = loaded.model.generate_batch(ids, generation_config=config)
+        sync(loaded.model.device)
+    except Exception as err:  # noqa: BLE001 - a figure this check cannot give is reported, not fatal
+        return f"{'n/a':>9} ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})"
+    finally:
+        loaded.model.set_attn_implementation(attention)
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    return f"{tokens / (time.perf_counter() - started):>9.1f}"
+
+
 def checks(sampler: DualModelSampler) -> list[tuple[str, bool, str]]:
     """Slot-cache log-probs equal a full forward's; a round reads the device once."""
     loaded, device = sampler.target, sampler.target.model.device
@@ -135,7 +156,7 @@ def checks(sampler: DualModelSampler) -> list[tuple[str, bool, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="the 135M shape, batches 1 and 8, a few tokens (CPU, CI)")
+    parser.add_argument("--quick", action="store_true", help="the 135M shape with 4 layers, batches 1 and 8, a few tokens (CPU, CI)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     try:
@@ -151,21 +172,26 @@ def main() -> None:
           f"dtype={dtype} prompt={prompt} new={new} copy bandwidth {reference / 1e9:.1f} GB/s")  # fmt: skip
     print(f"{'what':<44} {'batch':>5} | {'tok/s':>9} {'util':>5} {'ms/round':>9} {'of bandwidth':>12}")
     failed = False
+    layers = 4 if args.quick else None  # quick: compiling 30 layers on a CPU takes minutes
     for shape in shapes:
-        theta, target = build(shape, 1, device, dtype), build(shape, 2, device, dtype)
-        sampler = DualModelSampler(theta, target, max_new_tokens=new)
-        sampler.eos = set()  # every row runs the full length
+        theta, target = build(shape, 1, device, dtype, layers), build(shape, 2, device, dtype, layers)
+        samplers = {mode: DualModelSampler(theta, target, max_new_tokens=new, compile=mode == "compiled") for mode in ("eager", "compiled")}
+        for sampler in samplers.values():
+            sampler.eos = set()  # every row runs the full length
+        print(f"compile {target.name}: {warm_up(samplers['compiled']):.1f} s", flush=True)
         weights = sum(p.numel() * p.element_size() for m in (theta, target) for p in m.model.parameters())
         for batch in batches:
-            rate, util, per_round = qstar_rate(sampler, batch, prompt, new)
             kv = 2 * batch * (prompt + new / 2) * kv_bytes_per_token(target.model)
-            print(f"{'q* eager ' + shape:<44} {batch:>5} | {rate:>9.1f} {util:>5.2f} {1e3 * per_round:>9.2f} "
-                  f"{(weights + kv) / per_round / reference:>11.1%}", flush=True)  # fmt: skip
-            print(f"{'one model generate ' + shape:<44} {batch:>5} | {hf_rate(target, batch, prompt, new):>9.1f}", flush=True)
-        for name, ok, detail in checks(sampler):
+            for mode, sampler in samplers.items():
+                rate, util, per_round = qstar_rate(sampler, batch, prompt, new)
+                print(f"{f'q* {mode} ' + target.name:<44} {batch:>5} | {rate:>9.1f} {util:>5.2f} {1e3 * per_round:>9.2f} "
+                      f"{(weights + kv) / per_round / reference:>11.1%}", flush=True)  # fmt: skip
+            print(f"{'one model generate ' + target.name:<44} {batch:>5} | {hf_rate(target, batch, prompt, new):>9.1f}", flush=True)
+            print(f"{'one model generate_batch ' + target.name:<44} {batch:>5} | {hf_batch_rate(target, batch, prompt, new)}", flush=True)
+        for name, ok, detail in checks(samplers["eager"]):
             failed |= not ok
             print(f"check {shape}: {name}: {'ok' if ok else 'FAILED'} ({detail})", flush=True)
-        del theta, target, sampler
+        del theta, target, samplers, sampler
     small, large = ("smollm2-135m", "smollm2-135m") if args.quick else ("llama-3.2-1b", "llama-3.1-8b")
     theta = build(small, 1, device, dtype, layers=4 if args.quick else None)
     target = build(large, 2, device, dtype)

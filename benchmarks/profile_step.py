@@ -21,7 +21,7 @@ from bench_alpha import demo_sampler
 from bench_sampler import padded_prompts
 
 import qstar_cli.engine.sampler as sampler_module
-from qstar_cli.engine.compiled import EAGER, RoundMath, compiled_math, warm_up
+from qstar_cli.engine.compiled import EAGER, RoundMath, compiled_math, warm_up_math
 from qstar_cli.engine.scheduler import Row
 from qstar_cli.engine.slots import SlotCache
 
@@ -75,7 +75,7 @@ def main() -> None:
     sampler = demo_sampler(args.new_tokens)
     sampler.eos = set()
     math = compiled_math() if args.compile else EAGER
-    warm_up(math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
+    warm_up_math(math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
     sampler.math = RoundMath(*(timer(getattr(math, f.name), f.name) for f in dataclasses.fields(RoundMath)))
     for owner, name, label in TIMED:
         timed(owner, name, label)

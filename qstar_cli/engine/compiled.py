@@ -1,4 +1,4 @@
-"""The round's mathematics compiled with ``torch.compile`` (``--compile``).
+"""The round compiled with ``torch.compile`` (``--compile``): its mathematics and the models' decode forwards.
 
 A round spends, besides the two forwards, several passes over ``[rows, vocab]`` log-probs: the
 alpha solve (an ``exp`` and four dot products per iteration), the mixture, the diagnostics. Eager,
@@ -7,6 +7,12 @@ takes a fifth of the time on a CPU (benchmarks/RESULTS.md). The functions are co
 process with dynamic shapes (any rows; vocabularies and the alpha method specialise), and
 :func:`warm_up` compiles them before a run so that the cost shows up front. Compiled results equal
 eager ones to float rounding (a few 1e-7 in alpha), not bit for bit.
+
+Each model's decode and verify forwards (a query or ``draft_k + 1`` per row; prefills stay eager)
+go through :func:`compiled_forward`: dynamic shapes on the CPU; on CUDA ``mode="reduce-overhead"``,
+CUDA graphs that replay a forward's hundreds of kernel launches as one, recorded once per shape,
+so there the slot cache pads rows and attention width to powers of two
+(:class:`~qstar_cli.engine.slots.SlotCache` ``bucketed``) and keeps its storage at fixed addresses.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Callable
 import torch
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha, token_diagnostics
+from qstar_cli.engine.slots import SlotCache
 
 COMPILE_MODES = ("off", "on", "auto")
 
@@ -47,12 +54,51 @@ def use_compile(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def warm_up(math: RoundMath, vocab: int, device: torch.device, alpha_method: str, alpha: float) -> float:
-    """Compile ``math`` for this vocabulary (one row and several: sizes 1 specialise); seconds taken."""
+def warm_up_math(math: RoundMath, vocab: int, device: torch.device, alpha_method: str, alpha: float) -> float:
+    """Compile ``math`` for this vocabulary (one row and several: sizes 1 specialise); seconds taken.
+
+    The inputs are made as a round makes them (each a tensor of its own, in inference mode): a
+    compiled function is specialised on what its first inputs share (sizes, storage offsets)."""
     started = time.perf_counter()
-    for rows in (1, 2):
-        logp = torch.randn(2, rows, vocab, device=device).log_softmax(-1)
-        a = math.solve_alpha(logp[0], logp[1], method=alpha_method, alpha=alpha)
-        logp_q = math.mixture_logprobs(logp[0], logp[1], a)
-        math.token_diagnostics(logp[0], logp[1], logp_q)
+    for rows in (1, 3):
+        logp_theta, logp_t = (torch.randn(rows, vocab, device=device).log_softmax(-1) for _ in range(2))
+        a = math.solve_alpha(logp_theta, logp_t, method=alpha_method, alpha=alpha)
+        logp_q = math.mixture_logprobs(logp_theta, logp_t, a)
+        math.token_diagnostics(logp_theta, logp_t, logp_q)
+    return time.perf_counter() - started
+
+
+def graphed(model) -> bool:
+    """Whether ``model``'s compiled forward runs as CUDA graphs (so its slot cache is bucketed)."""
+    return model.device.type == "cuda"
+
+
+def compiled_forward(model) -> Callable:
+    """``model``'s forward compiled for decode and verify forwards (CUDA graphs on CUDA)."""
+    return torch.compile(model.forward, dynamic=True, mode="reduce-overhead" if graphed(model) else None)
+
+
+def warm_up_forward(model, run: Callable, vocab: int, queries: int) -> None:
+    """Compile ``run``, ``model``'s compiled forward, for decode forwards of several rows and one (in
+    caches of several slots and of one: sizes 1 specialise), and verify forwards of ``queries`` per
+    row (``draft_k + 1``) when that is above 1. The sizes are unlike any of the model's (heads,
+    groups): a compiled function is specialised on the sizes its first inputs happen to share."""
+    for slots, row_counts in ((11, (7, 1)), (1, (1,))):
+        cache = SlotCache(model.config, slots, 16, bucketed=graphed(model))
+        ids = torch.ones(row_counts[0], 6, dtype=torch.long, device=model.device)
+        positions = torch.arange(6, device=model.device).expand(row_counts[0], 6)
+        cache.forward(model, ids, positions, 0, 6, vocab)
+        for rows in row_counts:
+            for q in sorted({1, queries}):
+                cache.forward(model, ids[:rows, :q], positions[:rows, :q] + 6, 0, 6 + q, vocab, every_query=q > 1, run=run)
+
+
+@torch.inference_mode()  # as the sampler runs: a compiled function is specialised on the mode
+def warm_up(sampler) -> float:
+    """Compile a :class:`~qstar_cli.engine.sampler.DualModelSampler`'s round mathematics and its
+    models' decode forwards before a run, so that the cost shows up front; seconds taken."""
+    started = time.perf_counter()
+    warm_up_math(sampler.math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
+    for loaded, run in zip(sampler.models, sampler.decoders):
+        warm_up_forward(loaded.model, run, sampler.vocab, sampler.draft_k + 1)
     return time.perf_counter() - started

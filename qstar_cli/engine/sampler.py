@@ -28,7 +28,7 @@ from torch import Tensor
 
 from qstar_cli.errors import QstarRunError
 from qstar_cli.distributions.mixture import DIAGNOSTIC_FIELDS, AlphaMethod, check_alpha_method
-from qstar_cli.engine.compiled import EAGER, compiled_math, use_compile
+from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
 from qstar_cli.engine.models import (
     LoadedModel,
     VocabularyMismatchError,
@@ -118,6 +118,8 @@ class DualModelSampler:
         self.seed = seed
         #: The round's mathematics, compiled (:mod:`qstar_cli.engine.compiled`) or eager.
         self.math = compiled_math() if compile else EAGER
+        #: Each model's decode and verify forward when compiled (None: the model itself, eager).
+        self.decoders = tuple(compiled_forward(m.model) if compile else None for m in self.models)
         self._round_costs: dict[int, np.ndarray] = {}
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
         #: (pi_theta's side, pi_t's side): the most tokens, prompt and response, the models of each side
@@ -226,7 +228,7 @@ class DualModelSampler:
         stats = stats if stats is not None else StreamStats()
         fields = per_token_fields(diagnostics)
         schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, functools.partial(self._admit, fields=fields))
-        caches = tuple(SlotCache(m.model.config, slots, 1) for m in self.models)
+        caches = tuple(SlotCache(m.model.config, slots, 1, bucketed=d is not None and graphed(m.model)) for m, d in zip(self.models, self.decoders))
         while True:
             if group := schedule.next_group():
                 schedule.rows.extend(self._prefill(caches, schedule.rows, group, stats))
@@ -439,7 +441,7 @@ class DualModelSampler:
                 side = self.sides[i]
                 fed = feed.pending[side] if j == 0 else drafts[-1]
                 positions = feed.positions[side][:, j : j + 1]
-                out.append(caches[i].forward(self.models[i].model, fed.unsqueeze(-1), positions, 0, feed.longest[side], self.vocab))
+                out.append(caches[i].forward(self.models[i].model, fed.unsqueeze(-1), positions, 0, feed.longest[side], self.vocab, run=self.decoders[i]))
             drafter_logps.append(out[0] if len(out) == 1 else self._mixture(*out)[1])
             if j < k:
                 logp_p = sampling_logprobs(drafter_logps[-1], self.sampling)
@@ -457,7 +459,9 @@ class DualModelSampler:
         for i in self.verifying:
             side = self.sides[i]
             ids = torch.cat([feed.pending[side].unsqueeze(-1), draft_ids], dim=1)
-            verified[i] = caches[i].forward(self.models[i].model, ids, feed.positions[side], 0, feed.longest[side], self.vocab, every_query=True)
+            verified[i] = caches[i].forward(
+                self.models[i].model, ids, feed.positions[side], 0, feed.longest[side], self.vocab, every_query=True, run=self.decoders[i]
+            )
         logp_theta = verified[0] if 0 in verified else torch.stack(drafter_logps, dim=1)
         return logp_theta.flatten(0, 1), verified[1].flatten(0, 1)
 

@@ -44,6 +44,8 @@ WIDTH_STEP = 8
 MAX_PACKED_QUERIES = 64
 #: The attention implementation :func:`use_slot_attention` gives a model.
 SLOT_ATTENTION = "qstar_slot_sdpa"
+#: Narrowest attention width of a bucketed forward (CUDA graphs: one graph per shape).
+MIN_BUCKET_WIDTH = 64
 
 
 def slot_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
@@ -90,6 +92,13 @@ class SlotLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros((*shape, key_states.shape[-1]))
         self.values = value_states.new_zeros((*shape, value_states.shape[-1]))
         self.is_initialized = True
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # CUDA graphs replay the writes into the storage in place only at addresses they may keep.
+        if self.cache.bucketed:
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -106,6 +115,7 @@ class SlotLayer(CacheLayerMixin):
             pad = capacity - self.keys.shape[2]
             self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
             self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
+            self._mark_static()
 
     def move(self, src: int, dst: int, length: int) -> None:
         if self.is_initialized:
@@ -129,8 +139,10 @@ class SlotCache(Cache):
     >>> logp = cache.forward(model, ids, positions, start=0)   # ids, positions: [rows, q]
     """
 
-    def __init__(self, config, slots: int, capacity: int):
+    def __init__(self, config, slots: int, capacity: int, bucketed: bool = False):
         self.slots = slots
+        #: Compiled forwards (``run``) take bucketed shapes: rows and width padded to powers of two.
+        self.bucketed = bucketed
         self.capacity = round_capacity(max(capacity, 1))
         self.rows = (0, 0)
         self.width = 0
@@ -162,7 +174,7 @@ class SlotCache(Cache):
             layer.move(src, dst, length)
 
     def forward(
-        self, model, ids: Tensor, positions: Tensor, start: int, longest: int, vocab: int, every_query: bool = False
+        self, model, ids: Tensor, positions: Tensor, start: int, longest: int, vocab: int, every_query: bool = False, run=None
     ) -> Tensor:
         """Run ``model`` on slots ``start .. start + len(ids)``; float32 log-probs after each row's last
         query (``[rows, vocab]``), or after every query (``[rows, q, vocab]``) with ``every_query``.
@@ -170,10 +182,21 @@ class SlotCache(Cache):
         ``ids`` and ``positions`` are ``[rows, q]``; a position of ``-1`` marks padding (left-padded
         prompts, or the queries past a row's drafts), which writes to the scratch column (the last
         one, never seen as valid) and whose output is meaningless. ``longest`` is at least the
-        largest position + 1 among the rows (known on the host, so no sync).
+        largest position + 1 among the rows (known on the host, so no sync). ``run`` is called
+        instead of the model (its compiled forward, :func:`~qstar_cli.engine.compiled.compiled_forward`);
+        on a bucketed cache it gets padding rows (the free slots after these, at position -1) up to
+        a power of two and a power-of-two width.
         """
         n, q = ids.shape
-        self.rows = (start, start + n)
+        if run is not None:
+            # New tensors, not views: a compiled forward would be specialised on each view's base.
+            rows = min(1 << (n - 1).bit_length(), self.slots - start) if self.bucketed else n
+            ids = torch.cat([ids, ids.new_zeros(rows - n, q)])
+            positions = torch.cat([positions, positions.new_full((rows - n, q), -1)])
+        if run is not None and self.bucketed:
+            longest = max(MIN_BUCKET_WIDTH, 1 << (longest - 1).bit_length())
+            torch.compiler.cudagraph_mark_step_begin()
+        self.rows = (start, start + len(ids))
         self.width = min(WIDTH_STEP * math.ceil(longest / WIDTH_STEP), self.capacity)
         pad = positions < 0
         self.columns = torch.where(pad, self.capacity - 1, positions)
@@ -183,7 +206,7 @@ class SlotCache(Cache):
         seen = torch.where(pad, 0, positions)
         hidden = torch.arange(self.width, device=ids.device) > seen.unsqueeze(-1)
         mask = torch.zeros(hidden.shape, dtype=model.dtype, device=ids.device).masked_fill_(hidden, torch.finfo(model.dtype).min)
-        out = model(
+        out = (run or model)(
             input_ids=ids,
             attention_mask=mask.unsqueeze(1),
             position_ids=seen,
@@ -192,7 +215,7 @@ class SlotCache(Cache):
             logits_to_keep=q if every_query else 1,
         )
         # Embedding rows past the shared vocabulary (padding) get probability zero.
-        logits = out.logits[..., :vocab] if every_query else out.logits[:, -1, :vocab]
+        logits = out.logits[:n, :, :vocab] if every_query else out.logits[:n, -1, :vocab]
         return logits.float().log_softmax(-1)
 
 

@@ -188,7 +188,7 @@ def run_generate(
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
         sampler = engine.load()
-        compile_seconds = warm_up_math(sampler, progress)
+        compile_seconds = warm_up_compiled(sampler, progress)
         prompts = encode_all(sampler, adapted)
         if not prompts:
             raise nothing_usable(adapted)
@@ -231,14 +231,15 @@ def run_generate(
     return RunSummary(writer.paths, status, len(schedule), commits.done, done, commits.new_tokens, commits.seconds, dict(adapted.skipped))
 
 
-def warm_up_math(sampler: DualModelSampler, progress) -> float | None:
-    """Compile the round's mathematics before the run (``--compile``), saying how long it took."""
+def warm_up_compiled(sampler: DualModelSampler, progress) -> float | None:
+    """Compile the round's mathematics and the models' decode forwards before the run (``--compile``),
+    saying how long it took."""
     from qstar_cli.engine.compiled import EAGER, warm_up
 
     if sampler.math is EAGER or sampler.theta.model.device.type == "meta":  # Ray replicas compile their own
         return None
-    progress.message("compiling the round's mathematics (torch.compile; once per process)")
-    seconds = warm_up(sampler.math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
+    progress.message("compiling the round's mathematics and the models' decode forwards (torch.compile; once per process)")
+    seconds = warm_up(sampler)
     progress.message(f"compiled in {seconds:.1f} s")
     return seconds
 

@@ -5,9 +5,11 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.distributions.sampling import SamplingParams
+from qstar_cli.engine.compiled import warm_up
 from qstar_cli.engine.models import LoadedModel, VocabularyMismatchError
 from qstar_cli.engine.sampler import DualModelSampler
 from tests.helpers import (
@@ -152,12 +154,20 @@ def test_bfloat16_models_move_per_token_numbers_by_rounding_only(pair):
 
 
 @pytest.mark.parametrize("draft_k", [0, 2])
-def test_compiled_round_math_equals_eager(pair, draft_k):
-    """``--compile on`` (torch.compile of the solve, the mixture and the diagnostics): the same greedy
-    tokens, and per-token numbers within 1e-5, on the tiny pair in float32 on the CPU."""
+def test_compiled_round_equals_eager(pair, draft_k):
+    """``--compile on`` (torch.compile of the solve, the mixture, the diagnostics and the models'
+    decode and verify forwards): the same greedy tokens, and per-token numbers within 1e-5, on the tiny pair in float32 on the CPU."""
     greedy = SamplingParams(temperature=0.0)
     eager = make_sampler(pair, max_new_tokens=12, sampling=greedy, draft_k=draft_k).generate(CONVERSATIONS)
-    compiled = make_sampler(pair, max_new_tokens=12, sampling=greedy, draft_k=draft_k, compile=True).generate(CONVERSATIONS)
+    sampler = make_sampler(pair, max_new_tokens=12, sampling=greedy, draft_k=draft_k, compile=True)
+    calls = []
+    sampler.decoders = tuple(lambda run=run, **inputs: calls.append(inputs["input_ids"].shape) or run(**inputs) for run in sampler.decoders)
+    warm_up(sampler)
+    graphs, calls[:] = counters["stats"]["unique_graphs"], []
+    compiled = sampler.generate(CONVERSATIONS)
+    assert counters["stats"]["unique_graphs"] == graphs, "the warm-up compiled every shape the run takes"
+    # Decode forwards (one query) and verify forwards (up to draft_k + 1) are compiled, prefills not.
+    assert {1, draft_k + 1} <= {q for _, q in calls} <= set(range(1, draft_k + 2))
     for a, b in zip(eager, compiled):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
         for name, values in a.per_token.items():

@@ -52,6 +52,33 @@ def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tok
     assert layer.keys[0].abs().sum() == 0, "slot 0 untouched by a forward on slots 1 and 2"
 
 
+def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer):
+    """CUDA graphs' bucketed shapes (rows and width padded to powers of two, the padding rows at
+    position -1 in free slots): the same log-probs as the exact shapes, and no valid column written."""
+    model = build_tiny_model(tiny_tokenizer, seed=1)
+    use_slot_attention(model)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, 50, (3, 9), generator=gen)
+    positions = torch.arange(9).expand(3, 9).clone()
+    positions[2, :2] = -1  # a left-padded row
+    logps, caches = [], []
+    for bucketed in (False, True):
+        cache = SlotCache(model.config, slots=8, capacity=40, bucketed=bucketed)
+        cache.forward(model, prompt, positions, 0, 9, 50)
+        steps = []
+        for step in range(3):
+            ids = torch.randint(1, 50, (3, 2), generator=torch.Generator().manual_seed(step))
+            at = positions[:, -1:] + 1 + 2 * step + torch.arange(2)
+            steps.append(cache.forward(model, ids, at, 0, int(at.max()) + 1, 50, every_query=True, run=model))
+        logps.append(torch.stack(steps))
+        caches.append(cache)
+    assert caches[1].rows == (0, 4) and caches[1].width == 64, "3 rows run as 4, width 15 as 64"
+    torch.testing.assert_close(logps[1], logps[0], rtol=0, atol=1e-6)
+    for exact, padded in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(padded.keys[:3, :, :-1], exact.keys[:3, :, :-1], rtol=0, atol=1e-6)
+        assert padded.keys[3:, :, :-1].abs().sum() == 0, "padding rows write their scratch column only"
+
+
 @pytest.mark.parametrize("draft_k", [0, 2])
 def test_diagnostics_none_draws_the_same_tokens_and_keeps_only_their_ids(pair, draft_k):
     sampler = make_sampler(pair, max_new_tokens=10, draft_k=draft_k)
