@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from qstar_cli.distributions.mixture import mixture_logprobs
+from qstar_cli.engine.compiled import warm_up
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.slots import SlotCache
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
     parser.add_argument("--no-extras", action="store_true", help="skip generate and the naive loop")
-    parser.add_argument("--compile", action="store_true", help="q* with its round's mathematics compiled (--compile on)")
+    parser.add_argument("--compile", action="store_true", help="q* compiled (--compile on: the round's mathematics and decode forwards)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print_header(
@@ -178,6 +179,8 @@ def main() -> None:
             theta, target, theta_format="plain", t_format="chat", max_new_tokens=args.new_tokens, compile=args.compile
         )
         sampler.eos = set()  # every row runs the full length in every variant
+        if args.compile:
+            print(f"compiled in {warm_up(sampler):.1f} s", flush=True)
         for batch in args.batches:
             convs = padded_prompts(batch, args.context)
             prompts = [sampler.encode_prompts(c) for c in convs]
