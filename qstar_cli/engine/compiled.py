@@ -26,6 +26,7 @@ import torch
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha, token_diagnostics
 from qstar_cli.engine.slots import SlotCache
+from qstar_cli.errors import QstarInputError
 
 COMPILE_MODES = ("off", "on", "auto")
 
@@ -45,6 +46,19 @@ EAGER = RoundMath(solve_alpha, mixture_logprobs, token_diagnostics)
 @functools.cache
 def compiled_math() -> RoundMath:
     return RoundMath(*(torch.compile(f, dynamic=True) for f in (solve_alpha, mixture_logprobs, token_diagnostics)))
+
+
+def check_cpp_compiler() -> None:
+    """Refuse ``--compile`` on a CPU without a working C++ compiler (inductor writes C++ there)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # noqa: BLE001 - inductor's InvalidCxxCompiler and whatever a broken one raises
+        raise QstarInputError(
+            f"--compile on a CPU needs a C++ compiler, and none works here ({str(err).splitlines()[0]}): install g++ "
+            "(apt install g++), name one with CXX, or use --compile off"
+        ) from None
 
 
 def use_compile(mode: str, device: torch.device) -> bool:

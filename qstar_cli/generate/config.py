@@ -258,6 +258,8 @@ class GenerateConfig:
             raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(types))}")
         typed = {}
         for name, value in normalised.items():
+            if name == "compile" and isinstance(value, bool):  # YAML reads a bare on / off as a boolean
+                value = "on" if value else "off"
             if isinstance(value, bool) and types[name] is not bool:  # YAML's true is no number of tokens
                 raise ConfigError(f"{source}: {name} must be {_type_name(types[name])}, got {value!r}")
             try:
@@ -365,13 +367,17 @@ def check_output(config: GenerateConfig) -> OutputPaths:
 
 def check_before_loading(config: GenerateConfig) -> None:
     """Everything about the models that can be checked without loading them."""
+    from qstar_cli.engine.compiled import check_cpp_compiler, use_compile
     from qstar_cli.engine.models import check_model_spec, resolve_device, resolve_dtype
     from qstar_cli.engine.prompts import check_format
 
     for spec in (config.model_theta, config.model_t, config.draft_model_theta, config.draft_model_t):
         if spec is not None:
             check_model_spec(spec)
-    resolve_dtype(config.dtype, resolve_device(config.device))
+    device = resolve_device(config.device)
+    resolve_dtype(config.dtype, device)
+    if use_compile(config.compile, device) and device.type == "cpu":
+        check_cpp_compiler()
     for spec in (config.theta_format, config.t_format):
         check_format(spec)
 

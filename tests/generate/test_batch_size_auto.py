@@ -86,3 +86,12 @@ def test_compile_on_warms_up_records_and_samples_as_eager(base_args, tmp_path):
     assert "compile_seconds" not in orjson.loads(run_files(eager)[2].read_bytes())
     assert file_bytes(compiled)[0] == file_bytes(eager)[0], "the same samples"
     one_line_error(invoke("generate", *base_args, "--compile", "maybe", "--output", tmp_path / "x.jsonl"), "--compile must be one of")
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(base_args, tmp_path, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    result = invoke("generate", *base_args, "--compile", "on", "--device", "cpu", "--output", tmp_path / "x.jsonl")
+    one_line_error(result, "--compile on a CPU needs a C++ compiler")
+    assert "loading" not in result.output and not (tmp_path / "x.jsonl").exists()

@@ -15,10 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from qstar_cli.distributions.sampling import counter_uniform
 from qstar_cli.engine.models import LoadedModel, file_sha256
 from qstar_cli.engine.sampler import DualModelSampler
+from qstar_cli.generate.config import GenerateConfig
 from qstar_cli.testing.tiny import (
     build_tiny_model,
     build_tiny_tokenizer,
@@ -448,6 +450,12 @@ def test_a_yaml_boolean_is_not_a_number(w, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("top_k: true\n")
     one_line_error(invoke("generate", *w.flags, "--config", config, "--output", tmp_path / "o.jsonl"), "top_k must be an integer, got True")
+
+
+def test_a_yaml_on_or_off_is_a_compile_setting():
+    # YAML 1.1 reads a bare on / off as a boolean.
+    run = "model_theta: demo\nmodel_t: demo\ndataset: d.jsonl\n"
+    assert [GenerateConfig.from_dict(yaml.safe_load(f"{run}compile: {word}")).compile for word in ("on", "off", "auto")] == ["on", "off", "auto"]
 
 
 def test_export_refuses_a_blocked_partial_file(w, tmp_path):
