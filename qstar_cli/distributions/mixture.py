@@ -83,13 +83,14 @@ def solve_kl_symmetry(
     alpha, same q, zero step), so the result is bit-identical to the full count.
     """
     d, b = _common_support(logp_theta, logp_t)
-    # [B, 4, V] rows d+, d-, d+^2, d-^2, read by dot products (no [B, 4, V] temporary per step).
-    moments = d.new_empty(d.shape[:-1] + (4, d.shape[-1]))
-    d_pos, d_neg = moments[..., 0, :], moments[..., 1, :]
+    # [4, B, V]: d+, d-, d+^2, d-^2, read by dot products (no [4, B, V] temporary per step). Each a
+    # contiguous [B, V] block, written in place (torch.compile traces out= only into contiguous tensors).
+    moments = d.new_empty((4,) + d.shape)
+    d_pos, d_neg = moments[0], moments[1]
     torch.clamp_min(d, 0.0, out=d_pos)
     torch.sub(d_pos, d, out=d_neg)
-    torch.mul(d_pos, d_pos, out=moments[..., 2, :])
-    torch.mul(d_neg, d_neg, out=moments[..., 3, :])
+    torch.mul(d_pos, d_pos, out=moments[2])
+    torch.mul(d_neg, d_neg, out=moments[3])
 
     alpha = torch.full(d.shape[:-1], 0.5, dtype=d.dtype, device=d.device)
     # Bracket [lo, hi] and G at its ends (NaN until evaluated there).
@@ -98,7 +99,7 @@ def solve_kl_symmetry(
     step = torch.ones_like(alpha)
     for _ in range(max_iter):
         q = torch.softmax(torch.addcmul(b, alpha.unsqueeze(-1), d, value=-1.0), dim=-1)
-        p1, n1, p2, n2 = (torch.linalg.vecdot(row, q) for row in moments.unbind(-2))
+        p1, n1, p2, n2 = (torch.linalg.vecdot(row, q) for row in moments.unbind(0))
         g = torch.log(p1 / n1)
         # G > 0 <=> F > 0 <=> the root lies above alpha.
         above = g > 0
