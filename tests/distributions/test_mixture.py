@@ -104,6 +104,17 @@ def test_stopping_once_no_row_moves_is_bit_identical_to_every_iteration(kind, ro
     assert torch.equal(early, solve_alpha(logp_theta, logp_t))
 
 
+def test_the_round_mathematics_compile_whole():
+    """No graph breaks (``fullgraph`` raises on one): compiled, each function is one graph, which on
+    an accelerator is a few fused kernels rather than pieces with Python between them."""
+    logp_theta, logp_t = make_rows("lm", 5, 512, torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        alpha = torch.compile(solve_alpha, fullgraph=True, dynamic=True)(logp_theta, logp_t)
+        logp_q = torch.compile(mixture_logprobs, fullgraph=True, dynamic=True)(logp_theta, logp_t, alpha)
+        torch.compile(token_diagnostics, fullgraph=True, dynamic=True)(logp_theta, logp_t, logp_q)
+    torch.testing.assert_close(alpha, solve_alpha(logp_theta, logp_t), rtol=0, atol=1e-5)
+
+
 def test_mirror_distribution_gives_one_half():
     # pi_t(y) = pi_theta(1 - y) on V = 2: the mixture is symmetric, alpha* = 1/2.
     p = torch.rand(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.98 + 0.01
