@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/profile_step.py --batches 8 32 128 --new-tokens 16
 
 Each function of the round (the solve, the mixture, the diagnostics, the draw, the host transfer,
-the per-row bookkeeping) is wrapped with a timer; a warm-up run, then one timed ``generate`` per
+the rows' bookkeeping on the device and the host) is wrapped with a timer; a warm-up run, then one timed ``generate`` per
 batch (EOS ignored). Milliseconds per round, and each item's share of the round. ``--diagnostics
 none`` shows the round without the per-token diagnostics.
 """
@@ -22,7 +22,7 @@ from bench_sampler import padded_prompts
 
 import qstar_cli.engine.sampler as sampler_module
 from qstar_cli.engine.compiled import EAGER, RoundMath, compiled_math, warm_up_math
-from qstar_cli.engine.scheduler import Row
+from qstar_cli.engine.rows import DeviceRows, HostRows
 from qstar_cli.engine.slots import SlotCache
 
 TIMES: dict[str, float] = collections.defaultdict(float)
@@ -34,9 +34,11 @@ TIMED = [
     (sampler_module, "sample_tokens", "draw (sample_tokens)"),
     (sampler_module, "counter_uniform", "counter_uniform"),
     (sampler_module.DualModelSampler, "_nan_rows", "NaN check"),
-    (sampler_module.DualModelSampler, "_to_host", "host transfer"),
-    (sampler_module._Feed, "of", "feed tensors"),
-    (Row, "apply", "per-row bookkeeping"),
+    (sampler_module, "to_host", "host transfer"),
+    (DeviceRows, "feed", "feed tensors"),
+    (DeviceRows, "advance", "rows advance (device)"),
+    (HostRows, "advance", "rows advance (host)"),
+    (DeviceRows, "record", "record values"),
     (sampler_module.DualModelSampler, "_round", "round"),
 ]
 

@@ -17,7 +17,6 @@ back by its length alone; other rows keep theirs.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from qstar_cli.errors import QstarRunError
-from qstar_cli.distributions.mixture import DIAGNOSTIC_FIELDS, AlphaMethod, check_alpha_method
+from qstar_cli.distributions.mixture import AlphaMethod, check_alpha_method
 from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
 from qstar_cli.engine.models import (
     LoadedModel,
@@ -41,7 +40,8 @@ from qstar_cli.engine.models import (
 )
 from qstar_cli.engine.memory import SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.prompts import Messages, PromptFormat
-from qstar_cli.engine.samples import RowRound, SampleRequest, SampleResult, StreamStats
+from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRows, RoundOutcome, to_host
+from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.engine.scheduler import Row, SlotScheduler
 from qstar_cli.engine.slots import SlotCache, use_slot_attention
@@ -226,29 +226,40 @@ class DualModelSampler:
         the host, and results keep only their token ids per token (the tokens are the same).
         """
         stats = stats if stats is not None else StreamStats()
-        fields = per_token_fields(diagnostics)
-        schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, functools.partial(self._admit, fields=fields))
+        schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
         caches = tuple(SlotCache(m.model.config, slots, 1, bucketed=d is not None and graphed(m.model)) for m, d in zip(self.models, self.decoders))
-        while True:
-            if group := schedule.next_group():
-                schedule.rows.extend(self._prefill(caches, schedule.rows, group, stats))
-            rows = schedule.rows
-            if not rows:
-                return
-            if schedule.replayed_only():
-                finished = schedule.jump()
-            else:
-                finished = self._round(caches, rows, self._draft_lengths(rows), stats, fields)
-            for i in finished:
-                if rows[i].result is not None:
-                    yield rows[i].position, self._finish(rows[i].result)
-            if on_step is not None and any(r.result is not None for r in rows):
-                on_step(sum(len(r.result.token_ids) - r.reported for r in rows if r.result is not None))
-                for row in rows:
-                    row.reported = row.produced
-            for src, dst, row in schedule.remove(finished):
-                for cache, side in zip(caches, self.sides):
-                    cache.move(src, dst, row.cached(side))
+        state = DeviceRows(slots, self.theta.model.device, self.eos, len(per_token_fields(diagnostics)) - 1)
+        host, outbox = schedule.host, []  # outbox: the last round's finished rows, their values on the way
+        try:
+            while True:
+                if group := schedule.next_group():
+                    start = len(schedule.rows)
+                    state.admit(start, schedule.place(self._prefill(caches, schedule.rows, group, stats)))
+                    state.ensure_columns(host.columns)
+                rows = schedule.rows
+                if not rows:
+                    break
+                if schedule.replayed_only():
+                    finished, produced = schedule.jump(), None
+                    state.set_steps(host, len(rows))
+                else:
+                    finished, produced = self._round(caches, state, schedule, stats)
+                ready, outbox = outbox, []  # the round's transfer waited for their copies
+                yield from self._deliver(ready)
+                outbox = FinishedRows.collect(state, schedule, finished)
+                if on_step is not None and produced is not None:
+                    on_step(produced)
+                src, dst = schedule.remove(finished)
+                for s_, d_, cached in zip(src, dst, host.cached(len(schedule.rows))[dst]):
+                    for cache, side in zip(caches, self.sides):
+                        cache.move(s_, d_, int(cached[side]))
+                if src:
+                    state.move(src, dst)
+        except (Exception, KeyboardInterrupt):
+            ready, outbox = outbox, []
+            yield from self._deliver(ready)  # samples that finished are not lost to a stop or an error
+            raise
+        yield from self._deliver(outbox)
 
     def plan_slots(self, prompt_ids: list[tuple[list[int], list[int]]], memory_fraction: float, samples: int) -> SlotPlan:
         """The slots that fit the free memory beside the loaded models (``--batch-size auto``,
@@ -268,29 +279,24 @@ class DualModelSampler:
             )
         return self._round_costs[rows]
 
-    def _draft_lengths(self, rows: list[Row]) -> list[int]:
+    def _draft_lengths(self, host: HostRows, n: int) -> np.ndarray:
         """Drafts each row makes this round: ``draft_k`` (or the auto policy's choice for the batch,
         or a replayed row's recorded one), never more than leave room for the round's last token."""
-        room = np.array([r.budget - r.produced - 1 for r in rows])
-        k = self.draft_k
+        room, k = host.room(n), self.draft_k
         if self.auto_draft:
-            accepted, tested = (np.array([getattr(r, name) for r in rows], dtype=np.float64) for name in ("accepted", "tested"))
-            k = auto_draft_len(accepted, tested, room, self.round_costs(len(rows)))
-        return [r.replay_draft_len() if r.result is None else int(min(k, space)) for r, space in zip(rows, room)]
+            k = auto_draft_len(host.accepted[:n].astype(np.float64), host.tested[:n].astype(np.float64), room, self.round_costs(n))
+        return np.where(host.new[:n], np.minimum(k, room), host.script(n)[0])
 
-    def _admit(self, position: int, request: SampleRequest, fields: tuple[str, ...]) -> Row:
+    def _admit(self, position: int, request: SampleRequest) -> Row:
+        budget = self.token_budget(request.prompt_ids_theta, request.prompt_ids_t)
         if request.replay_tokens is not None:
             # The budget it had (which --draft-k auto reads); it ends where it ended.
-            return Row(position, request, self.token_budget(request.prompt_ids_theta, request.prompt_ids_t), None, request.replay_rounds)
-        result = SampleResult(
-            request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length",
-            {f: [] for f in fields}, request.response_idx,
-        )
-        if self.draft_k:
-            result.draft_lengths, result.round_tokens = [], []
-        budget = self.token_budget(request.prompt_ids_theta, request.prompt_ids_t)
+            return Row(position, request, budget, None, request.replay_rounds)
         if budget < 1:
             raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
+        result = SampleResult(request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length", {}, request.response_idx)
+        if self.draft_k:
+            result.draft_lengths, result.round_tokens = [], []
         return Row(position, request, budget, result)
 
     def _prefill(self, caches, rows: list[Row], group: list[Row], stats: StreamStats) -> list[Row]:
@@ -334,65 +340,66 @@ class DualModelSampler:
         alpha = self.math.solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
         return alpha, self.math.mixture_logprobs(logp_theta, logp_t, alpha)
 
-    def _round(self, caches, rows: list[Row], draft_len: list[int], stats: StreamStats, fields: tuple[str, ...]) -> list[int]:
-        """One round for every row: draft, verify, accept, then each row applies what it got; the
-        rows that finished.
+    def _round(self, caches, state: DeviceRows, schedule: SlotScheduler, stats: StreamStats) -> tuple[list[int], int]:
+        """One round for the ``n`` running rows: draft, verify, accept, advance; the rows that
+        finished and the tokens new rows emitted.
 
-        Each row feeds its pending token (the last one emitted, or its prompt's last) and
-        ``draft_len`` drafts (:meth:`_draft`), which the verifying models score in one forward
-        (:meth:`_verify`). q is solved at every position and :func:`verify_drafts` keeps each row's
-        accepted drafts plus one token (:meth:`_accept`); the cache columns of rejected drafts are
-        simply overwritten by the row's next round.
+        Each row feeds its pending token (the last one emitted, or its prompt's last) and its
+        drafts (:meth:`_draft`), which the verifying models score in one forward (:meth:`_verify`).
+        q is solved at every position and :func:`verify_drafts` keeps each row's accepted drafts
+        plus one token (:meth:`_accept`); the cache columns of rejected drafts are simply
+        overwritten by the row's next round. The rows advance on the device, and one block comes
+        to the host (:mod:`qstar_cli.engine.rows`); the emitted tokens' diagnostics follow it.
         """
-        k = max(draft_len)
-        device = self.theta.model.device
-        keys = torch.tensor([(r.request.sample_idx, r.request.response_idx, r.produced) for r in rows], device=device)
-        sample, step = sample_key(keys[:, 0], keys[:, 1]), keys[:, 2]
-        lengths = torch.tensor(draft_len, device=device)
-        feed = _Feed.of(rows, lengths, k)
+        host, n = schedule.host, len(schedule.rows)
+        draft_len = self._draft_lengths(host, n)
+        k = int(draft_len.max())
+        device = state.state.device
+        if k:  # a replayed row's rounds are forced to go as they went
+            lengths, forced = torch.from_numpy(np.stack([draft_len, host.script(n)[1]])).to(device, non_blocking=True)
+        else:
+            lengths, forced = torch.zeros(n, dtype=torch.long, device=device), None
+        pending, positions = state.feed(n, lengths if k else None, k)
+        feed = _Feed(pending, positions, (host.cached(n).max(0) + k + 1).tolist())
+        sample, step = state.key[:n], state.step[:n]
         draft_ids, logp_p, drafter_logps = self._draft(caches, feed, sample, step, k)
         logp_theta, logp_t = self._verify(caches, feed, draft_ids, drafter_logps)
-        columns, accepted = self._accept(logp_theta, logp_t, logp_p, draft_ids, lengths, feed.offsets, sample, step, fields)
-        nan = self._nan_rows(columns, accepted, logp_p, feed.offsets, lengths)
+        tokens, accepted, columns, logp_q = self._accept(logp_theta, logp_t, logp_p, draft_ids, lengths, sample, step)
+        nan = self._nan_rows(columns, accepted, logp_p, lengths)
+        outcome = host.advance(to_host(state.advance(tokens, accepted, forced, nan)), draft_len)
+        if outcome.nan.any():
+            raise NonFiniteLogProbs(self._nan_message(schedule.rows, outcome, host))
         stats.steps += 1
-        finished = []
-        for i, (row, got) in enumerate(zip(rows, self._to_host(accepted, nan, [columns[f] for f in fields], draft_len, rows))):
-            if row.result is None:
-                row.replay(1)
-            else:
-                row.apply(got, self.eos, stats)
-            if row.done:
-                finished.append(i)
-        return finished
+        for name in ("tokens", "row_rounds", "drafted", "tested", "accepted"):
+            setattr(stats, name, getattr(stats, name) + getattr(outcome, name))
+        if state.values is not None:  # the emitted tokens' alone: no rejected draft, no padded query
+            query, flat = torch.from_numpy(outcome.destinations).to(device, non_blocking=True)
+            diagnostics = self.math.token_diagnostics(logp_theta[query], logp_t[query], logp_q[query])
+            state.record(flat, torch.stack([*(columns[f][query] for f in VALUE_FIELDS[:4]), *(diagnostics[f] for f in VALUE_FIELDS[4:])], dim=-1))
+        return outcome.finished, outcome.tokens
 
-    def _accept(self, logp_theta, logp_t, logp_p, draft_ids, lengths, offsets, sample, step, fields) -> tuple[dict[str, Tensor], Tensor]:
-        """q at every position, the accepted drafts and the round's last token: the per-token
-        columns (``[n * (k + 1)]`` each: the token, alpha and the three log-probs, and the
-        diagnostics where ``fields`` asks for them) and the drafts accepted per row."""
+    def _accept(self, logp_theta, logp_t, logp_p, draft_ids, lengths, sample, step) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
+        """q at every position, the accepted drafts and the round's last token: the tokens ``[n, k +
+        1]`` (accepted drafts, then the last token), the drafts accepted per row, alpha and the three
+        log-probs of each position's token (``[n * (k + 1)]``), and log q untempered."""
         n, k = draft_ids.shape
         alpha, logp_q = self._mixture(logp_theta, logp_t)  # [n * (k + 1), V]
         logp_r = sampling_logprobs(logp_q, self.sampling)
-        u_accept = counter_uniform(self.seed, sample.unsqueeze(-1).expand(n, k), step.unsqueeze(-1) + offsets[:k], ACCEPT_STREAM)
+        offsets = torch.arange(k, device=step.device)
+        u_accept = counter_uniform(self.seed, sample.unsqueeze(-1).expand(n, k), step.unsqueeze(-1) + offsets, ACCEPT_STREAM)
         accepted, logp_last = verify_drafts(logp_r.view(n, k + 1, -1), logp_p, draft_ids, lengths, u_accept)
         # The round's last token is keyed by its position, stream 0: without drafts, plain sampling's draw.
         last = sample_tokens(logp_last, counter_uniform(self.seed, sample, step + accepted))
         tokens = torch.cat([draft_ids, last.unsqueeze(-1)], dim=1).scatter_(1, accepted.unsqueeze(-1), last.unsqueeze(-1))
         picked = tokens.view(-1, 1)
-        columns = {
-            "token_id": tokens.view(-1),
-            "alpha": alpha,
-            "logp_theta": logp_theta.gather(-1, picked).squeeze(-1),
-            "logp_t": logp_t.gather(-1, picked).squeeze(-1),
-            "logp_q": logp_r.gather(-1, picked).squeeze(-1),
-        }
-        if DIAGNOSTIC_FIELDS[0] in fields:
-            columns.update(self.math.token_diagnostics(logp_theta, logp_t, logp_q))
-        return columns, accepted
+        columns = {"alpha": alpha, **{f: logp.gather(-1, picked).squeeze(-1) for f, logp in zip(VALUE_FIELDS[1:4], (logp_theta, logp_t, logp_r))}}
+        return tokens, accepted, columns, logp_q
 
-    def _nan_rows(self, columns: dict[str, Tensor], accepted: Tensor, logp_p: Tensor, offsets: Tensor, lengths: Tensor) -> Tensor:
+    def _nan_rows(self, columns: dict[str, Tensor], accepted: Tensor, logp_p: Tensor, lengths: Tensor) -> Tensor:
         """``[n, 2]``: whether pi_theta's (or the draft pair's), and pi_t's, log-probs are NaN at a
         token the row emits. A NaN would silently make q the other model alone: never recorded."""
         n = len(accepted)
+        offsets = torch.arange(len(columns["alpha"]) // n, device=accepted.device)
         emitted = (offsets <= accepted.unsqueeze(-1)).flatten()
         nan = torch.stack([columns[f].isnan() & emitted for f in ("logp_theta", "logp_t")], dim=-1).view(n, -1, 2).any(1)
         if len(self.sequential) > 1:  # the draft pair's own NaN would skew the residual a rejection draws from
@@ -400,30 +407,18 @@ class DualModelSampler:
             nan[:, 0] |= (logp_p.isnan().any(-1) & drafted).any(-1)
         return nan
 
-    def _to_host(self, accepted: Tensor, nan: Tensor, columns: list[Tensor], draft_len: list[int], rows: list[Row]) -> list[RowRound]:
-        """The round's only host synchronisation: each row's :class:`RowRound` (its tokens' values of
-        ``columns``, token ids first); NaN stops the run."""
-        n, width = len(accepted), len(columns)
-        values = torch.stack([c.to(torch.float64) for c in columns], dim=-1).view(n, -1, width)
-        host = torch.cat([accepted.unsqueeze(-1).to(torch.float64), nan.to(torch.float64), values.flatten(1)], dim=1).tolist()
-        if any(row.result is not None and (h[1] or h[2]) for row, h in zip(rows, host)):
-            raise NonFiniteLogProbs(self._nan_message(rows, host))
-        return [
-            RowRound(d, int(h[0]), [h[3 + j * width : 3 + (j + 1) * width] for j in range(int(h[0]) + 1)]) for d, h in zip(draft_len, host)
-        ]
-
-    def _nan_message(self, rows: list[Row], host: list[list[float]]) -> str:
+    def _nan_message(self, rows: list[Row], outcome: RoundOutcome, host: HostRows) -> str:
         """Which model gave NaN log-probabilities, for which samples of the round."""
-        bad = [(row, values) for row, values in zip(rows, host) if row.result is not None and (values[1] or values[2])]
+        bad = np.nonzero(outcome.nan.any(-1))[0]
         theta = "pi_theta or the draft pair" if len(self.sequential) > 1 else "pi_theta"
         roles = " and ".join(
-            f"{role} ({model.name})" for role, model, j in ((theta, self.theta, 1), ("pi_t", self.target, 2)) if any(v[j] for _, v in bad)
+            f"{role} ({model.name})" for role, model, j in ((theta, self.theta, 0), ("pi_t", self.target, 1)) if outcome.nan[:, j].any()
         )
-        row = bad[0][0]
+        row = rows[bad[0]]
         return (
             f"{roles} gave NaN log-probabilities in {len(bad)} of the round's {len(rows)} rows (first: sample "
-            f"{row.request.sample_idx} response {row.request.response_idx}, token {row.produced}); no such token is written. "
-            "The checkpoint may be damaged, or float16 may overflow (try --dtype float32 or bfloat16)"
+            f"{row.request.sample_idx} response {row.request.response_idx}, token {host.produced[bad[0]] - outcome.emitted[bad[0]]}); "
+            "no such token is written. The checkpoint may be damaged, or float16 may overflow (try --dtype float32 or bfloat16)"
         )
 
     def _draft(self, caches, feed: _Feed, sample: Tensor, step: Tensor, k: int) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -465,10 +460,12 @@ class DualModelSampler:
         logp_theta = verified[0] if 0 in verified else torch.stack(drafter_logps, dim=1)
         return logp_theta.flatten(0, 1), verified[1].flatten(0, 1)
 
-    def _finish(self, result: SampleResult) -> SampleResult:
-        text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
-        result.text = self.target.tokenizer.decode(text_ids)
-        return result
+    def _deliver(self, outbox: list[FinishedRows]) -> Iterator[tuple[int, SampleResult]]:
+        for finished in outbox:
+            for position, result in finished.results():
+                text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+                result.text = self.target.tokenizer.decode(text_ids)
+                yield position, result
 
 
 def check_draft_k(value: int | str) -> int:
@@ -486,25 +483,9 @@ def check_draft_k(value: int | str) -> int:
 
 @dataclass
 class _Feed:
-    """What a round feeds each side (0: pi_theta's prompt, 1: pi_t's): pending tokens ``[n]``, the
-    positions of the k + 1 queries ``[n, k + 1]`` (-1 past a row's drafts), the forwards' width."""
+    """What a round feeds each side (0: pi_theta's prompt, 1: pi_t's): pending tokens ``[2, n]``, the
+    positions of the k + 1 queries ``[2, n, k + 1]`` (-1 past a row's drafts), the forwards' width."""
 
-    offsets: Tensor
-    pending: dict[int, Tensor]
-    positions: dict[int, Tensor]
-    longest: dict[int, int]
-
-    @classmethod
-    def of(cls, rows: list[Row], lengths: Tensor, k: int) -> _Feed:
-        device = lengths.device
-        offsets = torch.arange(k + 1, device=device)
-        queries = offsets <= lengths.unsqueeze(-1)
-        pending, positions, longest = {}, {}, {}
-        for side in (0, 1):
-            cached = [r.cached(side) for r in rows]
-            pending[side] = torch.tensor([r.pending(side) for r in rows], device=device)
-            positions[side] = torch.where(queries, torch.tensor(cached, device=device).unsqueeze(-1) + offsets, -1)
-            longest[side] = max(cached) + k + 1
-        return cls(offsets, pending, positions, longest)
-
-
+    pending: Tensor
+    positions: Tensor
+    longest: list[int]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
 
-__all__ = ["PER_TOKEN_FIELDS", "RowRound", "SampleRequest", "SampleResult", "StreamStats"]
+__all__ = ["PER_TOKEN_FIELDS", "SampleRequest", "SampleResult", "StreamStats"]
 
 
 @dataclass
@@ -58,17 +58,6 @@ class SampleResult:
     #: Speculative sampling only: drafts made and tokens emitted in each round (None otherwise).
     draft_lengths: list[int] | None = None
     round_tokens: list[int] | None = None
-
-
-@dataclass
-class RowRound:
-    """What one round gave a row: the drafts it made, how many were accepted, and the values of the
-    ``accepted + 1`` tokens it emits (each a list of the stream's per-token fields, in
-    :data:`PER_TOKEN_FIELDS` order, token id first)."""
-
-    draft_len: int
-    accepted: int
-    tokens: list[list[float]]
 
 
 @dataclass

@@ -13,7 +13,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from qstar_cli.engine.samples import RowRound, SampleRequest, SampleResult, StreamStats
+import numpy as np
+
+from qstar_cli.engine.rows import HostRows
+from qstar_cli.engine.samples import SampleRequest, SampleResult
 
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
 
@@ -49,8 +52,9 @@ class SlotScheduler:
         self.slots, self.max_waiting, self.admit = slots, max_waiting, admit
         self.refill = slots if scheduler == "static" else refill_size(slots)
         self.pending = Lookahead(enumerate(requests))
-        #: The running rows; row i is in slot i.
+        #: The running rows; row i is in slot i, and its counts are ``host``'s entry i.
         self.rows: list[Row] = []
+        self.host = HostRows(slots)
 
     def next_group(self) -> list[Row]:
         """The requests to admit now, as rows (to be prefilled into the slots after ``rows``)."""
@@ -69,44 +73,47 @@ class SlotScheduler:
             group.extend(self.admit(*next(pending)) for _ in range(same))
         return group
 
+    def place(self, group: list[Row]) -> np.ndarray:
+        """Put ``group`` (prefilled) into the slots after the running rows; the device's state for
+        them (:meth:`~qstar_cli.engine.rows.HostRows.place`)."""
+        table = self.host.place(len(self.rows), group)
+        self.rows.extend(group)
+        return table
+
     def replayed_only(self) -> bool:
-        return all(r.result is None for r in self.rows)
+        return not self.host.new[: len(self.rows)].any()
 
     def jump(self) -> list[int]:
         """With replayed rows alone, nothing needs computing: advance them to the next finish."""
-        rounds = min(r.rounds_left for r in self.rows)
-        for row in self.rows:
-            row.replay(rounds)
-        return [i for i, r in enumerate(self.rows) if r.done]
+        return self.host.jump(len(self.rows))
 
-    def remove(self, finished: list[int]) -> list[tuple[int, int, Row]]:
+    def remove(self, finished: list[int]) -> tuple[list[int], list[int]]:
         """Swap-remove the finished rows so that the running ones stay packed in the leading slots;
-        the ``(src, dst, row)`` moves whose caches must follow."""
+        the slots moved (``src``, ``dst``), whose caches must follow (the host's counts already have)."""
         order = list(range(len(self.rows)))
         for i in sorted(finished, reverse=True):
             last = order.pop()
             if i < len(order):
                 order[i] = last
-        moves = [(src, dst, self.rows[src]) for dst, src in enumerate(order) if src != dst]
+        moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
         self.rows = [self.rows[i] for i in order]
-        return moves
+        src, dst = [m[0] for m in moves], [m[1] for m in moves]
+        if moves:
+            self.host.move(src, dst)
+        return src, dst
 
 
 @dataclass
 class Row:
-    """A request in a slot: its stream position, token budget, result so far (None when replayed)."""
+    """A request in a slot: its stream position, token budget, result (None when replayed) and, for a
+    replayed speculative row, its drafts and tokens per round; its counts are the schedule's
+    :class:`~qstar_cli.engine.rows.HostRows`."""
 
     position: int
     request: SampleRequest
     budget: int
     result: SampleResult | None
-    script: tuple[list[int], list[int]] | None = None  # a replayed row's drafts and tokens per round
-    produced: int = 0  # tokens emitted
-    rounds: int = 0
-    tested: int = 0  # drafts put to the acceptance test
-    accepted: int = 0
-    last_token: int = 0  # the last token emitted (fed in the next round)
-    reported: int = 0  # tokens already counted by ``on_step``
+    script: tuple[list[int], list[int]] | None = None
 
     @property
     def prompt_lengths(self) -> tuple[int, int]:
@@ -114,71 +121,6 @@ class Row:
 
     def prompt_ids(self, side: int) -> list[int]:
         return self.request.prompt_ids_t if side else self.request.prompt_ids_theta
-
-    def cached(self, side: int) -> int:
-        """Tokens in the row's cache of a model of this side: all but the pending one."""
-        return self.prompt_lengths[side] - 1 + self.produced
-
-    def pending(self, side: int) -> int:
-        """The token the next round feeds first: the last emitted, or the prompt's last."""
-        return self.last_token if self.produced else self.prompt_ids(side)[-1]
-
-    @property
-    def rounds_left(self) -> int:
-        """A replayed row's rounds to go."""
-        return self.request.replay_tokens - self.produced if self.script is None else len(self.script[1]) - self.rounds
-
-    @property
-    def done(self) -> bool:
-        """Finished: an EOS, or the token budget; a replayed row, where it finished when written."""
-        if self.result is None:
-            return self.produced == self.request.replay_tokens
-        return self.result.finish_reason == "stop" or self.produced == self.budget
-
-    def replay_draft_len(self) -> int:
-        return 0 if self.script is None else self.script[0][self.rounds]
-
-    def replay(self, rounds: int) -> None:
-        """Advance a replayed row by ``rounds`` rounds, as it went in the run that wrote it (its
-        acceptance counts too, which ``--draft-k auto`` reads)."""
-        if self.script is None:
-            self.produced += rounds
-        else:
-            for draft_len, tokens in zip(*(part[self.rounds : self.rounds + rounds] for part in self.script)):
-                self.produced += tokens
-                self.accepted += tokens - 1
-                self.tested += min(tokens, draft_len)
-        self.rounds += rounds
-
-    def apply(self, got: RowRound, eos: set[int], stats: StreamStats) -> None:
-        """Append a round's emitted tokens (the accepted drafts and one more, cut after an EOS)."""
-        result, draft_len, accepted = self.result, got.draft_len, got.accepted
-        emitted = 0
-        for token_values in got.tokens:
-            token = self.last_token = int(token_values[0])
-            result.token_ids.append(token)
-            for values, value in zip(result.per_token.values(), [token, *token_values[1:]]):  # token_id first
-                values.append(value)
-            emitted += 1
-            if token in eos:
-                result.finish_reason = "stop"
-                break
-        self.produced += emitted
-        self.rounds += 1
-        if emitted < accepted + 1:  # an EOS among the accepted drafts: the drafts after it do not count
-            accepted = tested = emitted
-        else:
-            tested = min(accepted + 1, draft_len)  # drafts after a rejection were never tested
-        self.tested += tested
-        self.accepted += accepted
-        stats.tokens += emitted
-        stats.row_rounds += 1
-        stats.drafted += draft_len
-        stats.tested += tested
-        stats.accepted += accepted
-        if result.draft_lengths is not None:
-            result.draft_lengths.append(draft_len)
-            result.round_tokens.append(emitted)
 
 
 class Lookahead:

@@ -136,11 +136,12 @@ def requests_of(rows, responses=1):
 @pytest.mark.parametrize(("scheduler", "refilled"), [("continuous", [4]), ("static", [])])
 def test_a_freed_slot_is_refilled_only_by_the_continuous_scheduler(scheduler, refilled):
     schedule = schedule_of(requests_of(10), slots=4, scheduler=scheduler)
-    schedule.rows.extend(schedule.next_group())
+    schedule.place(schedule.next_group())
     assert [r.position for r in schedule.rows] == [0, 1, 2, 3] and schedule.next_group() == []
-    moves = schedule.remove([1])
-    assert [(src, dst, row.position) for src, dst, row in moves] == [(3, 1, 3)]  # the last row fills the hole
+    schedule.host.produced[:4] = [10, 11, 12, 13]
+    assert schedule.remove([1]) == ([3], [1])  # the last row fills the hole
     assert [r.position for r in schedule.rows] == [0, 3, 2]
+    assert schedule.host.produced[:3].tolist() == [10, 13, 12], "its counts follow it"
     assert [r.position for r in schedule.next_group()] == refilled
 
 
@@ -156,6 +157,6 @@ def test_replayed_rows_alone_jump_to_the_next_finish():
     requests = requests_of(2)
     requests[1].replay_tokens = 3
     schedule = schedule_of(requests, slots=2)
-    schedule.rows.extend(schedule.next_group())
+    schedule.place(schedule.next_group())
     assert schedule.replayed_only() and schedule.jump() == [1]
-    assert [r.produced for r in schedule.rows] == [3, 3]
+    assert schedule.host.produced[:2].tolist() == [3, 3]

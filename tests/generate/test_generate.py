@@ -69,11 +69,18 @@ def test_generate_writes_what_the_sampler_samples(base_args, tiny_model_dirs, tm
 
 
 def test_diagnostics_levels(base_args, tmp_path):
-    assert cli(*base_args, "--num-samples", "2", "--diagnostics", "summary", "--output", str(tmp_path / "s.jsonl")).exit_code == 0
-    [line, _] = read_lines(tmp_path / "s.diagnostics.jsonl")
-    assert "per_token" not in line and "prompt_ids_theta" not in line and "alpha_mean" in line and "logp_q_sum" in line
-    assert cli(*base_args, "--num-samples", "2", "--diagnostics", "none", "--output", str(tmp_path / "n.jsonl")).exit_code == 0
-    assert not (tmp_path / "n.diagnostics.jsonl").exists() and len(read_lines(tmp_path / "n.jsonl")) == 2
+    """Each level does only the work it keeps, and draws the same tokens: the same main file, and at
+    ``summary`` the same sidecar lines as ``full`` but for the arrays and ids."""
+    args = (*base_args, "--num-samples", "4", "--draft-k", "2")
+    for level in ("full", "summary", "none"):
+        assert cli(*args, "--diagnostics", level, "--output", str(tmp_path / f"{level}.jsonl")).exit_code == 0
+    main = [(tmp_path / f"{level}.jsonl").read_bytes() for level in ("full", "summary", "none")]
+    assert main[0] == main[1] == main[2]
+    full, summary = (read_lines(tmp_path / f"{level}.diagnostics.jsonl") for level in ("full", "summary"))
+    arrays = ("per_token", "prompt_ids_theta", "prompt_ids_t")
+    assert summary == [{k: v for k, v in line.items() if k not in arrays} for line in full]
+    assert "alpha_mean" in summary[0] and "logp_q_sum" in summary[0] and "per_token" in full[0]
+    assert not (tmp_path / "none.diagnostics.jsonl").exists() and len(read_lines(tmp_path / "none.jsonl")) == len(full) > 1
 
 
 def test_config_file_and_flag_precedence(base_args, tmp_path):

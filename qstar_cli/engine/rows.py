@@ -1,0 +1,304 @@
+"""The running rows' state as arrays, one entry per slot: on the device what a round reads and
+updates in place, on the host what the schedule reads; one small block crosses per round.
+
+A round forms its inputs on the device from :class:`DeviceRows` (each row's pending token, the
+positions of its queries) and, once the tokens are drawn, updates it there: :func:`emitted_tokens`
+cuts a row's tokens after an EOS, and its step, cached lengths and pending token advance by what it
+emitted. The host receives one int32 block per round (:meth:`DeviceRows.advance`: the token ids,
+the accepted and emitted counts, the finished, stopped and NaN flags) and updates the counts the
+schedule and the draft policy read, :class:`HostRows`, for all rows at once. Python touches a row
+alone when it is admitted or finishes.
+
+With diagnostics, each emitted token's per-token values go into ``DeviceRows.values``, ``[slots,
+columns, fields]``, moved with its row like its KV columns; a finished row's values come to the host
+in one copy (:func:`copy_to_host`: pinned memory, non-blocking on CUDA), which is read after the
+next round's transfer has waited for the device anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qstar_cli.distributions.sampling import sample_key
+from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
+
+#: The rows of :attr:`DeviceRows.state`.
+STATE = ("key", "step", "cached_theta", "cached_t", "pending_theta", "pending_t", "limit", "new")
+#: The per-token values a round records (every per-token field but the token id), in the sidecar's order.
+VALUE_FIELDS = PER_TOKEN_FIELDS[1:]
+#: Columns of the block :meth:`DeviceRows.advance` returns after the ``k + 1`` token ids.
+OUTCOME = ("accepted", "emitted", "finished", "stopped", "nan_theta", "nan_t")
+
+
+def emitted_tokens(tokens: Tensor, accepted: Tensor, eos: Tensor, counts_eos: Tensor) -> tuple[Tensor, Tensor]:
+    """``(emitted, stopped)`` per row: a round's tokens ``[n, k + 1]`` are its accepted drafts and one
+    more (``accepted + 1``), cut after the first EOS where ``counts_eos`` (a new row's; a replayed row
+    ends where it ended when written), which then stops the row."""
+    offsets = torch.arange(tokens.shape[1], device=tokens.device)
+    is_eos = torch.isin(tokens, eos) & (offsets <= accepted.unsqueeze(-1)) & counts_eos.unsqueeze(-1)
+    stopped = is_eos.any(-1)
+    return torch.where(stopped, is_eos.long().argmax(-1) + 1, accepted + 1), stopped
+
+
+class DeviceRows:
+    """What the rounds read and update in place, per slot (:data:`STATE`): the counter key, the
+    tokens emitted (the step), the tokens cached and the pending token of each side (0: pi_theta's
+    prompt, 1: pi_t's), the limit (the token budget, or the length a replayed row was written with),
+    whether the row is new; with ``fields`` per-token values, ``values`` ``[slots, columns, fields]``."""
+
+    def __init__(self, slots: int, device: torch.device, eos: set[int], fields: int):
+        self.state = torch.zeros(len(STATE), slots, dtype=torch.long, device=device)
+        self.key, self.step, *_, self.limit, self.new = self.state
+        self.cached, self.pending = self.state[2:4], self.state[4:6]
+        self.eos = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+        self.values = torch.zeros(slots, 0, fields, device=device) if fields else None
+
+    def ensure_columns(self, columns: int) -> None:
+        if self.values is not None and columns > self.values.shape[1]:
+            grown = self.values.new_zeros(self.values.shape[0], columns, self.values.shape[2])
+            grown[:, : self.values.shape[1]] = self.values
+            self.values = grown
+
+    def admit(self, start: int, table: np.ndarray) -> None:
+        """Rows ``start ..`` take ``table`` (``[len(STATE), rows]``, :meth:`HostRows.place`)."""
+        self.state[:, start : start + table.shape[1]] = torch.from_numpy(table).to(self.state.device, non_blocking=True)
+
+    def set_steps(self, host: HostRows, n: int) -> None:
+        """The leading rows' steps and cached lengths from the host (after :meth:`HostRows.jump`)."""
+        block = torch.from_numpy(np.concatenate([host.produced[None, :n], host.cached(n).T])).to(self.state.device)
+        self.step[:n], self.cached[:, :n] = block[0], block[1:]
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        src_t, dst_t = (torch.tensor(i, device=self.state.device) for i in (src, dst))
+        self.state[:, dst_t] = self.state[:, src_t]
+        if self.values is not None:
+            self.values[dst_t] = self.values[src_t]
+
+    def feed(self, n: int, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+        """The leading ``n`` rows' pending tokens ``[2, n]`` and the positions of their ``k + 1``
+        queries ``[2, n, k + 1]`` (-1 past a row's ``lengths`` drafts)."""
+        offsets = torch.arange(k + 1, device=self.state.device)
+        positions = self.cached[:, :n].unsqueeze(-1) + offsets
+        if lengths is not None:
+            positions = torch.where(offsets <= lengths.unsqueeze(-1), positions, -1)
+        return self.pending[:, :n], positions
+
+    def advance(self, tokens: Tensor, accepted: Tensor, forced: Tensor | None, nan: Tensor) -> Tensor:
+        """Apply a round's ``tokens`` ``[n, k + 1]`` and ``accepted`` drafts to the leading rows (a
+        replayed row's ``forced`` tokens, where >= 0, as it emitted them when written); the block for
+        the host, int32 ``[n, k + 1 + len(OUTCOME)]``."""
+        n = len(tokens)
+        emitted, stopped = emitted_tokens(tokens, accepted, self.eos, self.new[:n].bool())
+        if forced is not None:
+            emitted = torch.where(forced >= 0, forced, emitted)
+        self.step[:n] += emitted
+        self.cached[:, :n] += emitted
+        self.pending[:, :n] = tokens.gather(1, (emitted - 1).unsqueeze(-1)).squeeze(-1)
+        finished = stopped | (self.step[:n] >= self.limit[:n])
+        flags = torch.stack([accepted, emitted, finished.long(), stopped.long()], dim=-1)
+        return torch.cat([tokens, flags, nan.long()], dim=1).to(torch.int32)
+
+    def record(self, destinations: Tensor, values: Tensor) -> None:
+        """Write per-token ``values`` ``[tokens, fields]`` at ``destinations``, flat indices into
+        ``values`` seen as ``[slots * columns, fields]`` (:meth:`HostRows.advance`)."""
+        self.values.view(-1, self.values.shape[2]).index_copy_(0, destinations, values)
+
+
+class HostRows:
+    """Per-slot counts on the host (slot i: the schedule's row i), numpy arrays: tokens emitted,
+    rounds, drafts tested and accepted (the draft policy's), budget and limit, prompt lengths,
+    whether new, replayed with its rounds (scripted) or stopped by an EOS; a new row's emitted token
+    ids and, per round, drafts made and tokens emitted (a scripted row's script)."""
+
+    COUNTS = ("produced", "rounds", "tested", "accepted", "budget", "limit", "new", "scripted", "stopped")
+    TABLES = ("prompt_lengths", "tokens", "round_drafts", "round_tokens")
+
+    def __init__(self, slots: int):
+        for name in self.COUNTS:
+            setattr(self, name, np.zeros(slots, bool if name in ("new", "scripted", "stopped") else np.int64))
+        self.prompt_lengths = np.zeros((slots, 2), np.int64)
+        self.tokens, self.round_drafts, self.round_tokens = (np.zeros((slots, 0), np.int64) for _ in range(3))
+
+    @property
+    def columns(self) -> int:
+        return self.tokens.shape[1]
+
+    def ensure_columns(self, columns: int) -> None:
+        if columns > self.columns:
+            for name in self.TABLES[1:]:
+                old = getattr(self, name)
+                setattr(self, name, np.pad(old, ((0, 0), (0, columns - old.shape[1]))))
+
+    def place(self, start: int, rows) -> np.ndarray:
+        """Take ``rows`` (:class:`~qstar_cli.engine.scheduler.Row`) into slots ``start ..``; the
+        device's state for them (:meth:`DeviceRows.admit`)."""
+        self.ensure_columns(max(max(r.budget, r.request.replay_tokens or 0) for r in rows))
+        table = np.zeros((len(STATE), len(rows)), np.int64)
+        for j, row in enumerate(rows):
+            slot, request, new = start + j, row.request, row.result is not None
+            for name in ("produced", "rounds", "tested", "accepted"):
+                getattr(self, name)[slot] = 0
+            self.budget[slot], self.limit[slot] = row.budget, row.budget if new else request.replay_tokens
+            self.new[slot], self.scripted[slot], self.stopped[slot] = new, row.script is not None, False
+            self.prompt_lengths[slot] = row.prompt_lengths
+            for name in self.TABLES[1:]:  # a previous row's records
+                getattr(self, name)[slot] = 0
+            if row.script is not None:
+                self.round_drafts[slot, : len(row.script[0])] = row.script[0]
+                self.round_tokens[slot, : len(row.script[1])] = row.script[1]
+            last = (request.prompt_ids_theta[-1], request.prompt_ids_t[-1])
+            key = sample_key(request.sample_idx, request.response_idx)
+            table[:, j] = (key, 0, *(self.prompt_lengths[slot] - 1), *last, self.limit[slot], new)
+        return table
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        for name in self.COUNTS + self.TABLES:
+            array = getattr(self, name)
+            array[dst] = array[src]
+
+    def cached(self, n: int) -> np.ndarray:
+        """Tokens in the leading rows' caches, ``[n, 2]`` (per side): all but the pending one."""
+        return self.prompt_lengths[:n] - 1 + self.produced[:n, None]
+
+    def room(self, n: int) -> np.ndarray:
+        """Drafts each leading row has room for: its round's last token must fit its budget."""
+        return self.budget[:n] - self.produced[:n] - 1
+
+    def script(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scripted rows' drafts and tokens of their next round (0 and -1 for other rows)."""
+        at = np.minimum(self.rounds[:n], self.columns - 1)[:, None]
+        scripted = self.scripted[:n]
+        drafts = np.take_along_axis(self.round_drafts[:n], at, 1)[:, 0]
+        tokens = np.take_along_axis(self.round_tokens[:n], at, 1)[:, 0]
+        return np.where(scripted, drafts, 0), np.where(scripted, tokens, -1)
+
+    def advance(self, block: np.ndarray, lengths: np.ndarray) -> RoundOutcome:
+        """Apply a round's block (:meth:`DeviceRows.advance`) with the drafts each row made."""
+        n, width = len(block), block.shape[1] - len(OUTCOME)
+        tokens, (accepted, emitted, finished, stopped, nan_theta, nan_t) = block[:, :width], block[:, width:].T
+        new, rows = self.new[:n], np.arange(n)
+        before = self.produced[:n].copy()
+        # Every row's emitted positions (query, column), replayed ones too: the diagnostics are taken
+        # over them, and a resumed run must take them over the same rows as the uninterrupted one.
+        r, c = np.nonzero(np.arange(width) < emitted[:, None])
+        keep = new[r]
+        self.tokens[r[keep], before[r[keep]] + c[keep]] = tokens[r[keep], c[keep]]
+        self.round_drafts[rows[new], self.rounds[:n][new]] = lengths[new]
+        self.round_tokens[rows[new], self.rounds[:n][new]] = emitted[new]
+        self.produced[:n] += emitted
+        self.rounds[:n] += 1
+        self.accepted[:n] += emitted - 1
+        self.tested[:n] += np.minimum(emitted, lengths)
+        self.stopped[:n] |= stopped.astype(bool)
+        # An EOS among the accepted drafts: every emitted token was an accepted draft.
+        counted_accepted = emitted - 1 + (emitted < accepted + 1)
+        return RoundOutcome(
+            finished=np.nonzero(finished)[0].tolist(),
+            emitted=emitted,
+            nan=np.stack([nan_theta, nan_t], -1).astype(bool) & new[:, None],
+            destinations=np.stack([r * width + c, r * self.columns + before[r] + c]),
+            tokens=int(emitted[new].sum()),
+            row_rounds=int(new.sum()),
+            drafted=int(lengths[new].sum()),
+            tested=int(np.minimum(emitted, lengths)[new].sum()),
+            accepted=int(counted_accepted[new].sum()),
+        )
+
+    def jump(self, n: int) -> list[int]:
+        """With replayed rows alone, advance them to the next finish without computing; the rows that finish."""
+        scripted = self.scripted[:n]
+        left = np.where(scripted, (self.round_tokens[:n] > 0).sum(1) - self.rounds[:n], self.limit[:n] - self.produced[:n])
+        rounds = int(left.min())
+        cols = np.arange(self.columns)
+        window = scripted[:, None] & (cols >= self.rounds[:n, None]) & (cols < self.rounds[:n, None] + rounds)
+        tokens, drafts = self.round_tokens[:n] * window, self.round_drafts[:n] * window
+        self.produced[:n] += np.where(scripted, tokens.sum(1), rounds)
+        self.accepted[:n] += ((tokens - 1) * window).sum(1)
+        self.tested[:n] += np.minimum(tokens, drafts).sum(1)
+        self.rounds[:n] += rounds
+        return np.nonzero(self.produced[:n] == self.limit[:n])[0].tolist()
+
+
+@dataclass
+class RoundOutcome:
+    """What the host takes from a round: the rows that finished, the tokens each emitted, NaN flags of new rows ``[n, 2]``,
+    where each emitted token's values go (``[2, tokens]``: query index in the round, flat index into
+    :attr:`DeviceRows.values`), and the new rows' counts for :class:`~qstar_cli.engine.samples.StreamStats`."""
+
+    finished: list[int]
+    emitted: np.ndarray
+    nan: np.ndarray
+    destinations: np.ndarray
+    tokens: int
+    row_rounds: int
+    drafted: int
+    tested: int
+    accepted: int
+
+
+class FinishedRows:
+    """A round's finished new rows: their results, complete but for the per-token values, which are
+    on their way to the host (one copy for all of them)."""
+
+    def __init__(self, finished: list[tuple[int, object]], values: HostCopy | None):
+        self.finished, self.values = finished, values
+
+    @classmethod
+    def collect(cls, state: DeviceRows, schedule, finished: list[int]) -> list[FinishedRows]:
+        """The finished rows of ``schedule`` (a :class:`~qstar_cli.engine.scheduler.SlotScheduler`)
+        that are new, before their slots are reused; none or one :class:`FinishedRows`."""
+        rows, host = schedule.rows, schedule.host
+        done = [i for i in finished if rows[i].result is not None]
+        if not done:
+            return []
+        for i in done:
+            result, produced, rounds = rows[i].result, host.produced[i], host.rounds[i]
+            result.token_ids = host.tokens[i, :produced].tolist()
+            result.finish_reason = "stop" if host.stopped[i] else "length"
+            if result.draft_lengths is not None:
+                result.draft_lengths, result.round_tokens = host.round_drafts[i, :rounds].tolist(), host.round_tokens[i, :rounds].tolist()
+        values = None
+        if state.values is not None:
+            values = copy_to_host(state.values[torch.tensor(done, device=state.values.device), : int(host.produced[done].max())])
+        return [cls([(rows[i].position, rows[i].result) for i in done], values)]
+
+    def results(self):
+        """``(position, result)`` of each row, its per-token values in (float64, as the sidecar has them)."""
+        values = self.values.numpy() if self.values is not None else None
+        for j, (position, result) in enumerate(self.finished):
+            result.per_token = {PER_TOKEN_FIELDS[0]: result.token_ids}
+            if values is not None:
+                result.per_token.update(zip(VALUE_FIELDS, values[j, : len(result.token_ids)].astype(np.float64).T.tolist()))
+            yield position, result
+
+
+class HostCopy:
+    """A device tensor on its way to the host (:func:`copy_to_host`); :meth:`numpy` waits for it."""
+
+    def __init__(self, tensor: Tensor):
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = tensor.to("cpu", copy=True), None
+
+    def numpy(self) -> np.ndarray:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
+def copy_to_host(tensor: Tensor) -> HostCopy:
+    """Start copying ``tensor`` to the host without waiting (pinned memory, non-blocking on CUDA)."""
+    return HostCopy(tensor)
+
+
+def to_host(tensor: Tensor) -> np.ndarray:
+    """The round's transfer: the one place a round waits for the device."""
+    return tensor.numpy(force=True)
