@@ -374,6 +374,8 @@ class DualModelSampler:
             setattr(stats, name, getattr(stats, name) + getattr(outcome, name))
         if state.values is not None:  # the emitted tokens' alone: no rejected draft, no padded query
             query, flat = torch.from_numpy(outcome.destinations).to(device, non_blocking=True)
+            if len(query) == len(logp_t):  # every position emits (plain rounds): no copy
+                query = slice(None)
             diagnostics = self.math.token_diagnostics(logp_theta[query], logp_t[query], logp_q[query])
             state.record(flat, torch.stack([*(columns[f][query] for f in VALUE_FIELDS[:4]), *(diagnostics[f] for f in VALUE_FIELDS[4:])], dim=-1))
         return outcome.finished, outcome.tokens
