@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import orjson
@@ -146,7 +147,8 @@ def paths(out):
 
 
 def file_bytes(out):
-    return [open(p, "rb").read() for p in paths(out)[:2]]
+    """The main file's and the sidecar's bytes (None for a sidecar not written: ``--diagnostics none``)."""
+    return [open(p, "rb").read() if os.path.exists(p) else None for p in paths(out)[:2]]
 
 
 def count_lines(path):
