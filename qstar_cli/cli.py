@@ -34,7 +34,7 @@ from typer.core import TyperGroup
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError, QstarRunError
-from qstar_cli.paths import check_output_dir, check_output_file, check_writable
+from qstar_cli.paths import check_output_dir, check_output_file, check_writable, replace_atomically
 
 err_console = Console(stderr=True)
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -316,25 +316,23 @@ def analyze(
     ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the exported weights w^gamma."),
 ) -> None:
     """Statistics, theoretical checks and importance weights of one run's diagnostics."""
-    try:
+    with one_line_errors():
         if not 0.0 < ess_floor <= 1.0:
             raise QstarInputError(f"--ess-floor must lie in (0, 1], got {ess_floor}")
         if plots is not None:
             check_output_dir(plots, "--plots")
         if export_weights is not None:
-            from qstar_cli.runfiles.format import OutputPaths, SIDECAR_SUFFIX
+            from qstar_cli.runfiles.format import SIDECAR_SUFFIX, OutputPaths, check_one_run
 
             run = OutputPaths(sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".jsonl"))
             check_output_file(export_weights, "--export-weights", [p.resolve() for p in (sidecar, run.main, run.meta)])
             check_writable(export_weights, "--export-weights")
+        if export_weights is not None and run.main.is_file():  # the weights go with the main file's samples
+            check_one_run(run.main, sidecar, "give the sidecar of the run beside it")
         runs = _load_runs([sidecar])
         _report(runs, [_labels([sidecar])[0]], json_output, plots, single=True)
         if export_weights is not None:
             _export(runs[0], export_weights, ess_floor)
-    except QstarInputError as err:
-        raise fail(str(err)) from None
-    except OSError as err:  # reading the sidecar, writing plots or weights
-        raise fail(f"cannot read or write {err.filename}: {err.strerror}") from None
 
 
 @app.command()
@@ -344,17 +342,13 @@ def compare(
     plots: Path = typer.Option(None, help="Write overlaid PNG plots into this directory."),
 ) -> None:
     """Several runs side by side (e.g. fixed vs entropy vs kl_symmetry): one table, overlaid plots."""
-    try:
+    with one_line_errors():
         if len(sidecars) < 2:
             raise QstarInputError(f"compare needs two or more runs, got {len(sidecars)}; for one run use qstar analyze")
         if plots is not None:
             check_output_dir(plots, "--plots")
         runs = _load_runs(sidecars)
         _report(runs, _labels(sidecars), json_output, plots, single=False)
-    except QstarInputError as err:
-        raise fail(str(err)) from None
-    except OSError as err:  # reading a sidecar, writing plots
-        raise fail(f"cannot read or write {err.filename}: {err.strerror}") from None
 
 
 def _labels(sidecars: list[Path]) -> list[str]:
@@ -370,7 +364,7 @@ def _export(run, path: Path, ess_floor: float) -> None:
 
     records, chosen = weight_records(run, ess_floor)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
+    replace_atomically(path, b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
     err_console.print(
         f"weights: {path} ({len(records)} samples, gamma {chosen.gamma:.4f}, ESS/n {chosen.ess_ratio:.3f})",
         highlight=False,
@@ -391,24 +385,20 @@ def explain(
 
     if output is None and not json_output:
         output = Path(".")
-    if output is not None:
-        try:
+    with one_line_errors():
+        if output is not None:
             check_output_dir(output, "--output")
             output.mkdir(parents=True, exist_ok=True)
-        except QstarInputError as err:
-            raise fail(str(err)) from None
-        except OSError as err:
-            raise fail(f"cannot create the --output directory {output}: {err.strerror}") from None
-    explanation = explain_cases()
-    if json_output:
-        typer.echo(orjson.dumps({"cases": explanation.records()}, option=orjson.OPT_INDENT_2).decode())
-    else:
-        console = Console()
-        console.width = max(console.width, 120)  # the table needs 120 columns; never drop one
-        console.print(explain_table(explanation))
-    if output is not None:
-        written = write_figures(explanation, output)
-        err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+        explanation = explain_cases()
+        if json_output:
+            typer.echo(orjson.dumps({"cases": explanation.records()}, option=orjson.OPT_INDENT_2).decode())
+        else:
+            console = Console()
+            console.width = max(console.width, 120)  # the table needs 120 columns; never drop one
+            console.print(explain_table(explanation))
+        if output is not None:
+            written = write_figures(explanation, output)
+            err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
 
 
 class ExportProgress:

@@ -6,6 +6,7 @@ so that a mistake is reported before any model loads and before any file is touc
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -77,10 +78,25 @@ def _check_parents(path: Path, flag: str) -> None:
             return
 
 
+def missing_parents(path: Path) -> list[Path]:
+    """The directories above ``path`` that do not exist yet, the deepest first."""
+    return [parent for parent in path.parents if not parent.exists()]
+
+
+def remove_empty(directories: Iterable[Path]) -> None:
+    """Remove each of ``directories`` (deepest first) that is empty: what a command created and left unused."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def check_writable(path: Path, flag: str) -> None:
     """Refuse, before any work, a file that cannot be written: an existing one opened for appending
     (which changes nothing: an immutable or read-only file fails), a new one by creating a scratch
-    file in its directory (created if missing)."""
+    file in its directory (the directories created for it removed again)."""
+    created = missing_parents(path)
     try:
         if path.exists():
             path.open("ab").close()
@@ -89,3 +105,17 @@ def check_writable(path: Path, flag: str) -> None:
             tempfile.TemporaryFile(dir=path.parent).close()
     except OSError as err:
         raise QstarInputError(f"{flag} {path} cannot be written: {err.strerror}") from err
+    finally:
+        remove_empty(created)
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, renamed once complete: a full
+    disk or a crash leaves the old file (or none), never a part of the new one."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        partial.write_bytes(data)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)

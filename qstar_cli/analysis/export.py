@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from qstar_cli.analysis.statistics import REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import check_output_file, check_writable
-from qstar_cli.runfiles.format import OutputPaths
+from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch
 
 FORMATS = (".parquet", ".jsonl")
 #: Rows are written in chunks of about this many tokens (bounds the memory of a chunk).
@@ -128,14 +128,8 @@ class _LockstepReader:
                         f"{sidecar} holds no token ids (diagnostics level summary); export needs level full: "
                         "generate with --diagnostics full"
                     )
-                if _key(main) != _key(record):
-                    raise QstarInputError(
-                        f"line {number}: {main_path} has sample {_key(main)} but {sidecar} has {_key(record)}; "
-                        "they are not the files of one run"
-                    )
-                if len(record["per_token"].get("token_id", ())) != record["num_tokens"]:
-                    self.skipped.append(number)
-                    continue
+                if (mismatch := pair_mismatch(LineFacts.of(main), LineFacts.of(record))) is not None:
+                    raise QstarInputError(f"{not_one_run(number, main_path, sidecar, mismatch)}; export the run's own files")
                 if record["finish_reason"] == "length" and not self.config.include_truncated:
                     self.truncated += 1
                     continue
@@ -153,10 +147,6 @@ def _load(line: bytes | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return record if isinstance(record, dict) and all(k in record for k in keys) else None
-
-
-def _key(record: dict[str, Any]) -> tuple[int, int]:
-    return record["sample_idx"], record.get("response_idx", 0)
 
 
 def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) -> dict[str, Any]:

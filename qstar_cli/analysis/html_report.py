@@ -40,10 +40,10 @@ import qstar_cli
 from qstar_cli.analysis.statistics import CHECKS, RunAnalysis, analyze_sidecar, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.generate.config import path_settings
-from qstar_cli.paths import check_output_file, check_writable, local_path
+from qstar_cli.paths import check_output_file, check_writable, local_path, replace_atomically
 from qstar_cli.analysis.plots import plot_runs
 from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_label
-from qstar_cli.runfiles.format import OutputPaths, read_manifest
+from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch, read_manifest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -142,13 +142,11 @@ class _MainLines:
         return self.raw
 
 
-def _main_record(raw: bytes, sidecar: dict[str, Any]) -> dict[str, Any] | None:
-    """The main-file line of a sidecar record, or None where it is torn or belongs to another sample."""
+def _main_record(raw: bytes) -> dict[str, Any] | None:
+    """A main-file line with a response to show, or None where it is torn."""
     try:
         record = orjson.loads(raw)
-        messages = record["messages"]
-        same = all(record.get(key) == sidecar[key] for key in ("sample_idx", "response_idx") if key in sidecar)
-        if same and messages and isinstance(messages[-1].get("content"), str):
+        if isinstance(record.get("sample_idx"), int) and isinstance(record["messages"][-1].get("content"), str):
             return record
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError):
         pass
@@ -367,18 +365,14 @@ def read_run(paths: OutputPaths, selection: SampleSelection, progress: Callable[
         main_lines = _MainLines(main_file)
 
         def on_sample(number: int, record: dict[str, Any], sample) -> None:
+            nonlocal unmatched
             ordinal = next(ordinals)
-            raw = main_lines.line(number)
-
-            def load() -> Candidate | None:
-                nonlocal unmatched
-                main = _main_record(raw, record)
-                if main is None:
-                    unmatched += 1
-                    return None
-                return Candidate(ordinal, sample.log_w, record, main)
-
-            selection.offer(ordinal, sample.log_w, load)
+            main = _main_record(main_lines.line(number))
+            if main is None:
+                unmatched += 1
+            elif (mismatch := pair_mismatch(LineFacts.of(main), LineFacts.of(record))) is not None:
+                raise QstarInputError(f"{not_one_run(number, paths.main, paths.diagnostics, mismatch)}; report on the run's own files")
+            selection.offer(ordinal, sample.log_w, lambda: None if main is None else Candidate(ordinal, sample.log_w, record, main))
             if progress is not None and ordinal % 256 == 0:
                 progress(main_file.tell(), total_bytes)
 
@@ -395,7 +389,7 @@ def _notes(run: RunAnalysis, unmatched: int, views: list[dict[str, Any]], main_n
         shown = ", ".join(map(str, run.corrupt_lines[:10])) + (" ..." if len(run.corrupt_lines) > 10 else "")
         notes.append(f"{len(run.corrupt_lines)} unreadable sidecar line(s) skipped (line {shown}); those samples are left out.")
     if unmatched:
-        notes.append(f"{unmatched} sample(s) left out: their line in {main_name} is torn or belongs to another sample.")
+        notes.append(f"{unmatched} sample(s) left out: their line in {main_name} is torn.")
     broken = sum(1 for v in views if "tokens" in v and not v["joins"])
     if broken:
         notes.append(
@@ -488,7 +482,7 @@ def build_report(
         why_plain=why_plain,
         data_json=script_json(data),
     )
-    out.write_text(page, encoding="utf-8")
+    replace_atomically(out, page.encode("utf-8"))
     return ReportSummary(out, len(views), run.samples, out.stat().st_size, notes)
 
 

@@ -31,17 +31,25 @@ def _axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, object]:
     return fig, ax
 
 
+def _left_out(count: int) -> str:
+    return f", {count} non-finite left out" if count else ""
+
+
 def _scatter(runs, labels, x: str, y: str, title: str, log: bool, path: Path) -> Path:
     fig, ax = _axes(title, x, y)
     lows, highs = [], []
     for run, label in zip(runs, labels):
         xs, ys = run.reservoir.column(x)[:SCATTER_POINTS], run.reservoir.column(y)[:SCATTER_POINTS]
+        finite = np.isfinite(xs) & np.isfinite(ys)
+        xs, ys = xs[finite], ys[finite]
+        if not xs.size:
+            continue
         if log:
             xs, ys = np.maximum(xs, 1e-8), np.maximum(ys, 1e-8)
-        ax.scatter(xs, ys, s=3, alpha=0.35, label=label, rasterized=True)
+        ax.scatter(xs, ys, s=3, alpha=0.35, label=label + _left_out(int((~finite).sum())), rasterized=True)
         lows.append(min(xs.min(), ys.min()))
         highs.append(max(xs.max(), ys.max()))
-    lo, hi = min(lows), max(highs)
+    lo, hi = (min(lows), max(highs)) if lows else (1e-8, 1.0)
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="y = x")
     if log:
         ax.set(xscale="log", yscale="log")
@@ -85,7 +93,10 @@ def plot_runs(runs: list[RunAnalysis], labels: list[str], out_dir: str | Path) -
 
         fig, ax = _axes("sequence log importance weight", "log w = logp_theta_sum - logp_q_sum", "samples")
         for run, label in with_samples:
-            ax.hist(run.log_w, bins=40, histtype="step", linewidth=1.5, label=f"{label} (ESS/n {run.summary['weights']['ess_ratio']:.3f})")
+            finite = run.log_w[np.isfinite(run.log_w)]
+            ess = run.summary["weights"]["ess_ratio"]
+            ax.hist(finite, bins=40, histtype="step", linewidth=1.5,
+                    label=f"{label} (ESS/n {ess:.3f}{_left_out(run.log_w.size - finite.size)})")  # fmt: skip
         ax.legend()
         written.append(_save(fig, out / "log_weights.png"))
     return written

@@ -348,6 +348,7 @@ def analyze_sidecar(
         "length": {**describe(n), "finish_reasons": dict(sorted(finish.items()))},
         "weights": {
             "log_w": describe(log_w_arr),
+            "non_finite": int(np.count_nonzero(~np.isfinite(log_w_arr))),  # left out of the statistics and plots
             "ess_ratio": ess_ratio(log_w_arr) if samples else None,
             "max_weight_share": float(np.exp(log_w_arr.max() - logsumexp(log_w_arr))) if samples else None,
         },

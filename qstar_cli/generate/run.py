@@ -183,7 +183,7 @@ def run_generate(
         writer.check_config(settings, overwrite=config.overwrite, optional=draft_settings())
         if not config.overwrite:
             check_shard_of(writer, config)
-            writer.check_files()
+            writer.check_files(speculative=bool(config.draft_k))
         digests = check_model_digests(writer, config)
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
@@ -210,7 +210,7 @@ def run_generate(
             progress.message(plan.describe())
         if config.overwrite:
             writer.start_afresh()
-        done = writer.resume([(p.row_idx, r) for p, _, r in schedule])
+        done = writer.resume([(p.row_idx, r) for p, _, r in schedule], [ids for _, ids, _ in schedule])
         meta = {
             "qstar_version": qstar_cli.__version__,
             "status": "running",

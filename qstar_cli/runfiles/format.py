@@ -41,6 +41,65 @@ SUMMARY_FIELDS = PER_TOKEN_FIELDS[1:]
 SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 
 
+def sample_key(record: dict[str, Any]) -> tuple[int, int]:
+    """``(sample_idx, response_idx)`` of a main-file or sidecar line (``response_idx`` 0 when absent)."""
+    return record["sample_idx"], record.get("response_idx", 0)
+
+
+def describe_sample(key: tuple[int, int]) -> str:
+    return f"sample {key[0]} response {key[1]}"
+
+
+@dataclass(frozen=True)
+class LineFacts:
+    """What a main-file or sidecar line says of its sample, compared between the two files."""
+
+    key: tuple[int, int]
+    finish_reason: Any
+    num_tokens: Any = None  # a sidecar's token count
+    token_ids: int | None = None  # how many token ids a sidecar line at level full holds
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> LineFacts:
+        per_token = record.get("per_token")
+        token_ids = per_token.get("token_id") if isinstance(per_token, dict) else None
+        return cls(sample_key(record), record.get("finish_reason"), record.get("num_tokens"),
+                   len(token_ids) if isinstance(token_ids, list) else None)  # fmt: skip
+
+
+def pair_mismatch(main: LineFacts, sidecar: LineFacts) -> str | None:
+    """What tells that a main-file line and a sidecar line are not one sample of one run (None: they
+    agree): their sample and response index, their finish reason, and the sidecar's token count
+    against its token ids. ``generate`` checks this before it resumes; ``export``, ``analyze
+    --export-weights`` and ``report`` before they pair the two files."""
+    if main.key != sidecar.key:
+        return f"{describe_sample(main.key)} against {describe_sample(sidecar.key)}"
+    if main.finish_reason != sidecar.finish_reason:
+        return f"{describe_sample(main.key)} finished by {main.finish_reason} against {sidecar.finish_reason}"
+    if sidecar.token_ids is not None and sidecar.token_ids != sidecar.num_tokens:
+        return f"{describe_sample(main.key)} counts {sidecar.num_tokens} tokens but holds {sidecar.token_ids} token ids"
+    return None
+
+
+def not_one_run(line: int, main: Path, sidecar: Path, mismatch: str) -> str:
+    """Why a main file and a sidecar are not the files of one run (a refusal's first part)."""
+    return f"line {line} of {main} and {sidecar} disagree ({mismatch}): one was edited or comes from another run"
+
+
+def check_one_run(main: Path, sidecar: Path, advice: str) -> None:
+    """Refuse (one line ending in ``advice``) a main file and sidecar whose lines are not the samples
+    of one run (:func:`pair_mismatch`); torn or unreadable lines, which a crash leaves, are passed over.
+    Both files are streamed."""
+    with main.open("rb") as main_file, sidecar.open("rb") as sidecar_file:
+        for number, (main_line, sidecar_line) in enumerate(zip(main_file, sidecar_file), start=1):
+            try:
+                facts = LineFacts.of(orjson.loads(main_line)), LineFacts.of(orjson.loads(sidecar_line))
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+                continue
+            if (mismatch := pair_mismatch(*facts)) is not None:
+                raise QstarInputError(f"{not_one_run(number, main, sidecar, mismatch)}; {advice}")
+
+
 @dataclass(frozen=True)
 class OutputPaths:
     """The files of one run, named after the main JSONL path."""

@@ -24,7 +24,20 @@ import numpy as np
 import orjson
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, PER_TOKEN_FIELDS, SEQUENCE_SUMS, SUMMARY_FIELDS, Manifest, OutputPaths, read_manifest
+from qstar_cli.paths import missing_parents, remove_empty, replace_atomically
+from qstar_cli.runfiles.format import (
+    DIAGNOSTICS_LEVELS,
+    PER_TOKEN_FIELDS,
+    SEQUENCE_SUMS,
+    SUMMARY_FIELDS,
+    LineFacts,
+    Manifest,
+    OutputPaths,
+    describe_sample,
+    not_one_run,
+    pair_mismatch,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from qstar_cli.engine.samples import SampleResult
@@ -43,6 +56,9 @@ class RunFilesDamaged(ResumeError):
     """The run's files disagree in a way a crash cannot explain: resuming would cut committed samples."""
 
 
+_RESTORE = "restore the run's own files to resume, or move them away (or add --overwrite) to start afresh"
+
+
 def _committed(meta: dict[str, Any] | None) -> int:
     """Samples the manifest (checked by :meth:`CheckpointedWriter.previous_meta`) says are durable; 0 without one."""
     return meta["counts"]["done"] if meta else 0
@@ -51,14 +67,14 @@ def _committed(meta: dict[str, Any] | None) -> int:
 def _damage(path: Path, lines: list[_Line], good: int, committed: int, expected: tuple[int, int] | None = None) -> str:
     """Why ``path`` holds only ``good`` of the ``committed`` samples: lines gone, one unreadable, or
     one holding another sample than ``expected``."""
-    advice = "restore it to resume, or move it away (or add --overwrite) to start afresh"
+    advice = _RESTORE
     if good == len(lines):
         return f"{path} holds {good} samples, but the manifest says {committed} are done: lines were deleted or the file was replaced; {advice}"
     key = lines[good].key
     if key is None:
         return f"{path} line {good + 1} is damaged (not a sample record) within the {committed} samples done; {advice}"
     return (
-        f"{path} line {good + 1} holds sample {key[0]} response {key[1]}, where sample {expected[0]} response {expected[1]} belongs: "
+        f"{path} line {good + 1} holds {describe_sample(key)}, where {describe_sample(expected)} belongs: "
         f"the file was edited (a line deleted, moved or added); {advice}"
     )
 
@@ -116,15 +132,47 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], descriptions: d
     return [descriptions.get(k, f"{k} ({shown(old.get(k))} -> {shown(new.get(k))})") for k in sorted(new) if old.get(k) != new[k]]
 
 
+def prompt_digest(ids_theta: list[int], ids_t: list[int]) -> str:
+    """A digest of the prompt ids both models saw, compared between a sidecar line and the schedule."""
+    return hashlib.sha256(orjson.dumps([ids_theta, ids_t])).hexdigest()
+
+
 @dataclass
 class _Line:
-    """What resuming reads of one line: where it ends, and its sample key and rounds (None: unreadable)."""
+    """What resuming reads of one line: where it ends, what it says of its sample (None: unreadable),
+    its rounds, its diagnostics level and the digest of its prompt ids (sidecar lines)."""
 
     end: int
-    key: tuple[int, int] | None
-    num_tokens: int | None = None
+    facts: LineFacts | None
     rounds: tuple[list[int], list[int]] | None = None
-    finish_reason: str | None = None
+    level: str | None = None  # a sidecar line's: full (token ids and prompt ids) or summary
+    prompt: str | None = None  # prompt_digest of a full sidecar line
+
+    @property
+    def key(self) -> tuple[int, int] | None:
+        return self.facts.key if self.facts is not None else None
+
+    @property
+    def speculative(self) -> bool:
+        return self.rounds is not None
+
+
+def _read_line(end: int, raw: bytes) -> _Line:
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("sample_idx"), int):
+        return _Line(end, None)
+    rounds = record.get("draft_lengths"), record.get("round_tokens")
+    full = isinstance(record.get("per_token"), dict) and isinstance(record.get("prompt_ids_theta"), list)
+    return _Line(
+        end,
+        LineFacts.of(record),
+        rounds if isinstance(rounds[0], list) and isinstance(rounds[1], list) else None,
+        ("full" if full else "summary") if "num_tokens" in record else None,
+        prompt_digest(record["prompt_ids_theta"], record.get("prompt_ids_t")) if full else None,
+    )
 
 
 def _read_lines(path: Path) -> list[_Line]:
@@ -135,18 +183,7 @@ def _read_lines(path: Path) -> list[_Line]:
             offset += len(raw)
             if not raw.endswith(b"\n"):
                 break
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("sample_idx"), int):
-                lines.append(_Line(offset, None))
-                continue
-            rounds = record.get("draft_lengths"), record.get("round_tokens")
-            lines.append(_Line(
-                offset, (record["sample_idx"], record.get("response_idx", 0)), record.get("num_tokens"),
-                rounds if isinstance(rounds[0], list) and isinstance(rounds[1], list) else None, record.get("finish_reason"),
-            ))  # fmt: skip
+            lines.append(_read_line(offset, raw))
     return lines
 
 
@@ -176,6 +213,7 @@ class CheckpointedWriter:
         self._files: list = []
         self._lines: dict[Path, list[_Line] | None] | None = None  # each data file's lines, once read
         self._replay: list[_Line] | None = None
+        self._created: list[Path] = []  # directories made for the output, removed again if left empty
 
     @property
     def data_files(self) -> list[Path]:
@@ -183,6 +221,7 @@ class CheckpointedWriter:
 
     def __enter__(self) -> CheckpointedWriter:
         try:
+            self._created = missing_parents(self.paths.main)
             self.paths.main.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         except filelock.Timeout as err:
@@ -204,7 +243,10 @@ class CheckpointedWriter:
                 f.close()
         self._files = []
         if self._lock.is_locked:
+            # Removed while held: a process that opened it meanwhile finds it unlinked and makes a new one.
+            self.paths.lock.unlink(missing_ok=True)
             self._lock.release()
+        remove_empty(self._created)
 
     @property
     def run_files(self) -> list[Path]:
@@ -264,22 +306,26 @@ class CheckpointedWriter:
             path.unlink(missing_ok=True)
         self._lines = None
 
-    def resume(self, expected_samples: list[tuple[int, int]]) -> int:
+    def resume(self, expected: list[tuple[int, int]], prompt_ids: list[tuple[list[int], list[int]]] | None = None) -> int:
         """Repair the data files, open them for appending and return how many samples are already done.
 
-        The manifest's ``counts.done`` is what the last commit made durable. Lines past it are what a
-        crash may have torn or left in one file only, and are cut back to the samples every file
-        holds; a file that holds fewer readable, expected samples than that (a deleted or edited
-        line, a missing sidecar) cannot be explained by a crash, and is refused, changing nothing.
-        ``expected_samples`` is the run's ``(sample_idx, response_idx)`` order.
+        ``expected`` is the run's ``(sample_idx, response_idx)`` order and ``prompt_ids`` (when given)
+        each sample's prompt ids for both models. The manifest's ``counts.done`` is what the last
+        commit made durable, and those samples are kept, each line checked against the schedule:
+        its sample, and at level full its prompt ids. A file that holds fewer of them (a deleted or
+        edited line, a missing sidecar, another run's lines) cannot be explained by a crash, and is
+        refused, changing nothing. Lines past the count (what a crash may have torn, or left in one
+        file only, or copied in) were never committed: they are cut, and sampled again.
         """
-        done = self._repair(expected_samples)
+        done = self._repair(expected, prompt_ids)
         self._files = [path.open("ab") for path in self.data_files]
         return done
 
-    def check_files(self) -> None:
+    def check_files(self, speculative: bool = False) -> None:
         """Refuse, before the models load, files that a crash cannot explain: a data file missing
-        while another holds samples, or fewer complete, readable lines than the manifest's committed
+        while another holds samples; fewer complete, readable lines than the manifest's committed
+        samples; committed lines out of schedule order, of another diagnostics level or another kind
+        of run (``speculative``: with draft rounds), or main-file and sidecar lines that tell of other
         samples. Each file is read once, for this and :meth:`resume`; nothing is changed."""
         committed = _committed(self.previous_meta())
         self._lines = {path: _read_lines(path) if path.exists() else None for path in self.data_files}
@@ -298,47 +344,62 @@ class CheckpointedWriter:
             moved = next((i for i in range(1, committed) if path_lines[i].key <= path_lines[i - 1].key), None)
             if moved is not None:
                 raise RunFilesDamaged(
-                    f"{path} line {moved + 1} holds sample {path_lines[moved].key[0]} after sample {path_lines[moved - 1].key[0]}: "
-                    "lines were moved or edited; restore it to resume, or move it away (or add --overwrite) to start afresh"
+                    f"{path} line {moved + 1} holds {describe_sample(path_lines[moved].key)} after "
+                    f"{describe_sample(path_lines[moved - 1].key)}: lines were moved or edited; {_RESTORE}"
                 )
-        if self.level != "none":  # the two files must tell of the same samples, each line of one run
-            pairs = zip((self._lines[self.paths.main] or [])[:committed], (self._lines[self.paths.diagnostics] or [])[:committed])
-            for i, (main, side) in enumerate(pairs):
-                if (main.key, main.finish_reason) != (side.key, side.finish_reason):
-                    raise RunFilesDamaged(
-                        f"line {i + 1} of {self.paths.main.name} and {self.paths.diagnostics.name} disagree (sample {main.key[0]}: "
-                        f"{main.finish_reason} against {side.finish_reason}): one of them was edited or comes from another run; "
-                        "restore the run's own files to resume, or add --overwrite to start afresh"
-                    )
+        if self.level == "none" or not committed:
+            return
+        side = self._lines[self.paths.diagnostics][:committed]
+        for i, line in enumerate(side):  # each committed line as this run writes it
+            if line.level != self.level:
+                raise RunFilesDamaged(
+                    f"{self.paths.diagnostics} line {i + 1} is a sidecar line of level {line.level or 'unknown'}, but this run "
+                    f"writes level {self.level}: the file comes from another run; {_RESTORE}"
+                )
+            if line.speculative and not speculative or speculative and line.speculative != side[0].speculative:
+                raise RunFilesDamaged(
+                    f"{self.paths.diagnostics} line {i + 1} {'holds' if line.speculative else 'lacks'} the draft rounds of "
+                    f"speculative sampling, which this run {'does not use' if line.speculative else 'uses'}: the file comes "
+                    f"from another run; {_RESTORE}"
+                )
+        for i, (main, line) in enumerate(zip(self._lines[self.paths.main][:committed], side)):
+            if (mismatch := pair_mismatch(main.facts, line.facts)) is not None:
+                raise RunFilesDamaged(f"{not_one_run(i + 1, self.paths.main, self.paths.diagnostics, mismatch)}; {_RESTORE}")
 
-    def _repair(self, expected_samples: list[tuple[int, int]]) -> int:
+    def _repair(self, expected: list[tuple[int, int]], prompt_ids: list[tuple[list[int], list[int]]] | None) -> int:
         if self._lines is None:
             self.check_files()
         committed = _committed(self.previous_meta())
-        if committed > len(expected_samples):
+        if committed > len(expected):
             raise ResumeError(
-                f"{self.paths.main} holds {committed} samples but this run has only {len(expected_samples)}; "
+                f"{self.paths.main} holds {committed} samples but this run has only {len(expected)}; "
                 "add --overwrite to start afresh"
             )
         for path, path_lines in self._lines.items():  # every file is checked before any is cut
-            good = _first_mismatch(path_lines or [], expected_samples)
+            good = _first_mismatch(path_lines or [], expected)
             if good < committed:
-                raise RunFilesDamaged(_damage(path, path_lines, good, committed, expected_samples[good]))
-        done = min(_first_mismatch(path_lines or [], expected_samples) for path_lines in self._lines.values())
-        for path, path_lines in self._lines.items():  # cut lines past the common prefix, and a torn last line
+                raise RunFilesDamaged(_damage(path, path_lines, good, committed, expected[good]))
+        side = self._lines.get(self.paths.diagnostics) if self.level != "none" else None
+        if self.level == "full" and prompt_ids is not None and committed:
+            for i, line in enumerate(side[:committed]):
+                if line.prompt != prompt_digest(*prompt_ids[i]):
+                    raise RunFilesDamaged(
+                        f"{self.paths.diagnostics} line {i + 1} ({describe_sample(line.key)}) holds other prompt ids than this "
+                        f"run's schedule gives it: the line comes from another run; {_RESTORE}"
+                    )
+        for path, path_lines in self._lines.items():  # cut what no commit made durable, torn lines included
             if path_lines is not None:
                 with path.open("r+b") as f:
-                    f.truncate(path_lines[done - 1].end if done else 0)
-        side = self._lines.get(self.paths.diagnostics) if self.level != "none" else None
-        self._replay = None if side is None else side[:done]
-        return done
+                    f.truncate(path_lines[committed - 1].end if committed else 0)
+        self._replay = None if side is None else side[:committed]
+        return committed
 
     def sample_lengths(self, done: int) -> list[int] | None:
         """Tokens of each of the first ``done`` samples (from the sidecar read by :meth:`resume`), or
         None without a sidecar."""
         if self._replay is None:
             return None
-        return [line.num_tokens for line in self._replay[:done]]
+        return [line.facts.num_tokens for line in self._replay[:done]]
 
     def sample_rounds(self, done: int) -> list[tuple[list[int], list[int]] | None]:
         """Drafts and tokens per round of each of the first ``done`` samples of a speculative run
@@ -361,6 +422,4 @@ class CheckpointedWriter:
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Replace the manifest atomically (a crash leaves the old one or the new one, never half)."""
-        tmp = self.paths.meta.with_name(self.paths.meta.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))
-        os.replace(tmp, self.paths.meta)
+        replace_atomically(self.paths.meta, orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from qstar_cli.analysis.export import ExportConfig, export_training_set
 from qstar_cli.cli import app
 from qstar_cli.training.weighted_sft import WeightedSFTTrainer
-from tests.helpers import tiny_generate_args, write_prompts
+from tests.helpers import one_line_error, tiny_generate_args, write_prompts
 
 PROMPTS = [{"prompt": f"Tell me about the number {i}."} for i in range(12)]
 
@@ -149,14 +149,14 @@ def test_response_idx_is_carried_and_checked(runs, tmp_path):
     (tmp_path / "other").mkdir()
     mismatched = damaged_copy(runs["full"], tmp_path / "other", with_response_idx(1), with_response_idx(0))
     result = invoke("export", mismatched, "--output", tmp_path / "m.parquet")
-    assert result.exit_code == 2 and "line 1:" in result.stderr and "not the files of one run" in result.stderr
+    one_line_error(result, "line 1 of", "disagree (sample 0 response 1 against sample 0 response 0)", "another run")
 
 
 def test_bad_input_exit_2_with_one_line(runs, tmp_path):
     only_main = tmp_path / "alone.jsonl"
     only_main.write_bytes(runs["full"].read_bytes())
     truncated_only = damaged_copy(
-        runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"stop"', b'"length"')
+        runs["full"], tmp_path, *[lambda lines: b"".join(lines).replace(b'"stop"', b'"length"')] * 2
     )
     cases = {
         "(diagnostics level summary); export needs level full": [runs["summary"], "--output", tmp_path / "a.parquet"],
@@ -181,7 +181,7 @@ def test_export_streams_a_large_run(tmp_path):
     main, tokens = tmp_path / "big.jsonl", 250
     with open(main, "wb") as m, open(sidecar_of(main), "wb") as s:
         for i in range(800):
-            m.write(orjson.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "sample_idx": i}) + b"\n")
+            m.write(orjson.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "sample_idx": i, "finish_reason": "stop"}) + b"\n")
             theta, q = rng.normal(-2.0, 1.0, (2, tokens))
             per_token = {"token_id": rng.integers(0, 50_000, tokens).tolist(), "logp_theta": theta.tolist(), "logp_q": q.tolist()}
             record = {"sample_idx": i, "num_tokens": tokens, "finish_reason": "stop", "logp_theta_sum": theta.sum(), "logp_q_sum": q.sum()}

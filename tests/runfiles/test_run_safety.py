@@ -90,7 +90,7 @@ def test_a_deleted_main_file_line_names_the_damaged_file(w, tmp_path):
     one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} holds 5 samples, but the manifest says 6 are done")
     assert snapshot(tmp_path) == before
     out.write_bytes(b"".join(kept[:2] + kept[3:4] + kept[2:3] + kept[4:]))  # two lines swapped
-    one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} line 4 holds sample 2 after sample 3", "moved or edited")
+    one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} line 4 holds sample 2 response 0 after sample 3 response 0", "moved or edited")
 
 
 def test_a_damaged_sidecar_line_changes_nothing(w, tmp_path):
@@ -420,13 +420,13 @@ def test_files_that_disagree_or_lines_out_of_order_are_refused_before_the_models
     kept = lines(out)
     out.write_bytes(b"".join(kept[:2] + kept[3:4] + kept[2:3] + kept[4:]))  # two lines swapped
     result = invoke("generate", *w.flags, "--output", out)
-    one_line_error(result, f"{out} line 4 holds sample 2 after sample 3", "moved or edited")
+    one_line_error(result, f"{out} line 4 holds sample 2 response 0 after sample 3 response 0", "moved or edited")
     assert LOADING not in result.stdout
     edited = kept[0].replace(b'"finish_reason":"length"', b'"finish_reason":"stop"')
     assert edited != kept[0]
     out.write_bytes(b"".join([edited, *kept[1:]]))
     result = invoke("generate", *w.flags, "--output", out)
-    one_line_error(result, "line 1 of run.jsonl and run.diagnostics.jsonl disagree (sample 0: stop against length)")
+    one_line_error(result, "run.jsonl and", "run.diagnostics.jsonl disagree (sample 0 response 0 finished by stop against length)")
     assert LOADING not in result.stdout
 
 
