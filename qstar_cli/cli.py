@@ -8,9 +8,11 @@ SIGTERM after saving (re-run the same command to resume). A traceback is printed
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
-import time
+import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,20 +23,13 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError, QstarRunError
 from qstar_cli.paths import check_output_dir, check_output_file, check_writable, replace_atomically
+from qstar_cli.progress import ExportProgress, GenerateProgress
 
 err_console = Console(stderr=True)
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -88,8 +83,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="Print the traceback of a failure (also QSTAR_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the qstar version."),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Print the traceback of a failure (also QSTAR_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_print_version, is_eager=True, help="Print the qstar version."),
 ) -> None:
     """qstar: training responses close to a target model and likely under the policy."""
     if debug:
@@ -118,6 +113,31 @@ def one_line_errors() -> Iterator[None]:
         raise fail(f"{type(err).__name__}: {first}{hint}", EXIT_RUN) from None
 
 
+def run() -> None:
+    """Run the command line in this process, then end the process.
+
+    Once the command is done (its files closed, its output flushed, the exit handlers run), the
+    process ends at once with the command's exit code: the interpreter's teardown of torch and
+    transformers would take about a second more, and a Ctrl-C during it would print a traceback
+    from an exit handler, so signals are ignored from then on."""
+    try:
+        app(prog_name="qstar")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except KeyboardInterrupt:  # before the command began
+        code = EXIT_INTERRUPTED
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe: nothing more can be said there
+            pass
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
 @app.command()
 def version() -> None:
     """Print the qstar version."""
@@ -142,57 +162,6 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     return values
 
 
-class GenerateProgress:
-    """Samples, tokens/s and ETA: a rich bar on a terminal, a plain line per batch elsewhere."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.live = console.is_terminal
-        self.bar = Progress(
-            TextColumn("[bold]generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("samples  {task.fields[rate]:>8.1f} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not self.live,
-        )
-        self.task = None
-        self.total = self.done = self.new_tokens = 0
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> GenerateProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
-
-    def rate(self) -> float:
-        return self.new_tokens / max(time.perf_counter() - self.started, 1e-9)
-
-    def message(self, text: str) -> None:
-        self.console.print(text, style="dim", highlight=False, soft_wrap=True)
-
-    def start(self, total: int, done: int) -> None:
-        self.total, self.done, self.started = total, done, time.perf_counter()
-        self.task = self.bar.add_task("generate", total=total, completed=done, rate=0.0)
-        if done:
-            self.console.print(f"resuming: {done} of {total} samples already done")
-
-    def tokens(self, count: int) -> None:
-        self.new_tokens += count
-        self.bar.update(self.task, rate=self.rate())
-
-    def samples(self, count: int) -> None:
-        self.done += count
-        self.bar.update(self.task, advance=count, rate=self.rate())
-        if not self.live:
-            self.console.print(f"{self.done}/{self.total} samples, {self.rate():.1f} tok/s", highlight=False)
-
-
 _CONFIG_HELP = "YAML file of settings (keys as the flags, e.g. model_theta); flags given here override it."
 
 
@@ -208,7 +177,9 @@ def generate_options(config_class: type | None = None) -> list[inspect.Parameter
         default = shown_default(f, info)
         text = escape(info.help) + (f" (default: {escape(default)})" if default and hints[f.name] is not bool else "")
         if hints[f.name] is bool:
-            option, annotation = typer.Option(False, flag(f.name), help=text), bool
+            # Both spellings, so that a YAML config's ``overwrite: true`` can be turned off here.
+            option = typer.Option(None, f"{flag(f.name)}/--no-{flag(f.name)[2:]}", metavar="", help=text)
+            annotation = bool | None
         else:
             members = [t for t in getattr(hints[f.name], "__args__", (hints[f.name],)) if t is not type(None)]
             option, annotation = typer.Option(None, flag(f.name), help=text), info.cli_type or members[0]
@@ -219,34 +190,32 @@ def generate_options(config_class: type | None = None) -> list[inspect.Parameter
 
 def generate(config: Path | None = None, **flags: Any) -> None:
     """Sample a response to every prompt of a dataset from q*, resumably, with per-token diagnostics."""
-    flags = {k: v for k, v in flags.items() if v is not None and v is not False}
+    flags = {k: v for k, v in flags.items() if v is not None}
     from qstar_cli.generate.config import GenerateConfig, setting_names
     from qstar_cli.generate.run import run_generate, stop_on_signals
 
-    console = Console()
     with one_line_errors():
         from_file = setting_names(read_config_file(config), str(config))
         settings = GenerateConfig.from_dict({**from_file, **flags}, source=str(config or "flags"))
         _quiet_libraries()
-        with stop_on_signals() as stop, GenerateProgress(console) as progress:
+        with stop_on_signals() as stop, GenerateProgress(stop) as progress:
             summary = run_generate(settings, progress=progress, stop=stop)
 
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items()))
-    console.print(
+    progress.print(
         f"{summary.done}/{summary.total} samples in {summary.paths.main}"
         + (f" (rows skipped: {skipped})" if skipped else "")
-        + f"; {summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tok/s)",
-        highlight=False,
-        soft_wrap=True,
+        + f"; {summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tok/s)"
     )
     if summary.status == "interrupted":
+        why = "standard output was closed" if progress.stdout_closed.is_set() else "stopped"
         err_console.print(
-            f"stopped: {summary.done} of {summary.total} samples are saved; re-run the same command to resume",
-            highlight=False,
-        )
+            f"{why}: {summary.done} of {summary.total} samples are saved; re-run the same command to resume",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
         raise typer.Exit(EXIT_INTERRUPTED)
     files = [summary.paths.main, summary.paths.diagnostics, summary.paths.meta]
-    console.print("files: " + ", ".join(str(p) for p in files if p.exists()), highlight=False, soft_wrap=True)
+    progress.print("files: " + ", ".join(str(p) for p in files if p.exists()))
 
 
 generate.__signature__ = inspect.Signature(generate_options())
@@ -310,7 +279,7 @@ def _report(runs, labels, as_json: bool, plots: Path | None, single: bool) -> No
 @app.command()
 def analyze(
     sidecar: Path = typer.Argument(..., help="A run's OUT.diagnostics.jsonl."),
-    json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of tables."),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="Print the statistics as JSON instead of tables."),
     plots: Path = typer.Option(None, help="Write PNG plots into this directory."),
     export_weights: Path = typer.Option(None, help="Write per-sample training weights (JSONL) to this file."),
     ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the exported weights w^gamma."),
@@ -338,7 +307,7 @@ def analyze(
 @app.command()
 def compare(
     sidecars: list[Path] = typer.Argument(..., help="Two or more OUT.diagnostics.jsonl files."),
-    json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of a table."),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="Print the statistics as JSON instead of a table."),
     plots: Path = typer.Option(None, help="Write overlaid PNG plots into this directory."),
 ) -> None:
     """Several runs side by side (e.g. fixed vs entropy vs kl_symmetry): one table, overlaid plots."""
@@ -375,7 +344,7 @@ def _export(run, path: Path, ess_floor: float) -> None:
 @app.command()
 def explain(
     output: Path = typer.Option(None, help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png. (default: ., or none with --json)"),
-    json_output: bool = typer.Option(False, "--json", help="Print the table as JSON instead of a table (figures only with --output)."),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="Print the table as JSON instead of a table (figures only with --output)."),
 ) -> None:
     """q* on two 2-D Gaussians: the pictures and alpha* table, closed form beside solve_alpha on a grid."""
     import orjson
@@ -401,39 +370,11 @@ def explain(
             err_console.print("figures: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
 
 
-class ExportProgress:
-    """The two passes of ``export`` as rich bars over the bytes read (on a terminal only)."""
-
-    def __init__(self, console: Console):
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not console.is_terminal,
-            transient=True,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> ExportProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase not in self.tasks:
-            self.tasks[phase] = self.bar.add_task(phase, total=total)
-        self.bar.update(self.tasks[phase], completed=done)
-
-
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A run's main OUT.jsonl; its OUT.diagnostics.jsonl (level full) must lie beside it."),
     output: Path = typer.Option(..., help="The training set to write: FILE.parquet or FILE.jsonl."),
-    include_truncated: bool = typer.Option(False, "--include-truncated", help="Keep samples that hit max_new_tokens."),
+    include_truncated: bool = typer.Option(False, "--include-truncated", metavar="", help="Keep samples that hit max_new_tokens."),
     ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
 ) -> None:

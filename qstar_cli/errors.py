@@ -13,3 +13,10 @@ class QstarInputError(ValueError):
 
 class QstarRunError(RuntimeError):
     """The run could not go on (the disk, the device or a model failed); the message says what is saved."""
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line: every line of it joined (a library's sentence may run over
+    several), cut at ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -29,6 +29,20 @@ def is_hub_id(spec: str) -> bool:
     return True
 
 
+#: Suffixes of files, never of a hub id: a missing ``data/problems.txt`` is a missing file, not a
+#: repository to look up on the hub (for half a minute).
+FILE_SUFFIXES = frozenset(
+    ".txt .json .jsonl .csv .tsv .parquet .arrow .gguf .safetensors .bin .pt .pth .py .yaml .yml .jinja .j2".split()
+)
+
+
+def names_local_path(spec: str) -> bool:
+    """Whether ``spec`` names a local path rather than a hub id: it exists, has a file's suffix, is not
+    spelled as a hub id, or its first part is a local directory (``data/x`` with ``data/`` here)."""
+    path = Path(spec).expanduser()
+    return path.exists() or path.suffix.lower() in FILE_SUFFIXES or not is_hub_id(spec) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
 def local_path(spec: str) -> Path | None:
     """The absolute path ``spec`` names if it exists on this machine, else ``None`` (a hub id).
 
@@ -64,10 +78,11 @@ def check_output_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> Non
 
 
 def check_output_dir(path: Path, flag: str) -> None:
-    """Refuse a directory path that is a file or lies under one."""
+    """Refuse a directory path that is a file, lies under one, or cannot be written."""
     if path.exists() and not path.is_dir():
         raise QstarInputError(f"{flag} {path} is a file, not a directory")
     _check_parents(path, flag)
+    _check_directory_writable(path, f"{flag} {path}")
 
 
 def _check_parents(path: Path, flag: str) -> None:
@@ -96,15 +111,23 @@ def check_writable(path: Path, flag: str) -> None:
     """Refuse, before any work, a file that cannot be written: an existing one opened for appending
     (which changes nothing: an immutable or read-only file fails), a new one by creating a scratch
     file in its directory (the directories created for it removed again)."""
-    created = missing_parents(path)
-    try:
-        if path.exists():
+    if path.exists():
+        try:
             path.open("ab").close()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise QstarInputError(f"{flag} {path} cannot be written: {err.strerror}") from err
+    else:
+        _check_directory_writable(path.parent, f"{flag} {path}")
+
+
+def _check_directory_writable(directory: Path, what: str) -> None:
+    """Create a scratch file in ``directory`` (and the directories it needs, removed again after)."""
+    created = missing_parents(directory / "_")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as err:
-        raise QstarInputError(f"{flag} {path} cannot be written: {err.strerror}") from err
+        raise QstarInputError(f"{what} cannot be written: {err.strerror}") from err
     finally:
         remove_empty(created)
 

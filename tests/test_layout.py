@@ -97,7 +97,7 @@ def test_every_setting_is_one_option_and_one_table_row():
     options = {p.name: p.default.param_decls for p in generate_options()}
     names = [f.name for f, _ in settings()]
     assert list(options) == [*names, "config"]
-    assert all(options[name] == (flag(name),) for name in names)
+    assert all(options[name] in ((flag(name),), (f"{flag(name)}/--no-{flag(name)[2:]}",)) for name in names)
     table = flag_table()
     assert all(f"| `{flag(name)}` |" in table for name in names)
 

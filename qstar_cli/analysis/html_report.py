@@ -87,6 +87,8 @@ class SampleSelection:
     def __init__(self, max_samples: int, seed: int = 0):
         if max_samples < 1:
             raise QstarInputError(f"--max-samples must be positive, got {max_samples}")
+        if not 0 <= seed < 1 << 64:
+            raise QstarInputError(f"--seed must be an integer from 0 to 2^64 - 1, got {seed}")
         self.extremes = max_samples // 4
         self.random = max_samples - 2 * self.extremes
         self.rng = np.random.default_rng(seed)

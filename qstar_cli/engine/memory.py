@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from qstar_cli.engine.slots import round_capacity
 from qstar_cli.errors import QstarInputError
 
 #: Float32 ``[vocab]`` rows a round keeps per query of a slot (both models' log-probs, q, the
@@ -112,6 +111,8 @@ def plan_slots(
 ) -> SlotPlan:
     """The slots that fit (at most ``samples``, at least 1); ``longest[side]`` is the longest prompt +
     token budget of that side's sequences. Refuses (exit 2) when not one slot fits."""
+    from qstar_cli.engine.slots import round_capacity  # slots.py imports transformers' attention stack
+
     kv = [kv_bytes_per_token(m) for m in models]
     capacity = [round_capacity(longest[side] + 1) for side in sides]
     working = WORKING_ROWS * (draft_k + 1) * vocab * 4

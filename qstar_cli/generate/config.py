@@ -33,6 +33,10 @@ FINGERPRINT_VERSION = 2
 _LAX = pydantic.ConfigDict(coerce_numbers_to_str=True)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 ENGINES = ("local", "ray")
+#: Settings whose values are keywords: spelled in any case (``AUTO``, ``Static``), kept in lower case.
+KEYWORD_SETTINGS = ("alpha_method", "scheduler", "compile", "diagnostics", "engine", "draft", "device", "dtype")
+#: The built-in adapters' names (the other values of ``adapter`` name a user's class).
+ADAPTER_KEYWORDS = ("auto", "messages", "sharegpt", "deepscaler")
 
 
 class ConfigError(QstarInputError):
@@ -153,7 +157,7 @@ class GenerateConfig:
         "auto", "Compile the round's mathematics with torch.compile: on, off, or auto (on with CUDA).", fingerprinted=False, since="0.2.0"
     )
     diagnostics: str = setting("full", "Sidecar level: full, summary or none (no sidecar; the per-token diagnostics are not computed).")
-    overwrite: bool = setting(False, "Start afresh instead of resuming.", fingerprinted=False)
+    overwrite: bool = setting(False, "Start afresh instead of resuming (--no-overwrite resumes, whatever a --config says).", fingerprinted=False)
     num_shards: int = setting(1, "Split the schedule into N disjoint shards (join them with qstar merge).", fingerprinted=False)
     shard_index: int = setting(0, "Which shard this run writes, 0..N-1, to OUT-0000I-of-0000N.jsonl.", fingerprinted=False)
     engine: str = setting("local", "local (this process) or ray (model replicas on Ray; pip install 'qstar[ray]').", fingerprinted=False)
@@ -174,7 +178,11 @@ class GenerateConfig:
         for name in ("model_theta", "model_t", "dataset"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+        self._lower_keywords()
         self._check_batch_size()
+        for name, value in dataclasses.asdict(self).items():  # every count fits a 64-bit integer
+            if name != "seed" and isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 63:
+                raise ConfigError(f"--{name.replace('_', '-')} must be below 2^63, got {value}")
         checks = {
             "num_samples": self.num_samples is None or self.num_samples >= 1,
             "start_index": self.start_index >= 0,
@@ -209,6 +217,22 @@ class GenerateConfig:
             check_alpha_method(self.alpha_method, self.alpha)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        if self.alpha_method != "fixed" and self.alpha != GenerateConfig.alpha:
+            raise ConfigError(
+                f"--alpha {self.alpha} is for --alpha-method fixed (--alpha-method {self.alpha_method} chooses alpha itself); "
+                "add --alpha-method fixed, or drop --alpha"
+            )
+
+    def _lower_keywords(self) -> None:
+        """One rule for every keyword value: any case is accepted (``AUTO``, ``Static``, ``ON``) and kept
+        in lower case; a value that may name a file is a keyword only where no such file exists."""
+        for name in KEYWORD_SETTINGS:
+            setattr(self, name, getattr(self, name).strip().lower())
+        named = {**{name: keywords for name, keywords in path_settings(type(self)).items() if keywords}, "adapter": ADAPTER_KEYWORDS}
+        for name, keywords in named.items():
+            value = getattr(self, name)
+            if value is not None and value.strip().lower() in keywords and local_path(value) is None:
+                setattr(self, name, value.strip().lower())
 
     def _check_batch_size(self) -> None:
         """``batch_size`` an integer or auto (local engine), ``memory_fraction`` in (0, 1]."""
@@ -233,7 +257,6 @@ class GenerateConfig:
             self.draft_k = value if value == "auto" else check_draft_k(value)
         except ValueError:
             raise ConfigError(f"--draft-k must be an integer from 0 (off) to {MAX_DRAFT_K}, or auto, got {self.draft_k}") from None
-        self.draft = self.draft.strip().lower()
         if self.draft not in DRAFTERS:
             raise ConfigError(f"--draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
         pair = [f"--{name.replace('_', '-')}" for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]

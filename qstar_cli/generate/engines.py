@@ -28,8 +28,9 @@ class Engine(Protocol):
     def load(self) -> DualModelSampler:
         """The models, at least as far as encoding prompts and checking vocabularies needs."""
 
-    def plan_slots(self, prompt_ids: list, samples: int) -> SlotPlan | None:
-        """Resolve ``--batch-size auto`` once the models are loaded; the arithmetic, or None."""
+    def plan_slots(self, prompt_ids: list, samples: int, begun_with: int | None = None) -> SlotPlan | None:
+        """Resolve ``--batch-size auto`` once the models are loaded (a resumed run keeps the slots it
+        ``begun_with``), and take no more slots than ``samples``; the arithmetic, or None."""
 
     def placement(self, sampler: DualModelSampler) -> tuple[str, str]:
         """``(device, dtype)`` for the manifest."""
@@ -52,11 +53,14 @@ class LocalEngine:
         self.slots: int | str = config.batch_size
         self.slot_plan: SlotPlan | None = None
 
-    def plan_slots(self, prompt_ids: list, samples: int) -> SlotPlan | None:
-        """Resolve ``--batch-size auto`` for the sequences of ``prompt_ids`` (None: a fixed size)."""
+    def plan_slots(self, prompt_ids: list, samples: int, begun_with: int | None = None) -> SlotPlan | None:
+        """Resolve ``--batch-size auto`` for the sequences of ``prompt_ids`` (None: a fixed size). A
+        resumed run keeps the slots it began with (``begun_with``): on a GPU the kernels, and so the
+        low bits, follow the batch shapes. Never more slots than ``samples``: a slot costs memory."""
         if self.slots == "auto":
             self.slot_plan = self.load().plan_slots(prompt_ids, self.config.memory_fraction, max(samples, 1))
-            self.slots = self.slot_plan.slots
+            self.slots = begun_with if isinstance(begun_with, int) and begun_with >= 1 else self.slot_plan.slots
+        self.slots = max(1, min(self.slots, samples))
         return self.slot_plan
 
     def load(self) -> DualModelSampler:

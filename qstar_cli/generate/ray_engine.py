@@ -139,7 +139,7 @@ class RayEngine:
         self.record: dict[str, Any] = {"name": "ray", "replicas": config.replicas, "address": None, "per_replica": []}
         self.slots = config.batch_size  # an integer: the configuration refuses auto with Ray
 
-    def plan_slots(self, prompt_ids: list, samples: int) -> None:
+    def plan_slots(self, prompt_ids: list, samples: int, begun_with: int | None = None) -> None:
         return None
 
     def load(self):

@@ -21,7 +21,6 @@ takes the samples from model replicas on Ray (:mod:`qstar_cli.generate.ray_engin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import platform
 import signal
@@ -34,14 +33,25 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 import qstar_cli
+from qstar_cli.engine.memory import free_memory
 from qstar_cli.engine.models import model_digests, model_identity
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from qstar_cli.errors import QstarRunError
 from qstar_cli.generate.adapters import adapt_rows, load_source, resolve_adapter
 from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, draft_settings, run_models
 from qstar_cli.generate.engines import make_engine
-from qstar_cli.generate.schedule import Schedule, continued_prompt_ids, encode_all, nothing_usable, prompt_ids_fingerprint, shard_split
+from qstar_cli.generate.schedule import (
+    Schedule,
+    check_schedule_fits,
+    continued_prompt_ids,
+    encode_all,
+    nothing_usable,
+    prompt_ids_fingerprint,
+    shard_split,
+)
 from qstar_cli.runfiles.writer import CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
 if TYPE_CHECKING:
@@ -178,6 +188,8 @@ def run_generate(
     adapted = adapt_rows(*_rows(config), config.start_index, config.num_samples, config.system_prompt)
     if not adapted.prompts:
         raise nothing_usable(adapted)
+    samples = len(adapted.prompts) * config.samples_per_prompt
+    check_schedule_fits(samples, len(adapted.prompts), config.samples_per_prompt, free_memory(torch.device("cpu")))
     with CheckpointedWriter(paths.main, config.diagnostics) as writer:
         settings = config.fingerprint_config()
         writer.check_config(settings, overwrite=config.overwrite, optional=draft_settings())
@@ -206,8 +218,12 @@ def run_generate(
         # Row-major: each usable row's samples_per_prompt responses, then the next row's.
         schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
         # Sized (or refused) before anything is deleted: a run that cannot fit one slot changes nothing.
-        if plan := engine.plan_slots([ids for _, ids in prompts], len(schedule)):
+        begun = (previous or {}).get("slot_plan")
+        begun_with = begun.get("slots") if isinstance(begun, dict) and config.batch_size == "auto" else None
+        if plan := engine.plan_slots([ids for _, ids in prompts], len(schedule), begun_with):
             progress.message(plan.describe())
+            if engine.slots != plan.slots:
+                progress.message(f"keeping the {engine.slots} slots this run began with, so that its samples stay as they were")
         if config.overwrite:
             writer.start_afresh()
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule], [ids for _, ids, _ in schedule])
@@ -223,7 +239,7 @@ def run_generate(
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
             "sessions": (previous or {}).get("sessions", []),
             **({"shard": shard} if shard else {}),
-            **({"slot_plan": plan.record()} if plan else {}),
+            **({"slot_plan": {**plan.record(), "slots": engine.slots}} if plan else {}),
             **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
         }
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None)
@@ -322,11 +338,16 @@ class _Commits:
         except (OSError, QstarRunError) as err:
             # What the last commit made durable stays, and the manifest (if it can still be written)
             # says so; the same command resumes from there.
-            with contextlib.suppress(OSError):
+            try:
                 self._record(self.committed, "failed")
+                manifest = ""
+            except OSError:
+                manifest = f"; the manifest {self.writer.paths.meta.name} could not be updated (it still says running)"
             why = f"cannot write the run files beside {self.writer.paths.main}: {err.strerror or err}" if isinstance(err, OSError) else str(err)
             fix = "free the space (or fix the files) and " if isinstance(err, OSError) else ""
-            raise QstarRunError(f"{why}; {self.committed} of {len(schedule)} samples are saved; {fix}run the same command to resume") from err
+            raise QstarRunError(
+                f"{why}; {self.committed} of {len(schedule)} samples are saved{manifest}; {fix}run the same command to resume"
+            ) from err
         except BaseException:
             if self.fresh and not self.committed:  # a fresh run that wrote nothing leaves nothing behind
                 self.writer.start_afresh()

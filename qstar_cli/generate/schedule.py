@@ -26,14 +26,18 @@ Schedule = list[tuple[Prompt, tuple[list[int], list[int]]]]
 
 
 def encode_all(sampler: DualModelSampler, adapted: AdaptedDataset) -> Schedule:
-    """Each usable prompt with its ids for both models; a prompt that a template rejects, or that
-    leaves a model's context no room for a response, is skipped and counted."""
+    """Each usable prompt with its ids for both models; a prompt that a template rejects, that renders
+    to no tokens, or that leaves a model's context no room for a response, is skipped and counted."""
     encoded = []
     for prompt in adapted.prompts:
         try:
             ids = sampler.encode_prompts(prompt.messages)
         except jinja2.TemplateError as err:
             adapted.skipped[f"prompt format error: {err}"] += 1
+            continue
+        empty = [name for name, prompt_ids in zip(("pi_theta", "pi_t"), ids) if not prompt_ids]
+        if empty:  # a model cannot predict a first token from nothing
+            adapted.skipped[f"prompt renders to no tokens for {' and '.join(empty)}"] += 1
             continue
         full = [
             f"{name} ({limit} tokens)"
@@ -55,6 +59,22 @@ def prompt_ids_fingerprint(schedule: Schedule, samples: int | None = None) -> di
     for prompt, (ids_theta, ids_t) in entries:
         digest.update(orjson.dumps([prompt.row_idx, ids_theta, ids_t]))
     return {"samples": len(entries), "sha256": digest.hexdigest()}
+
+
+#: Host memory one sample of the schedule takes before it is sampled: its entry, its key and its prompt
+#: ids as the writer checks them took 177 bytes under tracemalloc; this bound leaves room for the rest.
+SCHEDULE_BYTES_PER_SAMPLE = 512
+
+
+def check_schedule_fits(samples: int, rows: int, samples_per_prompt: int, available: int) -> None:
+    """Refuse a schedule whose bookkeeping alone would not fit the ``available`` host memory."""
+    needed = samples * SCHEDULE_BYTES_PER_SAMPLE
+    if needed > available:
+        raise QstarInputError(
+            f"{rows} usable rows x --samples-per-prompt {samples_per_prompt} = {samples} samples: their schedule alone needs "
+            f"{needed / 2**30:.3g} GiB, and {available / 2**30:.3g} GiB of memory is available; "
+            "take fewer (--num-samples, --samples-per-prompt) or split the run (--num-shards)"
+        )
 
 
 def nothing_usable(adapted: AdaptedDataset) -> QstarInputError:

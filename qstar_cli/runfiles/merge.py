@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
 import orjson
 
 import qstar_cli
@@ -97,12 +98,26 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
             raise MergeError(f"shard {shard.main} was made with other weights than the other shards (of {', '.join(changed) or 'its models'})")
         counts = meta["counts"]
         if meta.get("status") != "complete" or counts["done"] != counts["samples"]:
-            raise MergeError(
-                f"shard {shard.main} is incomplete ({counts['done']} of {counts['samples']} samples): re-run its generate command to finish it"
-            )
+            fix = "wait for it to finish" if being_written(shard) else "re-run its generate command to finish it"
+            raise MergeError(f"shard {shard.main} is incomplete ({counts['done']} of {counts['samples']} samples): {fix}")
     if sum(m["counts"]["samples"] for m in metas) != schedule:
         raise MergeError(f"the shards of {len(shards)} hold {sum(m['counts']['samples'] for m in metas)} samples, not the run's {schedule}")
     return metas
+
+
+def being_written(paths: OutputPaths) -> bool:
+    """Whether a process holds the run's lock now (a generate still writing it)."""
+    if not paths.lock.exists():  # a writer removes its lock when it ends
+        return False
+    lock = filelock.FileLock(paths.lock, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    except OSError:  # no lock can be taken there: nothing writes it
+        return False
+    lock.release()
+    return False
 
 
 def _shard_lines(

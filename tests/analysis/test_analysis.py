@@ -234,3 +234,31 @@ def test_analysis_streams_a_large_sidecar(tmp_path):
     tracemalloc.stop()
     assert run.samples == 800 and run.tokens == 320_000
     assert peak < size / 10, (peak, size)
+
+
+def test_non_finite_log_weights_are_counted_and_left_out_of_plots(runs, tmp_path):
+    """A sequence log-weight of +inf (two finite sums whose difference overflows) crashed the plots."""
+    lines = [orjson.loads(line) for line in open(runs["kl"], "rb")]
+    lines[1].update(logp_theta_sum=1e308, logp_q_sum=-1e308)
+    sidecar = tmp_path / "inf.diagnostics.jsonl"
+    sidecar.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in lines))
+    result = invoke("analyze", str(sidecar), "--json", "--plots", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.output
+    weights = json.loads(result.stdout)["weights"]
+    assert weights["non_finite"] == 1 and weights["log_w"]["max"] < 1e300
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == PLOTS
+
+
+def test_a_full_disk_while_plotting_is_a_run_error(runs, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "plots" / "alpha_histogram.png"))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    result = invoke("analyze", str(runs["kl"]), "--plots", str(tmp_path / "plots"))
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        f"error: cannot read or write {tmp_path / 'plots' / 'alpha_histogram.png'}: No space left on device"
+    ]
+    unwritable = invoke("explain", "--output", "/proc/qstar-figures")
+    assert unwritable.exit_code == 2 and unwritable.stderr.splitlines() == ["error: --output /proc/qstar-figures cannot be written: No such file or directory"]

@@ -90,6 +90,11 @@ def w(tmp_path_factory, tiny_model_dirs, tiny_tokenizer):
         "class Mine(DatasetAdapter):\n    fields = ('prompt',)\n\n    def messages(self, row):\n        return 'oops'\n"
     )
     (root / "header.csv").write_text("prompt,id\n")
+    (root / "empty.jinja").write_text("")  # renders every prompt to no tokens
+    (root / "boom.py").write_text(
+        "from qstar_cli.generate.adapters import DatasetAdapter\n\n"
+        "class Boom(DatasetAdapter):\n    fields = ('prompt',)\n\n    def messages(self, row):\n        return row['boom']\n"
+    )
     write_jsonl(root / "blank_prompts.jsonl", [{"prompt": " "}, {"prompt": ""}, {"prompt": "\n"}])
     (root / "m.meta.json").write_text(json.dumps(ROWS))  # a dataset named like run m's manifest
     (root / "garbage.meta.json").write_text("{not json")
@@ -189,12 +194,20 @@ CASES = [
     case("model directory without config", gen("--model-t", at("a_dir")), ["not a model directory (it has no config.json)"], True),
     case("fixed alpha out of range", gen("--alpha-method", "fixed", "--alpha", "1.5"), ["alpha"], True),
     case("required flag missing", lambda w: ["generate", "--dataset", w.data], ["--model-theta is required"], True),
+    case("alpha without fixed", gen("--alpha", "0.3"), ["--alpha 0.3 is for --alpha-method fixed", "drop --alpha"], True),
+    case("count past 64 bits", gen("--samples-per-prompt", "99999999999999999999999"), ["--samples-per-prompt must be below 2^63"], True),
+    case("tokens past 64 bits", gen("--max-new-tokens", "100000000000000000000000"), ["--max-new-tokens must be below 2^63"], True),
+    case("schedule past memory", gen("--samples-per-prompt", "999999999999"), ["5999999999994 samples", "GiB of memory is available"], True),
+    case("missing file shaped like a hub id", gen("--dataset", "nodir/problems.txt"), ["dataset not found: nodir/problems.txt"], True),
+    case("missing model under a local dir", gen("--model-t", "tests/no_such_model"), ["model directory not found: tests/no_such_model"], True),
+    case("adapter that raises", gen("--adapter", lambda w: f"{w.root / 'boom.py'}:Boom"), ["adapter Boom failed on row 0", "KeyError: 'boom'"], True),
     # generate: found once the models are loaded
     case("damaged line in a run", gen(out=at("torn.jsonl")), ["torn.diagnostics.jsonl line 6 is damaged"], True),
     case("hub id not there", gen("--model-t", "no-such-org/no-such-model"), ["cannot load model", "as a hub id"], False),
     case("vocabularies differ", gen("--model-t", lambda w: w.swapped), ["do not share a vocabulary"], False),
     case("no prompt fits the context", gen("--model-theta", lambda w: w.short), ["no usable prompt", "too long for the context of pi_theta (8 tokens)"], False),
     case("template fails on every row", gen("--t-format", at("strict.jinja")), ["no usable prompt", "prompt format error"], False),
+    case("template renders nothing", gen("--theta-format", at("empty.jinja")), ["no usable prompt", "6 prompt renders to no tokens for pi_theta"], False),
     # the command line itself
     case("value of the wrong type", gen("--max-new-tokens", "abc"), ["Invalid value for '--max-new-tokens'", "integer"], True),
     case("unknown flag", gen("--frobnicate"), ["No such option: --frobnicate"], True),
@@ -212,6 +225,7 @@ CASES = [
     case("analyze weights over the sidecar", lambda w: ["analyze", w.prev_side, "--export-weights", w.prev_side], ["would overwrite the input"], True),
     case("analyze weights under a file", lambda w: ["analyze", w.prev_side, "--export-weights", w.a_file / "w.jsonl"], ["is a file"], True),
     case("analyze ess floor zero", lambda w: ["analyze", w.prev_side, "--ess-floor", "0"], ["--ess-floor must lie in (0, 1]"], True),
+    case("report seed negative", lambda w: ["report", w.prev, "--seed", "-1", "--tokenizer", w.target], ["--seed must be an integer from 0"], True),
     # compare
     case("compare one run", lambda w: ["compare", w.prev_side], ["compare needs two or more runs, got 1"], True),
     case("compare a missing run", lambda w: ["compare", w.prev_side, w.root / "none.diagnostics.jsonl"], ["diagnostics file not found"], True),
