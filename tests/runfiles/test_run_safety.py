@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
+import filelock
 import pytest
 import torch
 import yaml
@@ -442,8 +443,30 @@ def test_merge_names_a_missing_shard_sidecar(w, tmp_path):
     for index in range(2):
         args = ["--num-samples", "4", "--num-shards", "2", "--shard-index", str(index), "--output", tmp_path / "run.jsonl"]
         assert invoke("generate", *tiny_run_flags(w.models, w.data, 4, 2), *args).exit_code == 0
-    run_files(tmp_path / "run-00001-of-00002.jsonl")[1].unlink()
+    shard = tmp_path / "run-00001-of-00002.jsonl"
+    meta = json.loads(run_files(shard)[2].read_text())
+    run_files(shard)[2].write_text(json.dumps({**meta, "status": "running", "counts": {**meta["counts"], "done": 1}}))
+    with filelock.FileLock(f"{shard}.lock", timeout=0):  # a generate still writing the shard
+        one_line_error(invoke("merge", tmp_path / "run.jsonl"), "run-00001-of-00002.jsonl is incomplete (1 of 2 samples): wait for it to finish")
+    one_line_error(invoke("merge", tmp_path / "run.jsonl"), "is incomplete (1 of 2 samples): re-run its generate command")
+    run_files(shard)[2].write_text(json.dumps(meta))
+    run_files(shard)[1].unlink()
     one_line_error(invoke("merge", tmp_path / "run.jsonl"), "run-00001-of-00002.jsonl has no sidecar")
+
+
+def test_a_report_is_replaced_whole_or_not_at_all(w, tmp_path, monkeypatch):
+    page = tmp_path / "r.html"
+    page.write_text("the previous report")
+    written = Path.write_bytes
+
+    def full_disk(self, data):
+        written(self, data[:100])  # what fits before the disk is full
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    result = invoke("report", w.ref, "--output", page, "--tokenizer", w.models[1])
+    one_line_error(result, "No space left on device", code=1)
+    assert page.read_text() == "the previous report" and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
 
 
 def test_a_yaml_boolean_is_not_a_number(w, tmp_path):
