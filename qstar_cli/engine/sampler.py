@@ -40,7 +40,7 @@ from qstar_cli.engine.models import (
 )
 from qstar_cli.engine.memory import SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.prompts import Messages, PromptFormat
-from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRows, RoundOutcome, to_host
+from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRows, RoundOutcome, to_device, to_host
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.engine.scheduler import Row, SlotScheduler
@@ -321,14 +321,13 @@ class DualModelSampler:
             if not side_width:
                 continue
             ids = [r.prompt_ids(side)[:-1] for r in distinct]
-            tokens = torch.full((len(ids), side_width), self._pad_id(loaded), dtype=torch.long)
-            positions = torch.full((len(ids), side_width), -1, dtype=torch.long)
+            # Left-padded: the tokens and their positions (-1: padding), one copy to the device.
+            table = np.stack([np.full((len(ids), side_width), self._pad_id(loaded)), np.full((len(ids), side_width), -1)])
             for i, prompt in enumerate(ids):
                 if prompt:
-                    tokens[i, -len(prompt) :] = torch.tensor(prompt)
-                    positions[i, -len(prompt) :] = torch.arange(len(prompt))
-            device = loaded.model.device
-            cache.forward(loaded.model, tokens.to(device), positions.to(device), start, side_width, self.vocab)
+                    table[:, i, -len(prompt) :] = prompt, np.arange(len(prompt))
+            tokens, positions = to_device(table, loaded.model.device)
+            cache.forward(loaded.model, tokens, positions, start, side_width, self.vocab)
             for j, i in enumerate(origin):
                 cache.move(start + i, start + len(distinct) + j, len(ids[i]))
         stats.prefills += 1
@@ -356,7 +355,7 @@ class DualModelSampler:
         k = int(draft_len.max())
         device = state.state.device
         if k:  # a replayed row's rounds are forced to go as they went
-            lengths, forced = torch.from_numpy(np.stack([draft_len, host.script(n)[1]])).to(device, non_blocking=True)
+            lengths, forced = to_device(np.stack([draft_len, host.script(n)[1]]), device)
         else:
             lengths, forced = torch.zeros(n, dtype=torch.long, device=device), None
         pending, positions = state.feed(n, lengths if k else None, k)
@@ -373,7 +372,7 @@ class DualModelSampler:
         for name in ("tokens", "row_rounds", "drafted", "tested", "accepted"):
             setattr(stats, name, getattr(stats, name) + getattr(outcome, name))
         if state.values is not None:  # the emitted tokens' alone: no rejected draft, no padded query
-            query, flat = torch.from_numpy(outcome.destinations).to(device, non_blocking=True)
+            query, flat = to_device(outcome.destinations, device)
             if len(query) == len(logp_t):  # every position emits (plain rounds): no copy
                 query = slice(None)
             diagnostics = self.math.token_diagnostics(logp_theta[query], logp_t[query], logp_q[query])
