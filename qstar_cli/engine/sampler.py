@@ -38,7 +38,7 @@ from qstar_cli.engine.models import (
     resolve_device,
     resolve_dtype,
 )
-from qstar_cli.engine.memory import SlotPlan, keep_freed_host_memory, plan_slots
+from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots, prefill_chunk
 from qstar_cli.engine.prompts import Messages, PromptFormat
 from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRows, RoundOutcome, to_device, to_host
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
@@ -116,6 +116,8 @@ class DualModelSampler:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.seed = seed
+        #: Tokens one prefill forward takes at most (:func:`~qstar_cli.engine.memory.prefill_chunk`).
+        self.prefill_tokens = PREFILL_CHUNK_TOKENS
         #: The round's mathematics, compiled (:mod:`qstar_cli.engine.compiled`) or eager.
         self.math = compiled_math() if compile else EAGER
         #: Each model's decode and verify forward when compiled (None: the model itself, eager).
@@ -265,7 +267,11 @@ class DualModelSampler:
         """The slots that fit the free memory beside the loaded models (``--batch-size auto``,
         :func:`~qstar_cli.engine.memory.plan_slots`) for these prompts' sequences."""
         longest = tuple(max(len(ids[side]) + self.token_budget(*ids) for ids in prompt_ids) for side in (0, 1))
-        return plan_slots([m.model for m in self.models], list(self.sides), longest, self.vocab, self.draft_k, memory_fraction, samples)
+        prompts = tuple(max(len(ids[side]) for ids in prompt_ids) for side in (0, 1))
+        models = [m.model for m in self.models]
+        return plan_slots(
+            models, list(self.sides), longest, prompts, self.vocab, self.draft_k, memory_fraction, samples, prefill_tokens=self.prefill_tokens
+        )
 
     def round_costs(self, rows: int) -> np.ndarray:
         """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts for ``rows`` rows (:func:`round_costs`),
@@ -300,9 +306,13 @@ class DualModelSampler:
         return Row(position, request, budget, result)
 
     def _prefill(self, caches, rows: list[Row], group: list[Row], stats: StreamStats) -> list[Row]:
-        """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its
+        """Prefill ``group`` into the slots after ``rows``: left-padded forwards per model over its
         distinct prompts but their last token (fed with the first round), whose caches are then
         copied to their other responses. Returns the group in slot order (distinct prompts first).
+
+        Each forward takes at most :attr:`prefill_tokens` tokens (:func:`prefill_chunk`: as many whole
+        prompts as fit, else a prompt's columns a chunk at a time, each chunk attending to the
+        columns cached before it), so its working memory is what ``--batch-size auto`` reserved.
         """
         first = [i == 0 or not r.request.shares_prompt(group[i - 1].request) for i, r in enumerate(group)]
         distinct = [r for r, f in zip(group, first) if f]
@@ -327,7 +337,16 @@ class DualModelSampler:
                 if prompt:
                     table[:, i, -len(prompt) :] = prompt, np.arange(len(prompt))
             tokens, positions = to_device(table, loaded.model.device)
-            cache.forward(loaded.model, tokens, positions, start, side_width, self.vocab)
+            chunk_rows, chunk_columns = prefill_chunk(len(ids), side_width, self.prefill_tokens)
+            for r in range(0, len(ids), chunk_rows):
+                # These rows' own width: their longest prompt's columns, the last of the table's.
+                chunk_width = max(len(prompt) for prompt in ids[r : r + chunk_rows])
+                padding = side_width - chunk_width
+                for c in range(padding, side_width, chunk_columns):
+                    block = slice(r, r + chunk_rows), slice(c, c + chunk_columns)
+                    # The longest of these prompts has position column - padding.
+                    longest = min(c + chunk_columns, side_width) - padding
+                    cache.forward(loaded.model, tokens[block], positions[block], start + r, longest, self.vocab)
             for j, i in enumerate(origin):
                 cache.move(start + i, start + len(distinct) + j, len(ids[i]))
         stats.prefills += 1

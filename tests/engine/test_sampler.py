@@ -12,6 +12,7 @@ from qstar_cli.distributions.sampling import SamplingParams
 from qstar_cli.engine.compiled import warm_up
 from qstar_cli.engine.models import LoadedModel, VocabularyMismatchError
 from qstar_cli.engine.sampler import DualModelSampler
+from qstar_cli.engine.slots import SlotCache
 from tests.helpers import (
     CONVERSATIONS,
     chi_square_pvalue,
@@ -170,5 +171,30 @@ def test_compiled_round_equals_eager(pair, draft_k):
     assert {1, draft_k + 1} <= {q for _, q in calls} <= set(range(1, draft_k + 2))
     for a, b in zip(eager, compiled):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        for name, values in a.per_token.items():
+            torch.testing.assert_close(torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [7, 40])
+def test_a_chunked_prefill_samples_what_one_forward_does(pair, tokens, monkeypatch):
+    """Prefill forwards take at most ``prefill_tokens`` tokens: 7 splits every prompt into columns,
+    40 takes whole prompts a few rows at a time; the samples are those of one prefill forward."""
+    whole = make_sampler(pair, max_new_tokens=6).generate(CONVERSATIONS * 2)
+    sampler = make_sampler(pair, max_new_tokens=6)
+    sampler.prefill_tokens = tokens
+    shapes = []
+    real_forward = SlotCache.forward
+
+    def forward(self, model, ids, *args, run=None, **kwargs):
+        if run is None and ids.shape[1] > 1:  # a prefill
+            shapes.append(tuple(ids.shape))
+        return real_forward(self, model, ids, *args, run=run, **kwargs)
+
+    monkeypatch.setattr(SlotCache, "forward", forward)
+    chunked = sampler.generate(CONVERSATIONS * 2)
+    longest = max(len(p) for r in whole for p in (r.prompt_ids_theta, r.prompt_ids_t)) - 1
+    assert max(r * c for r, c in shapes) <= tokens < 6 * longest and len(shapes) > 2
+    for a, b in zip(whole, chunked):
+        assert b.token_ids == a.token_ids
         for name, values in a.per_token.items():
             torch.testing.assert_close(torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)

@@ -27,8 +27,16 @@ def test_slots_follow_the_arithmetic_by_hand(pair, monkeypatch):
     longest = [max(len(p[side]) for p in prompts) + 300 for side in (0, 1)]
     capacity = [CAPACITY_CHUNK * -(-(n + 1) // CAPACITY_CHUNK) for n in longest]
     per_slot = sum(c * per_token for c in capacity) + 16 * 3 * sampler.vocab * 4
+    # The largest prefill forward: 2048 tokens of the longest prompt at most (one row when it is
+    # longer), its activations, keys and values repeated per query head, and its mask (float32 + bool).
+    hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    per_query = 4 * (4 * hidden + 3 * inter + 2 * (heads + 2 * config.num_key_value_heads) * head_dim) + 8 * hidden
+    prompt = max(len(p[side]) for p in prompts for side in (0, 1))
+    rows = 2048 // prompt
+    prefill = rows * prompt * per_query + rows * prompt * 2 * heads * head_dim * 4 + rows * prompt * prompt * 5
     assert plan.kv_bytes_per_token == [per_token, per_token] and plan.capacity == capacity
-    assert plan.bytes_per_slot == per_slot and plan.slots == (GIB // 2) // per_slot
+    assert plan.prefill_chunk_tokens == 2048 and plan.prefill_bytes == prefill
+    assert plan.bytes_per_slot == per_slot and plan.slots == (GIB // 2 - prefill) // per_slot
     assert sampler.plan_slots(prompts, 0.5, samples=3).slots == 3, "never more slots than samples"
     assert "slots" in plan.describe() and f"{plan.slots} slots" in plan.describe()
 
@@ -41,7 +49,8 @@ def test_auto_run_records_its_plan_and_samples_as_a_fixed_size(base_args, tmp_pa
     meta = orjson.loads(run_files(auto)[2].read_bytes())
     plan = meta["slot_plan"]
     assert plan["slots"] >= 1 and plan["memory_fraction"] == 0.9 and meta["config"]["batch_size"] == "auto"
-    assert plan["slots"] == min(meta["counts"]["samples"], int(0.9 * plan["free_bytes"]) // plan["bytes_per_slot"])
+    fits = (int(0.9 * plan["free_bytes"]) - plan["prefill_bytes"]) // plan["bytes_per_slot"]
+    assert plan["prefill_bytes"] > 0 and plan["slots"] == min(meta["counts"]["samples"], fits)
     assert invoke("generate", *without(base_args, "--batch-size"), "--batch-size", plan["slots"], "--output", fixed).exit_code == 0
     assert file_bytes(auto)[:2] == file_bytes(fixed)[:2]
 
