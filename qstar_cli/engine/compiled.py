@@ -11,8 +11,8 @@ eager ones to float rounding (a few 1e-7 in alpha), not bit for bit.
 Each model's decode and verify forwards (a query or ``draft_k + 1`` per row; prefills stay eager)
 go through :func:`compiled_forward`: dynamic shapes on the CPU; on CUDA ``mode="reduce-overhead"``,
 CUDA graphs that replay a forward's hundreds of kernel launches as one, recorded once per shape,
-so there the slot cache pads rows and attention width to powers of two
-(:class:`~qstar_cli.engine.slots.SlotCache` ``bucketed``) and keeps its storage at fixed addresses.
+so there the slot cache pads rows and attention width to buckets
+(:class:`~qstar_cli.engine.slots.SlotCache` ``bucketed``, :func:`~qstar_cli.engine.slots.bucket`) and keeps its storage at fixed addresses.
 """
 
 from __future__ import annotations

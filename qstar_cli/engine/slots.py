@@ -44,8 +44,21 @@ WIDTH_STEP = 8
 MAX_PACKED_QUERIES = 64
 #: The attention implementation :func:`use_slot_attention` gives a model.
 SLOT_ATTENTION = "qstar_slot_sdpa"
-#: Narrowest attention width of a bucketed forward (CUDA graphs: one graph per shape).
+#: Bucketed forwards (CUDA graphs: one graph per shape) take rows rounded up to a power of two up to
+#: ROW_BUCKET, then to a multiple of it (257 rows run 272, not 512), and attention widths rounded up
+#: to a power of two from MIN_BUCKET_WIDTH up to WIDTH_BUCKET, then to a multiple of it (1,025
+#: columns attend over 1,280, not 2,048; the capacity is such a multiple): at most
+#: ``5 + slots / 16`` row counts and ``3 + capacity / 256`` widths per query count, of which a run
+#: records those it reaches.
+ROW_BUCKET = 16
+WIDTH_BUCKET = 256
 MIN_BUCKET_WIDTH = 64
+
+
+def bucket(n: int, step: int, least: int = 1) -> int:
+    """``n`` (at least ``least``) rounded up to a power of two up to ``step``, beyond it to a multiple of ``step``."""
+    n = max(n, least)
+    return 1 << (n - 1).bit_length() if n <= step else step * math.ceil(n / step)
 
 
 def slot_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
@@ -141,7 +154,7 @@ class SlotCache(Cache):
 
     def __init__(self, config, slots: int, capacity: int, bucketed: bool = False):
         self.slots = slots
-        #: Compiled forwards (``run``) take bucketed shapes: rows and width padded to powers of two.
+        #: Compiled forwards (``run``) take bucketed shapes: rows and width padded (:func:`bucket`).
         self.bucketed = bucketed
         self.capacity = round_capacity(max(capacity, 1))
         self.rows = (0, 0)
@@ -184,17 +197,17 @@ class SlotCache(Cache):
         one, never seen as valid) and whose output is meaningless. ``longest`` is at least the
         largest position + 1 among the rows (known on the host, so no sync). ``run`` is called
         instead of the model (its compiled forward, :func:`~qstar_cli.engine.compiled.compiled_forward`);
-        on a bucketed cache it gets padding rows (the free slots after these, at position -1) up to
-        a power of two and a power-of-two width.
+        on a bucketed cache it gets padding rows (the free slots after these, at position -1) and a
+        width rounded up by :func:`bucket` (rows by :data:`ROW_BUCKET`, width by :data:`WIDTH_BUCKET`).
         """
         n, q = ids.shape
         if run is not None:
             # New tensors, not views: a compiled forward would be specialised on each view's base.
-            rows = min(1 << (n - 1).bit_length(), self.slots - start) if self.bucketed else n
+            rows = min(bucket(n, ROW_BUCKET), self.slots - start) if self.bucketed else n
             ids = torch.cat([ids, ids.new_zeros(rows - n, q)])
             positions = torch.cat([positions, positions.new_full((rows - n, q), -1)])
         if run is not None and self.bucketed:
-            longest = max(MIN_BUCKET_WIDTH, 1 << (longest - 1).bit_length())
+            longest = bucket(longest, WIDTH_BUCKET, MIN_BUCKET_WIDTH)
             torch.compiler.cudagraph_mark_step_begin()
         self.rows = (start, start + len(ids))
         self.width = min(WIDTH_STEP * math.ceil(longest / WIDTH_STEP), self.capacity)
