@@ -44,7 +44,7 @@ from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRo
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.engine.scheduler import Row, SlotScheduler
-from qstar_cli.engine.slots import SlotCache, use_slot_attention
+from qstar_cli.engine.slots import SlotCache, check_versions, use_slot_attention
 from qstar_cli.runfiles.format import per_token_fields
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
 
@@ -83,6 +83,7 @@ class DualModelSampler:
         draft_pair: tuple[LoadedModel, LoadedModel] | None = None,
         compile: bool = False,
     ):
+        check_versions()
         self.theta, self.target = theta, target
         self.vocab = check_shared_vocabulary(theta, target)
         #: Drafts per row per round (0: plain sampling; "auto": chosen per row, up to AUTO_MAX_DRAFT).

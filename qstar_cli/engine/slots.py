@@ -27,13 +27,17 @@ prefills newcomers into the slots right after them.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
+import transformers
 from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from qstar_cli.errors import QstarInputError
 
 #: Capacity is a multiple of this many columns (growth is rare).
 CAPACITY_CHUNK = 256
@@ -59,6 +63,25 @@ def bucket(n: int, step: int, least: int = 1) -> int:
     """``n`` (at least ``least``) rounded up to a power of two up to ``step``, beyond it to a multiple of ``step``."""
     n = max(n, least)
     return 1 << (n - 1).bit_length() if n <= step else step * math.ceil(n / step)
+
+
+#: The oldest versions the slot cache is tested with (pyproject.toml's floors). Older transformers
+#: take the cache as ``past_key_values=``: the ``cache=`` it is passed would land in ``**kwargs`` and
+#: every forward would silently see no history. Older torch may not reinplace the compiled cache
+#: write (an ``index_copy_`` through a flat view), which would then write a copy, not the cache.
+MIN_VERSIONS = {"torch": (2, 13), "transformers": (5, 24)}
+
+
+def check_versions() -> None:
+    """Refuse, with the versions named, a torch or transformers older than :data:`MIN_VERSIONS`."""
+    for module in (torch, transformers):
+        floor = MIN_VERSIONS[module.__name__]
+        found = re.match(r"(\d+)\.(\d+)", module.__version__)
+        if found is None or tuple(map(int, found.groups())) < floor:
+            raise QstarInputError(
+                f"qstar needs {module.__name__} >= {'.'.join(map(str, floor))}, found {module.__version__}: "
+                f"pip install -U '{module.__name__}>={'.'.join(map(str, floor))}'"
+            )
 
 
 def slot_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:

@@ -1,11 +1,15 @@
 """The slot cache's storage and attention path: packed grouped-query attention equals transformers'
 own SDPA, reads copy nothing, and the work asked for (diagnostics levels) changes no token."""
 
+import re
+
 import pytest
 import torch
+import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from qstar_cli.engine.slots import SLOT_ATTENTION, SlotCache, slot_attention, use_slot_attention
+from qstar_cli.errors import QstarInputError
 from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
 from qstar_cli.testing.tiny import build_tiny_model
 from tests.helpers import CONVERSATIONS, make_sampler
@@ -110,3 +114,12 @@ def test_diagnostics_none_draws_the_same_tokens_and_keeps_only_their_ids(pair, d
         assert b.round_tokens == a.round_tokens
 
 
+
+
+@pytest.mark.parametrize("module, version", [(transformers, "5.3.0"), (torch, "2.6.0+cu124")])
+def test_versions_below_the_tested_floors_are_refused_by_name(pair, module, version, monkeypatch):
+    """transformers before the ``cache=`` keyword would drop the cache silently; older torch may not
+    reinplace the compiled cache write."""
+    monkeypatch.setattr(module, "__version__", version)
+    with pytest.raises(QstarInputError, match=rf"needs {module.__name__} >= \d+\.\d+, found {re.escape(version)}"):
+        make_sampler(pair)
