@@ -18,8 +18,12 @@ so there the slot cache pads rows and attention width to buckets
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sysconfig
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,8 +52,20 @@ def compiled_math() -> RoundMath:
     return RoundMath(*(torch.compile(f, dynamic=True) for f in (solve_alpha, mixture_logprobs, token_diagnostics)))
 
 
-def check_cpp_compiler() -> None:
-    """Refuse ``--compile`` on a CPU without a working C++ compiler (inductor writes C++ there)."""
+def check_compiler(device: torch.device) -> None:
+    """Refuse ``--compile`` without the compiler it needs: on a CPU inductor writes C++, on CUDA
+    Triton builds its kernel launchers as C extensions (a C compiler, found as Triton finds it, and
+    Python's headers)."""
+    if device.type == "cuda":
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        if compiler is None or not headers.is_file():
+            missing = "no C compiler (CC, gcc or clang)" if compiler is None else f"no Python headers ({headers})"
+            raise QstarInputError(
+                f"--compile on CUDA needs a C compiler and Python's headers to build Triton's launchers, and this machine has "
+                f"{missing}: install them (apt install gcc python3-dev), name a compiler with CC, or use --compile off"
+            )
+        return
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:

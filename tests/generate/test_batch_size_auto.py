@@ -104,3 +104,28 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(base_
     result = invoke("generate", *base_args, "--compile", "on", "--device", "cpu", "--output", tmp_path / "x.jsonl")
     one_line_error(result, "--compile on a CPU needs a C++ compiler")
     assert "loading" not in result.output and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("missing", ["compiler", "headers"])
+def test_compile_on_cuda_without_a_c_compiler_or_python_headers_is_refused(missing, tmp_path, monkeypatch):
+    """Triton builds its launchers with a C compiler (CC, gcc or clang) against Python's headers;
+    without them the first compiled forward would fail after the models load."""
+    import sysconfig
+
+    import torch
+
+    from qstar_cli.engine.compiled import check_compiler
+    from qstar_cli.errors import QstarInputError
+
+    (tmp_path / "gcc").write_text("#!/bin/sh\n")
+    (tmp_path / "gcc").chmod(0o755)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty") if missing == "compiler" else str(tmp_path))
+    if missing == "headers":
+        monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-include")})
+    with pytest.raises(QstarInputError, match="--compile on CUDA needs a C compiler and Python's headers"):
+        check_compiler(torch.device("cuda"))
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    (tmp_path / "Python.h").write_text("")
+    check_compiler(torch.device("cuda"))
