@@ -103,18 +103,26 @@ def graphed(model) -> bool:
     return model.device.type == "cuda"
 
 
+#: Dynamo's compiled entries per code object. Every model's ``forward`` is one code object (the
+#: class's), so pi_theta, pi_t and a draft pair share dynamo's limit (8), and each takes several
+#: entries (one row and several, one query and ``draft_k + 1``, caches of one slot and several):
+#: past the limit a forward silently runs eager. Four models of up to 8 entries each.
+FORWARD_RECOMPILE_LIMIT = 32
+
+
 def compiled_forward(model) -> Callable:
     """``model``'s forward compiled for decode and verify forwards (CUDA graphs on CUDA)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FORWARD_RECOMPILE_LIMIT)
     return torch.compile(model.forward, dynamic=True, mode="reduce-overhead" if graphed(model) else None)
 
 
 def warm_up_forward(model, run: Callable, vocab: int, queries: int) -> None:
     """Compile ``run``, ``model``'s compiled forward, for decode forwards of several rows and one (in
     caches of several slots and of one: sizes 1 specialise), and verify forwards of ``queries`` per
-    row (``draft_k + 1``) when that is above 1. The sizes are unlike any of the model's (heads,
-    groups): a compiled function is specialised on the sizes its first inputs happen to share."""
+    row (``draft_k + 1``) when that is above 1: every shape a run takes (sizes above 1 are symbols;
+    the cache's head count and head size are static, so no size of the warm-up's pins another)."""
     for slots, row_counts in ((11, (7, 1)), (1, (1,))):
-        cache = SlotCache(model.config, slots, 16, bucketed=graphed(model))
+        cache = SlotCache(model.config, slots, 16, compiled=True, bucketed=graphed(model))
         ids = torch.ones(row_counts[0], 6, dtype=torch.long, device=model.device)
         positions = torch.arange(6, device=model.device).expand(row_counts[0], 6)
         cache.forward(model, ids, positions, 0, 6, vocab)

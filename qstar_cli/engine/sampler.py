@@ -230,7 +230,10 @@ class DualModelSampler:
         """
         stats = stats if stats is not None else StreamStats()
         schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
-        caches = tuple(SlotCache(m.model.config, slots, 1, bucketed=d is not None and graphed(m.model)) for m, d in zip(self.models, self.decoders))
+        caches = tuple(
+            SlotCache(m.model.config, slots, 1, compiled=d is not None, bucketed=d is not None and graphed(m.model))
+            for m, d in zip(self.models, self.decoders)
+        )
         state = DeviceRows(slots, self.theta.model.device, self.eos, len(per_token_fields(diagnostics)) - 1)
         host, outbox = schedule.host, []  # outbox: the last round's finished rows, their values on the way
         try:

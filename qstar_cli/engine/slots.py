@@ -131,6 +131,13 @@ class SlotLayer(CacheLayerMixin):
         self._mark_static()
 
     def _mark_static(self) -> None:
+        # Key/value heads and head_dim are the model's constants: dynamic, they would share a symbol
+        # with any size equal to them (the warm-up's rows, say) and pin it when the attention
+        # specialises them, so that the run's other sizes recompile the forward.
+        if self.cache.compiled:
+            for store in (self.keys, self.values):
+                torch._dynamo.mark_static(store, 1)
+                torch._dynamo.mark_static(store, 3)
         # CUDA graphs replay the writes into the storage in place only at addresses they may keep.
         if self.cache.bucketed:
             torch._dynamo.mark_static_address(self.keys)
@@ -175,8 +182,10 @@ class SlotCache(Cache):
     >>> logp = cache.forward(model, ids, positions, start=0)   # ids, positions: [rows, q]
     """
 
-    def __init__(self, config, slots: int, capacity: int, bucketed: bool = False):
+    def __init__(self, config, slots: int, capacity: int, compiled: bool = False, bucketed: bool = False):
         self.slots = slots
+        #: Forwards go through a compiled function (``run``), which specialises on the storage.
+        self.compiled = compiled or bucketed
         #: Compiled forwards (``run``) take bucketed shapes: rows and width padded (:func:`bucket`).
         self.bucketed = bucketed
         self.capacity = round_capacity(max(capacity, 1))
