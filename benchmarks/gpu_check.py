@@ -15,9 +15,10 @@ Checks, everywhere: cached logp_t = a full forward; one transfer per round; the 
 stops at its own EOS over prompts of different lengths, with no recompile or CUDA-graph skip after
 warm-up, logp_t = a full forward and = eager; draws under top-k/top-p never on a zero-probability
 token (a million on a GPU). On CUDA also: synchronisations per round while rows finish and refill
-(``set_sync_debug_mode``), ms per compiled forward just under and over bucket edges, and
+(``set_sync_debug_mode``), ms per compiled forward just under and over bucket edges,
 ``--batch-size auto`` at 0.9 at the 8B shape with 300- and 1,500-token prompts through the first
-prefill, its peak memory against the plan.
+prefill, its peak memory against the plan, and, with several GPUs, a run on the last one
+(``cuda:N``: its finished rows' values copied back on that GPU's stream).
 """
 
 from __future__ import annotations
@@ -309,6 +310,18 @@ def syncs_per_round(sampler: DualModelSampler, slots: int, prompt: int) -> tuple
     return ("synchronisations per round (finishes, refills)", syncs <= stats.steps, f"{syncs} for {stats.steps} rounds")
 
 
+def other_gpu_check(shape: str, dtype, new: int) -> tuple[str, bool, str]:
+    """``--device cuda:N`` with N > 0: every sample's recorded logp_t (copied back from that GPU's
+    stream as rows finish) equals a full forward's there, none read before its copy was done."""
+    device = torch.device(f"cuda:{torch.cuda.device_count() - 1}")
+    sampler = DualModelSampler(build(shape, 1, device, dtype, 4), build(shape, 2, device, dtype, 4), max_new_tokens=new)
+    sampler.eos = set(range(1, sampler.vocab, 97))  # rows finish in different rounds
+    reqs = varied_requests(16, 32, sampler.vocab)
+    results = dict(sampler.stream(reqs, 8))
+    diff = max(logp_t_against_full_forward(sampler, reqs[i], r) for i, r in results.items())
+    return (f"--device {device}: recorded logp_t = full forward", diff < 5e-2, f"{diff:.2e} over {len(results)} samples")
+
+
 def bucket_edge_ms(loaded: LoadedModel, run, vocab: int) -> list[str]:
     """ms per compiled decode forward at rows and widths just under and over bucket edges."""
     out, device = [], loaded.model.device
@@ -385,6 +398,8 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del theta, target, spec
     results = [zero_probability_draws(device, 4096 if args.quick else 128256, 8192 if args.quick else 1_000_000)]
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        results.append(other_gpu_check("smollm2-135m", dtype, new))
     if device.type == "cuda":
         results += [auto_memory_check("llama-3.1-8b", device, dtype, prompt) for prompt in (300, 1500)]
     for name, ok, detail in results:
