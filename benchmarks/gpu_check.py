@@ -9,6 +9,16 @@ Needs only torch and transformers (and this package): models are built from conf
 weights at the real shapes, over a synthetic tokenizer of the real vocabulary size, so nothing is
 downloaded. Prints one table row per measurement; exits 1 if a check fails. q* runs eager and
 compiled (``--compile on``: the round's mathematics and the decode forwards; CUDA graphs on CUDA).
+
+Checks, everywhere: cached logp_t = a full forward; one transfer per round; the compiled path at
+``--draft-k`` 0 and 4 and with a draft pair (decode and verify forwards), rows shrinking as each
+stops at its own EOS over prompts of different lengths, with no recompile or CUDA-graph skip after
+warm-up, logp_t = a full forward and = eager; draws under top-k/top-p never on a zero-probability
+token (a million on a GPU). On CUDA also: synchronisations per round while rows finish and refill
+(``set_sync_debug_mode``), ms per compiled forward just under and over bucket edges,
+``--batch-size auto`` at 0.9 at the 8B shape with 300- and 1,500-token prompts through the first
+prefill, its peak memory against the plan, and, with several GPUs, a run on the last one
+(``cuda:N``: its finished rows' values copied back on that GPU's stream).
 """
 
 from __future__ import annotations
@@ -17,15 +27,19 @@ import argparse
 import resource
 import sys
 import time
+import warnings
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch._dynamo.utils import counters
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qstar_cli.distributions.mixture import EARLY_EXIT_DEVICES
+from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_tokens, sampling_logprobs
 from qstar_cli.engine import rows as rows_module
 from qstar_cli.engine import sampler as sampler_module
 from qstar_cli.engine.compiled import warm_up
+from qstar_cli.engine.memory import size
 from qstar_cli.engine.memory import kv_bytes_per_token
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
@@ -67,6 +81,21 @@ def requests(batch: int, prompt: int, vocab: int) -> list[SampleRequest]:
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(1, vocab - 1, (batch, prompt), generator=gen).tolist()
     return [SampleRequest(i, p, p) for i, p in enumerate(ids)]
+
+
+def varied_requests(batch: int, prompt: int, vocab: int) -> list[SampleRequest]:
+    """Prompts of lengths from ``prompt / 2`` to ``prompt``: rows of one forward at different widths."""
+    return [SampleRequest(r.sample_idx, r.prompt_ids_t[: prompt // 2 + i * prompt // (2 * batch)], r.prompt_ids_t[: prompt // 2 + i * prompt // (2 * batch)])
+            for i, r in enumerate(requests(batch, prompt, vocab))]  # fmt: skip
+
+
+def logp_t_against_full_forward(sampler: DualModelSampler, request: SampleRequest, result) -> float:
+    """Max |d logp_t| between a sample's recorded values and one full forward of pi_t over it."""
+    loaded, device = sampler.target, sampler.target.model.device
+    ids = torch.tensor([request.prompt_ids_t + result.token_ids], device=device)
+    logits = loaded.model(input_ids=ids).logits[0, len(request.prompt_ids_t) - 1 : -1, : sampler.vocab].float().log_softmax(-1)
+    full = logits.gather(-1, torch.tensor(result.token_ids, device=device)[:, None])[:, 0].cpu()
+    return (full.double() - torch.tensor(result.per_token["logp_t"], dtype=torch.float64)).abs().max().item()
 
 
 def sync(device) -> None:
@@ -176,12 +205,149 @@ def checks(sampler: DualModelSampler) -> list[tuple[str, bool, str]]:
     ]  # fmt: skip
 
 
+def compiled_checks(theta: LoadedModel, target: LoadedModel, slots: int, prompt: int, new: int) -> list[tuple[str, bool, str]]:
+    """The compiled path after warm-up, with draft-k 0 and 4 and the pair drafter: ``slots`` rows of
+    prompts of different lengths, each stopping at its own EOS (one id in 97 ends a row), so rows
+    shrink from the slots towards 1 and widths cross bucket edges. No recompile, no CUDA-graph skip;
+    logp_t equals a full forward's and eager's (over the tokens both drew alike)."""
+    out, device = [], target.model.device
+    bound = 1e-4 if target.model.dtype == torch.float32 else 5e-2
+    for label, kwargs in (("k=0", {}), ("k=4", {"draft_k": 4}), ("pair k=4", {"draft_k": 4, "draft_pair": (theta, target)})):
+        samplers = [DualModelSampler(theta, target, max_new_tokens=new, compile=c, **kwargs) for c in (False, True)]
+        for sampler in samplers:
+            sampler.eos = set(range(1, sampler.vocab, 97))
+        warm_up(samplers[1])
+        graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+        reqs = varied_requests(slots, prompt, samplers[0].vocab)
+        try:
+            eager, compiled = (dict(s.stream(reqs, slots)) for s in samplers)
+        except Exception as err:  # noqa: BLE001 - a recompile past dynamo's limit raises (fail_on_recompile_limit_hit)
+            out.append((f"compiled {label}: ran", False, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"))
+            continue
+        sync(device)
+        recompiles, graph_skips = counters["stats"]["unique_graphs"] - graphs, counters["inductor"]["cudagraph_skips"] - skips
+        lengths = sorted(len(r.token_ids) for r in compiled.values())
+        full = max(logp_t_against_full_forward(samplers[1], reqs[i], r) for i, r in compiled.items())
+        alike, d_eager = 0, 0.0
+        for i, a in eager.items():
+            b = compiled[i]
+            same = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), min(len(a.token_ids), len(b.token_ids)))
+            alike += same
+            if same:
+                d_eager = max(d_eager, max(abs(x - y) for x, y in zip(a.per_token["logp_t"][:same], b.per_token["logp_t"][:same])))
+        out += [
+            (f"compiled {label}: no recompile or CUDA-graph skip after warm-up", recompiles == 0 and graph_skips == 0,
+             f"{recompiles} graphs, {graph_skips} skips; rows ended after {lengths[0]}..{lengths[-1]} tokens"),
+            (f"compiled {label}: logp_t = full forward, = eager", full < bound and d_eager < bound,
+             f"{full:.2e}, {d_eager:.2e} over {alike} tokens drawn alike < {bound:g}"),
+        ]  # fmt: skip
+    return out
+
+
+def zero_probability_draws(device, vocab: int, draws: int) -> tuple[str, bool, str]:
+    """``draws`` tokens under top-k and top-p (zeros scattered through the vocabulary): none is a
+    token of probability zero (a parallel scan's rounding must not land a draw on one)."""
+    params, gen = SamplingParams(temperature=1.0, top_k=vocab // 8, top_p=0.9), torch.Generator(device).manual_seed(0)
+    batch, bad, done = 4096, 0, 0
+    while done < draws:
+        logp = sampling_logprobs((3 * torch.randn(batch, vocab, device=device, generator=gen)).log_softmax(-1), params)
+        index = torch.arange(done, done + batch, device=device)
+        tokens = sample_tokens(logp, counter_uniform(0, index, torch.zeros_like(index)))
+        bad += int((logp.gather(-1, tokens[:, None]) == -torch.inf).sum())
+        done += batch
+    return (f"{done} draws (top-k {vocab // 8}, top-p 0.9): none of probability 0", bad == 0, f"{bad} on a zero")
+
+
+class _Stop(Exception):
+    pass
+
+
+def auto_memory_check(shape: str, device, dtype, prompt: int, rounds: int = 3) -> tuple[str, bool, str]:
+    """``--batch-size auto`` at 0.9 with ``prompt``-token prompts: the plan, then the first prefill
+    and a few rounds; the peak memory against what the plan let it use (CUDA)."""
+    theta, target = build(shape, 1, device, dtype), build(shape, 2, device, dtype)
+    torch.cuda.empty_cache()  # the float32 weights built first: free for the plan to see
+    sampler = DualModelSampler(theta, target, max_new_tokens=64)
+    reqs = requests(4096, prompt, sampler.vocab)
+    plan = sampler.plan_slots([(r.prompt_ids_theta, r.prompt_ids_t) for r in reqs], 0.9, samples=len(reqs))
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+
+    def stop(_):
+        nonlocal rounds
+        rounds -= 1
+        if not rounds:
+            raise _Stop
+
+    ok, detail = True, ""
+    try:
+        list(sampler.stream(reqs[: plan.slots], plan.slots, on_step=stop))
+    except _Stop:
+        pass
+    except torch.OutOfMemoryError as err:
+        ok, detail = False, f"out of memory: {str(err).splitlines()[0][:100]}; "
+    used = torch.cuda.max_memory_allocated(device) - before
+    allowed = int(plan.memory_fraction * plan.free_bytes)
+    del theta, target, sampler
+    torch.cuda.empty_cache()
+    return (f"--batch-size auto {shape} prompts of {prompt}: {plan.slots} slots fit", ok and used <= allowed,
+            f"{detail}peak {size(used)} of {size(allowed)} planned (prefill reserve {size(plan.prefill_bytes)})")  # fmt: skip
+
+
+def syncs_per_round(sampler: DualModelSampler, slots: int, prompt: int) -> tuple[str, bool, str]:
+    """CUDA synchronisations while rows finish and refill (``torch.cuda.set_sync_debug_mode``): the
+    round's one transfer alone."""
+    stats = StreamStats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            list(sampler.stream(varied_requests(3 * slots, prompt, sampler.vocab), slots, stats=stats))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return ("synchronisations per round (finishes, refills)", syncs <= stats.steps, f"{syncs} for {stats.steps} rounds")
+
+
+def other_gpu_check(shape: str, dtype, new: int) -> tuple[str, bool, str]:
+    """``--device cuda:N`` with N > 0: every sample's recorded logp_t (copied back from that GPU's
+    stream as rows finish) equals a full forward's there, none read before its copy was done."""
+    device = torch.device(f"cuda:{torch.cuda.device_count() - 1}")
+    sampler = DualModelSampler(build(shape, 1, device, dtype, 4), build(shape, 2, device, dtype, 4), max_new_tokens=new)
+    sampler.eos = set(range(1, sampler.vocab, 97))  # rows finish in different rounds
+    reqs = varied_requests(16, 32, sampler.vocab)
+    results = dict(sampler.stream(reqs, 8))
+    diff = max(logp_t_against_full_forward(sampler, reqs[i], r) for i, r in results.items())
+    return (f"--device {device}: recorded logp_t = full forward", diff < 5e-2, f"{diff:.2e} over {len(results)} samples")
+
+
+def bucket_edge_ms(loaded: LoadedModel, run, vocab: int) -> list[str]:
+    """ms per compiled decode forward at rows and widths just under and over bucket edges."""
+    out, device = [], loaded.model.device
+    cache = SlotCache(loaded.model.config, 64, 1100, compiled=True, bucketed=True)
+    for rows, width in ((16, 256), (17, 256), (16, 257), (32, 1024), (33, 1024), (32, 1025)):
+        ids = torch.ones(rows, 1, dtype=torch.long, device=device)
+        at = torch.full((rows, 1), width - 1, device=device)
+        for _ in range(3):
+            cache.forward(loaded.model, ids, at, 0, width, vocab, run=run)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(20):
+            cache.forward(loaded.model, ids, at, 0, width, vocab, run=run)
+        sync(device)
+        out.append(f"rows {rows} width {width}: {1e3 * (time.perf_counter() - started) / 20:.2f} ms")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="the 135M shape with 4 layers, batches 1 and 8, a few tokens (CPU, CI)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    # A forward past dynamo's recompile limit would run eager, silently: here it fails the check.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     try:
         device = torch.device(args.device)
         torch.empty(1, device=device)
@@ -211,7 +377,13 @@ def main() -> None:
                       f"{(weights + kv) / per_round / reference:>11.1%}", flush=True)  # fmt: skip
             print(f"{'one model generate ' + target.name:<44} {batch:>5} | {hf_rate(target, batch, prompt, new):>9.1f}", flush=True)
             print(f"{'one model generate_batch ' + target.name:<44} {batch:>5} | {hf_batch_rate(target, batch, prompt, new)}", flush=True)
-        for name, ok, detail in checks(samplers["eager"]):
+        results = checks(samplers["eager"])
+        if device.type == "cuda":
+            results.append(syncs_per_round(samplers["compiled"], 8, prompt))
+            print("\n".join(f"compiled decode {target.name}: {line}" for line in bucket_edge_ms(target, samplers["compiled"].decoders[1], samplers["compiled"].vocab)))
+        if shape != "llama-3.1-8b":  # the compiled path at each draft setting (the 8B shape: its throughput above)
+            results += compiled_checks(theta, target, 6 if args.quick else 64, 16 if args.quick else 384, 16 if args.quick else 192)
+        for name, ok, detail in results:
             failed |= not ok
             print(f"check {shape}: {name}: {'ok' if ok else 'FAILED'} ({detail})", flush=True)
         del theta, target, samplers, sampler
@@ -224,6 +396,15 @@ def main() -> None:
         rate, util, per_round = qstar_rate(spec, 1 if args.quick else 8, prompt, new)
         print(f"{f'speculative q* {theta.name} -> {large} k={k}':<44} {1 if args.quick else 8:>5} | {rate:>9.1f} {util:>5.2f} {1e3 * per_round:>9.2f}")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del theta, target, spec
+    results = [zero_probability_draws(device, 4096 if args.quick else 128256, 8192 if args.quick else 1_000_000)]
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        results.append(other_gpu_check("smollm2-135m", dtype, new))
+    if device.type == "cuda":
+        results += [auto_memory_check("llama-3.1-8b", device, dtype, prompt) for prompt in (300, 1500)]
+    for name, ok, detail in results:
+        failed |= not ok
+        print(f"check: {name}: {'ok' if ok else 'FAILED'} ({detail})", flush=True)
     print(f"peak memory {peak / (1 << 30):.2f} GiB; slot cache {SlotCache.__module__}; {'FAILED' if failed else 'all checks ok'}")
     raise SystemExit(1 if failed else 0)
 

@@ -4,7 +4,8 @@
 # torch: a torch already importable in the venv is kept (install your CUDA build first to use a GPU:
 #   python3 -m venv .venv && .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu128
 # ); otherwise QSTAR_TORCH (default torch==2.13.0, the CPU build cached on the project's machines) is
-# installed before qstar, so that qstar's own "torch>=2.4" requirement is already met.
+# installed before qstar, so that qstar's own "torch>=2.13" requirement is already met (a torch kept
+# from before must be 2.13 or later: qstar refuses older ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -106,16 +106,19 @@ def sampling_logprobs(logp_q: Tensor, params: SamplingParams) -> Tensor:
 
 
 def sample_tokens(logp: Tensor, uniform: Tensor) -> Tensor:
-    """Inverse-CDF draw from each row of normalised ``logp`` with that row's ``uniform`` in (0, 1).
+    """Inverse-CDF draw from each row of normalised ``logp`` with that row's ``uniform`` in (0, 1].
 
-    The first index whose cumulative mass reaches ``u * total`` always carries mass (the cdf jumps
-    there) and exists even when ``u * total`` rounds up to the total, so zero-probability tokens are
-    never drawn.
+    The cdf steps at entries with mass only, so zero-probability tokens are never drawn: a parallel
+    scan (CUDA's ``cumsum``) sums each prefix in its own order and may round the prefix at a zero
+    entry above the one before it, so a zero entry's prefix is replaced by the running maximum of
+    the prefixes before it (which also keeps the cdf sorted). The first index whose cdf reaches
+    ``u * total`` is then one where the cdf rises. A row of NaN (a model that emitted NaN, caught
+    after the round) draws id 0.
     """
-    cdf = logp.exp().cumsum(dim=-1)
+    probs = logp.exp()
+    cdf = torch.where(probs > 0, probs.cumsum(dim=-1), 0.0).cummax(dim=-1).values
     target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
-    # (Clamped so that a row of NaN, from a model that emitted NaN, still yields a valid id.)
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logp.shape[-1] - 1)
+    return torch.searchsorted(cdf, target).squeeze(-1)
 
 
 def draw(

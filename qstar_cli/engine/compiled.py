@@ -11,15 +11,19 @@ eager ones to float rounding (a few 1e-7 in alpha), not bit for bit.
 Each model's decode and verify forwards (a query or ``draft_k + 1`` per row; prefills stay eager)
 go through :func:`compiled_forward`: dynamic shapes on the CPU; on CUDA ``mode="reduce-overhead"``,
 CUDA graphs that replay a forward's hundreds of kernel launches as one, recorded once per shape,
-so there the slot cache pads rows and attention width to powers of two
-(:class:`~qstar_cli.engine.slots.SlotCache` ``bucketed``) and keeps its storage at fixed addresses.
+so there the slot cache pads rows and attention width to buckets
+(:class:`~qstar_cli.engine.slots.SlotCache` ``bucketed``, :func:`~qstar_cli.engine.slots.bucket`) and keeps its storage at fixed addresses.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sysconfig
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,8 +52,20 @@ def compiled_math() -> RoundMath:
     return RoundMath(*(torch.compile(f, dynamic=True) for f in (solve_alpha, mixture_logprobs, token_diagnostics)))
 
 
-def check_cpp_compiler() -> None:
-    """Refuse ``--compile`` on a CPU without a working C++ compiler (inductor writes C++ there)."""
+def check_compiler(device: torch.device) -> None:
+    """Refuse ``--compile`` without the compiler it needs: on a CPU inductor writes C++, on CUDA
+    Triton builds its kernel launchers as C extensions (a C compiler, found as Triton finds it, and
+    Python's headers)."""
+    if device.type == "cuda":
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        if compiler is None or not headers.is_file():
+            missing = "no C compiler (CC, gcc or clang)" if compiler is None else f"no Python headers ({headers})"
+            raise QstarInputError(
+                f"--compile on CUDA needs a C compiler and Python's headers to build Triton's launchers, and this machine has "
+                f"{missing}: install them (apt install gcc python3-dev), name a compiler with CC, or use --compile off"
+            )
+        return
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:
@@ -87,18 +103,26 @@ def graphed(model) -> bool:
     return model.device.type == "cuda"
 
 
+#: Dynamo's compiled entries per code object. Every model's ``forward`` is one code object (the
+#: class's), so pi_theta, pi_t and a draft pair share dynamo's limit (8), and each takes several
+#: entries (one row and several, one query and ``draft_k + 1``, caches of one slot and several):
+#: past the limit a forward silently runs eager. Four models of up to 8 entries each.
+FORWARD_RECOMPILE_LIMIT = 32
+
+
 def compiled_forward(model) -> Callable:
     """``model``'s forward compiled for decode and verify forwards (CUDA graphs on CUDA)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FORWARD_RECOMPILE_LIMIT)
     return torch.compile(model.forward, dynamic=True, mode="reduce-overhead" if graphed(model) else None)
 
 
 def warm_up_forward(model, run: Callable, vocab: int, queries: int) -> None:
     """Compile ``run``, ``model``'s compiled forward, for decode forwards of several rows and one (in
     caches of several slots and of one: sizes 1 specialise), and verify forwards of ``queries`` per
-    row (``draft_k + 1``) when that is above 1. The sizes are unlike any of the model's (heads,
-    groups): a compiled function is specialised on the sizes its first inputs happen to share."""
+    row (``draft_k + 1``) when that is above 1: every shape a run takes (sizes above 1 are symbols;
+    the cache's head count and head size are static, so no size of the warm-up's pins another)."""
     for slots, row_counts in ((11, (7, 1)), (1, (1,))):
-        cache = SlotCache(model.config, slots, 16, bucketed=graphed(model))
+        cache = SlotCache(model.config, slots, 16, compiled=True, bucketed=graphed(model))
         ids = torch.ones(row_counts[0], 6, dtype=torch.long, device=model.device)
         positions = torch.arange(6, device=model.device).expand(row_counts[0], 6)
         cache.forward(model, ids, positions, 0, 6, vocab)

@@ -4,7 +4,10 @@ Each slot holds, for every model, keys and values for the longest sequence the s
 (:class:`~qstar_cli.engine.slots.SlotCache` sizes them so), and a round's working memory: float32
 log-probs and the mixture's temporaries over the vocabulary for each of its ``draft_k + 1`` queries.
 The slots are what ``memory_fraction`` of the memory still free once the models are loaded holds
-(CUDA: ``mem_get_info``; CPU: the kernel's available memory), so weights are counted as loaded.
+(CUDA: ``mem_get_info``; CPU: the kernel's available memory), so weights are counted as loaded,
+less the working memory of one prefill forward: prefills run in chunks of at most
+:data:`PREFILL_CHUNK_TOKENS` tokens (:func:`prefill_chunk`), whose activations, grouped-query keys and
+values repeated per query head, and attention mask :func:`prefill_reserve` counts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from qstar_cli.errors import QstarInputError
 #: sampling distribution, the solver's moments and temporaries, the diagnostics'), rounded up.
 WORKING_ROWS = 16
 GIB = 1 << 30
+#: Tokens (rows x columns) one prefill forward takes at most: an eager forward's temporaries grow
+#: with its tokens (an 8B model's by ~175 KB each), so a prefill of many long prompts is split.
+PREFILL_CHUNK_TOKENS = 2048
 
 #: ``mallopt`` parameters (glibc's malloc.h) and the freed host memory the heap keeps for reuse.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -61,11 +67,50 @@ def size(n: float) -> str:
 
 def kv_bytes_per_token(model) -> int:
     """Key and value bytes one token takes in a model's cache: layers x 2 x kv_heads x head_dim x dtype bytes."""
+    _, _, _, kv_heads, head_dim = _shape(model)
+    return model.config.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
+
+
+def prefill_chunk(rows: int, width: int, tokens: int = PREFILL_CHUNK_TOKENS) -> tuple[int, int]:
+    """``(rows, columns)`` of each forward of a prefill of ``rows`` prompts left-padded to ``width``
+    columns: at most ``tokens`` tokens, whole prompts where they fit (as many rows as fit), else
+    ``tokens`` columns of one prompt at a time."""
+    columns = max(1, min(width, tokens))
+    return max(1, min(rows, tokens // columns)), columns
+
+
+def _shape(model) -> tuple[int, int, int, int, int]:
+    """``(hidden, intermediate, heads, kv_heads, head_dim)`` of a model's decoder layers."""
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return config.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
+    return config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size, heads, kv_heads, head_dim
+
+
+def prefill_bytes_per_token(model) -> int:
+    """Bytes a prefill forward holds per query token inside a decoder layer: the residual, normed
+    and output hidden states, query/key/value and their rotated copies, three MLP-wide tensors
+    (gate, up, their product) in the model's dtype, and the norm's two float32 copies."""
+    hidden, intermediate, heads, kv_heads, head_dim = _shape(model)
+    return model.dtype.itemsize * (4 * hidden + 3 * intermediate + 2 * (heads + 2 * kv_heads) * head_dim) + 2 * 4 * hidden
+
+
+def prefill_bytes_per_column(model) -> int:
+    """Bytes a prefill forward holds per row and attended column: the keys and values repeated per
+    query head (transformers' SDPA path repeats them whenever a mask is given)."""
+    _, _, heads, _, head_dim = _shape(model)
+    return 2 * heads * head_dim * model.dtype.itemsize
+
+
+def prefill_reserve(model, width: int, tokens: int = PREFILL_CHUNK_TOKENS) -> int:
+    """Working memory of the largest prefill forward over prompts of up to ``width`` tokens: its
+    chunk's tokens, the columns its rows attend, and its additive mask (with the boolean it is made
+    from) per query and column. Its logits (a vocabulary row per prompt) are within a round's
+    working memory, which a prefill does not overlap."""
+    rows, columns = prefill_chunk(tokens, width, tokens)
+    mask = rows * columns * width * (model.dtype.itemsize + 1)
+    return rows * columns * prefill_bytes_per_token(model) + rows * width * prefill_bytes_per_column(model) + mask
 
 
 def free_memory(device: torch.device) -> int:
@@ -92,13 +137,17 @@ class SlotPlan:
     capacity: list[int]  # columns per slot, per model (longest prompt + token budget, rounded up)
     working_bytes_per_slot: int
     bytes_per_slot: int
+    prefill_chunk_tokens: int  # tokens (rows x columns) a prefill forward takes at most
+    prefill_bytes: int  # the largest prefill forward's working memory, reserved before the slots
+
 
     def describe(self) -> str:
         return (
             f"--batch-size auto: {self.slots} slots; each takes {size(self.bytes_per_slot)} "
             f"(KV {' + '.join(f'{c} tokens x {b} B' for c, b in zip(self.capacity, self.kv_bytes_per_token))}, "
             f"round {size(self.working_bytes_per_slot)}), of {self.memory_fraction:g} x {size(self.free_bytes)} free "
-            f"beside {size(self.weights_bytes)} of weights"
+            f"beside {size(self.weights_bytes)} of weights, less {size(self.prefill_bytes)} for a prefill forward "
+            f"(at most {self.prefill_chunk_tokens} tokens)"
         )
 
     def record(self) -> dict:
@@ -106,11 +155,13 @@ class SlotPlan:
 
 
 def plan_slots(
-    models: list, sides: list[int], longest: tuple[int, int], vocab: int, draft_k: int, memory_fraction: float,
-    samples: int, free_bytes: int | None = None,
+    models: list, sides: list[int], longest: tuple[int, int], prompts: tuple[int, int], vocab: int, draft_k: int,
+    memory_fraction: float, samples: int, free_bytes: int | None = None, prefill_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> SlotPlan:
     """The slots that fit (at most ``samples``, at least 1); ``longest[side]`` is the longest prompt +
-    token budget of that side's sequences. Refuses (exit 2) when not one slot fits."""
+    token budget of that side's sequences, ``prompts[side]`` its longest prompt. The models prefill one
+    after another, so the largest of their prefill forwards is reserved. Refuses (exit 2) when not
+    one slot fits."""
     from qstar_cli.engine.slots import round_capacity  # slots.py imports transformers' attention stack
 
     kv = [kv_bytes_per_token(m) for m in models]
@@ -120,12 +171,13 @@ def plan_slots(
     device = models[0].device
     free = free_memory(device) if free_bytes is None else free_bytes
     weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-    fits = int(memory_fraction * free) // per_slot
-    plan = SlotPlan(max(1, min(fits, samples)), free, memory_fraction, weights, kv, capacity, working, per_slot)
+    prefill = max(prefill_reserve(m, prompts[side], prefill_tokens) for m, side in zip(models, sides))
+    fits = (int(memory_fraction * free) - prefill) // per_slot
+    plan = SlotPlan(max(1, min(fits, samples)), free, memory_fraction, weights, kv, capacity, working, per_slot, prefill_tokens, prefill)
     if fits < 1:
         raise QstarInputError(
             f"--batch-size auto: one slot needs {size(per_slot)} (keys and values for {max(capacity)} tokens "
-            f"per model, and a round's working memory), but {memory_fraction:g} x {size(free)} free on {device} "
-            "is less; lower --max-new-tokens, shorten the prompts, use a smaller dtype or model, or raise --memory-fraction"
+            f"per model, and a round's working memory) beside {size(prefill)} for a prefill forward, but "
+            f"{memory_fraction:g} x {size(free)} free on {device} is less; lower --max-new-tokens, shorten the prompts, use a smaller dtype or model, or raise --memory-fraction"
         )
     return plan

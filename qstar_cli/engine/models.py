@@ -178,11 +178,12 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             with device:
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            # Straight to the device, in its dtype: no whole copy in host memory, no second copy.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     except Exception as err:  # transformers, safetensors and torch each fail in their own way on a bad checkpoint
         where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
         raise ModelLoadError(f"cannot load model {spec!r}{where}: {one_line(err)}") from err
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 

@@ -54,7 +54,7 @@ class DeviceRows:
         self.state = torch.zeros(len(STATE), slots, dtype=torch.long, device=device)
         self.key, self.step, *_, self.limit, self.new = self.state
         self.cached, self.pending = self.state[2:4], self.state[4:6]
-        self.eos = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+        self.eos = to_device(np.array(sorted(eos), np.int64), device)
         self.values = torch.zeros(slots, 0, fields, device=device) if fields else None
 
     def ensure_columns(self, columns: int) -> None:
@@ -65,15 +65,15 @@ class DeviceRows:
 
     def admit(self, start: int, table: np.ndarray) -> None:
         """Rows ``start ..`` take ``table`` (``[len(STATE), rows]``, :meth:`HostRows.place`)."""
-        self.state[:, start : start + table.shape[1]] = torch.from_numpy(table).to(self.state.device, non_blocking=True)
+        self.state[:, start : start + table.shape[1]] = to_device(table, self.state.device)
 
     def set_steps(self, host: HostRows, n: int) -> None:
         """The leading rows' steps and cached lengths from the host (after :meth:`HostRows.jump`)."""
-        block = torch.from_numpy(np.concatenate([host.produced[None, :n], host.cached(n).T])).to(self.state.device)
+        block = to_device(np.concatenate([host.produced[None, :n], host.cached(n).T]), self.state.device)
         self.step[:n], self.cached[:, :n] = block[0], block[1:]
 
     def move(self, src: list[int], dst: list[int]) -> None:
-        src_t, dst_t = (torch.tensor(i, device=self.state.device) for i in (src, dst))
+        src_t, dst_t = to_device(np.array([src, dst], np.int64), self.state.device)
         self.state[:, dst_t] = self.state[:, src_t]
         if self.values is not None:
             self.values[dst_t] = self.values[src_t]
@@ -263,7 +263,8 @@ class FinishedRows:
                 result.draft_lengths, result.round_tokens = host.round_drafts[i, :rounds].tolist(), host.round_tokens[i, :rounds].tolist()
         values = None
         if state.values is not None:
-            values = copy_to_host(state.values[torch.tensor(done, device=state.values.device), : int(host.produced[done].max())])
+            rows_done = to_device(np.array(done, np.int64), state.values.device)
+            values = copy_to_host(state.values[rows_done, : int(host.produced[done].max())])
         return [cls([(rows[i].position, rows[i].result) for i in done], values)]
 
     def results(self):
@@ -280,13 +281,14 @@ class HostCopy:
     """A device tensor on its way to the host (:func:`copy_to_host`); :meth:`numpy` waits for it."""
 
     def __init__(self, tensor: Tensor):
-        if tensor.device.type == "cuda":
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
+        cuda = tensor.device.type == "cuda"
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        self._host.copy_(tensor, non_blocking=cuda)
+        self._done = None
+        if cuda:
+            # Recorded on the stream the copy went to: the current device's may be another GPU's.
             self._done = torch.cuda.Event()
-            self._done.record()
-        else:
-            self._host, self._done = tensor.to("cpu", copy=True), None
+            self._done.record(torch.cuda.current_stream(tensor.device))
 
     def numpy(self) -> np.ndarray:
         if self._done is not None:
@@ -297,6 +299,16 @@ class HostCopy:
 def copy_to_host(tensor: Tensor) -> HostCopy:
     """Start copying ``tensor`` to the host without waiting (pinned memory, non-blocking on CUDA)."""
     return HostCopy(tensor)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """Host data on ``device`` without waiting: on CUDA through pinned memory, non-blocking (a copy
+    from pageable memory synchronises the stream first). torch's pinned-memory allocator keeps the
+    block until the copy is done. Every copy of host data to the device goes through here."""
+    host = torch.from_numpy(array)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def to_host(tensor: Tensor) -> np.ndarray:

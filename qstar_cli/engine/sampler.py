@@ -38,13 +38,13 @@ from qstar_cli.engine.models import (
     resolve_device,
     resolve_dtype,
 )
-from qstar_cli.engine.memory import SlotPlan, keep_freed_host_memory, plan_slots
+from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots, prefill_chunk
 from qstar_cli.engine.prompts import Messages, PromptFormat
-from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRows, RoundOutcome, to_host
+from qstar_cli.engine.rows import VALUE_FIELDS, DeviceRows, FinishedRows, HostRows, RoundOutcome, to_device, to_host
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_key, sample_tokens, sampling_logprobs
 from qstar_cli.engine.scheduler import Row, SlotScheduler
-from qstar_cli.engine.slots import SlotCache, use_slot_attention
+from qstar_cli.engine.slots import SlotCache, check_versions, use_slot_attention
 from qstar_cli.runfiles.format import per_token_fields
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
 
@@ -83,6 +83,7 @@ class DualModelSampler:
         draft_pair: tuple[LoadedModel, LoadedModel] | None = None,
         compile: bool = False,
     ):
+        check_versions()
         self.theta, self.target = theta, target
         self.vocab = check_shared_vocabulary(theta, target)
         #: Drafts per row per round (0: plain sampling; "auto": chosen per row, up to AUTO_MAX_DRAFT).
@@ -116,6 +117,8 @@ class DualModelSampler:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.seed = seed
+        #: Tokens one prefill forward takes at most (:func:`~qstar_cli.engine.memory.prefill_chunk`).
+        self.prefill_tokens = PREFILL_CHUNK_TOKENS
         #: The round's mathematics, compiled (:mod:`qstar_cli.engine.compiled`) or eager.
         self.math = compiled_math() if compile else EAGER
         #: Each model's decode and verify forward when compiled (None: the model itself, eager).
@@ -227,7 +230,10 @@ class DualModelSampler:
         """
         stats = stats if stats is not None else StreamStats()
         schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
-        caches = tuple(SlotCache(m.model.config, slots, 1, bucketed=d is not None and graphed(m.model)) for m, d in zip(self.models, self.decoders))
+        caches = tuple(
+            SlotCache(m.model.config, slots, 1, compiled=d is not None, bucketed=d is not None and graphed(m.model))
+            for m, d in zip(self.models, self.decoders)
+        )
         state = DeviceRows(slots, self.theta.model.device, self.eos, len(per_token_fields(diagnostics)) - 1)
         host, outbox = schedule.host, []  # outbox: the last round's finished rows, their values on the way
         try:
@@ -265,7 +271,11 @@ class DualModelSampler:
         """The slots that fit the free memory beside the loaded models (``--batch-size auto``,
         :func:`~qstar_cli.engine.memory.plan_slots`) for these prompts' sequences."""
         longest = tuple(max(len(ids[side]) + self.token_budget(*ids) for ids in prompt_ids) for side in (0, 1))
-        return plan_slots([m.model for m in self.models], list(self.sides), longest, self.vocab, self.draft_k, memory_fraction, samples)
+        prompts = tuple(max(len(ids[side]) for ids in prompt_ids) for side in (0, 1))
+        models = [m.model for m in self.models]
+        return plan_slots(
+            models, list(self.sides), longest, prompts, self.vocab, self.draft_k, memory_fraction, samples, prefill_tokens=self.prefill_tokens
+        )
 
     def round_costs(self, rows: int) -> np.ndarray:
         """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts for ``rows`` rows (:func:`round_costs`),
@@ -300,9 +310,13 @@ class DualModelSampler:
         return Row(position, request, budget, result)
 
     def _prefill(self, caches, rows: list[Row], group: list[Row], stats: StreamStats) -> list[Row]:
-        """Prefill ``group`` into the slots after ``rows``: one left-padded forward per model over its
+        """Prefill ``group`` into the slots after ``rows``: left-padded forwards per model over its
         distinct prompts but their last token (fed with the first round), whose caches are then
         copied to their other responses. Returns the group in slot order (distinct prompts first).
+
+        Each forward takes at most :attr:`prefill_tokens` tokens (:func:`prefill_chunk`: as many whole
+        prompts as fit, else a prompt's columns a chunk at a time, each chunk attending to the
+        columns cached before it), so its working memory is what ``--batch-size auto`` reserved.
         """
         first = [i == 0 or not r.request.shares_prompt(group[i - 1].request) for i, r in enumerate(group)]
         distinct = [r for r, f in zip(group, first) if f]
@@ -321,14 +335,22 @@ class DualModelSampler:
             if not side_width:
                 continue
             ids = [r.prompt_ids(side)[:-1] for r in distinct]
-            tokens = torch.full((len(ids), side_width), self._pad_id(loaded), dtype=torch.long)
-            positions = torch.full((len(ids), side_width), -1, dtype=torch.long)
+            # Left-padded: the tokens and their positions (-1: padding), one copy to the device.
+            table = np.stack([np.full((len(ids), side_width), self._pad_id(loaded)), np.full((len(ids), side_width), -1)])
             for i, prompt in enumerate(ids):
                 if prompt:
-                    tokens[i, -len(prompt) :] = torch.tensor(prompt)
-                    positions[i, -len(prompt) :] = torch.arange(len(prompt))
-            device = loaded.model.device
-            cache.forward(loaded.model, tokens.to(device), positions.to(device), start, side_width, self.vocab)
+                    table[:, i, -len(prompt) :] = prompt, np.arange(len(prompt))
+            tokens, positions = to_device(table, loaded.model.device)
+            chunk_rows, chunk_columns = prefill_chunk(len(ids), side_width, self.prefill_tokens)
+            for r in range(0, len(ids), chunk_rows):
+                # These rows' own width: their longest prompt's columns, the last of the table's.
+                chunk_width = max(len(prompt) for prompt in ids[r : r + chunk_rows])
+                padding = side_width - chunk_width
+                for c in range(padding, side_width, chunk_columns):
+                    block = slice(r, r + chunk_rows), slice(c, c + chunk_columns)
+                    # The longest of these prompts has position column - padding.
+                    longest = min(c + chunk_columns, side_width) - padding
+                    cache.forward(loaded.model, tokens[block], positions[block], start + r, longest, self.vocab)
             for j, i in enumerate(origin):
                 cache.move(start + i, start + len(distinct) + j, len(ids[i]))
         stats.prefills += 1
@@ -356,7 +378,7 @@ class DualModelSampler:
         k = int(draft_len.max())
         device = state.state.device
         if k:  # a replayed row's rounds are forced to go as they went
-            lengths, forced = torch.from_numpy(np.stack([draft_len, host.script(n)[1]])).to(device, non_blocking=True)
+            lengths, forced = to_device(np.stack([draft_len, host.script(n)[1]]), device)
         else:
             lengths, forced = torch.zeros(n, dtype=torch.long, device=device), None
         pending, positions = state.feed(n, lengths if k else None, k)
@@ -373,7 +395,7 @@ class DualModelSampler:
         for name in ("tokens", "row_rounds", "drafted", "tested", "accepted"):
             setattr(stats, name, getattr(stats, name) + getattr(outcome, name))
         if state.values is not None:  # the emitted tokens' alone: no rejected draft, no padded query
-            query, flat = torch.from_numpy(outcome.destinations).to(device, non_blocking=True)
+            query, flat = to_device(outcome.destinations, device)
             if len(query) == len(logp_t):  # every position emits (plain rounds): no copy
                 query = slice(None)
             diagnostics = self.math.token_diagnostics(logp_theta[query], logp_t[query], logp_q[query])

@@ -27,13 +27,17 @@ prefills newcomers into the slots right after them.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
+import transformers
 from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from qstar_cli.errors import QstarInputError
 
 #: Capacity is a multiple of this many columns (growth is rare).
 CAPACITY_CHUNK = 256
@@ -44,8 +48,40 @@ WIDTH_STEP = 8
 MAX_PACKED_QUERIES = 64
 #: The attention implementation :func:`use_slot_attention` gives a model.
 SLOT_ATTENTION = "qstar_slot_sdpa"
-#: Narrowest attention width of a bucketed forward (CUDA graphs: one graph per shape).
+#: Bucketed forwards (CUDA graphs: one graph per shape) take rows rounded up to a power of two up to
+#: ROW_BUCKET, then to a multiple of it (257 rows run 272, not 512), and attention widths rounded up
+#: to a power of two from MIN_BUCKET_WIDTH up to WIDTH_BUCKET, then to a multiple of it (1,025
+#: columns attend over 1,280, not 2,048; the capacity is such a multiple): at most
+#: ``5 + slots / 16`` row counts and ``3 + capacity / 256`` widths per query count, of which a run
+#: records those it reaches.
+ROW_BUCKET = 16
+WIDTH_BUCKET = 256
 MIN_BUCKET_WIDTH = 64
+
+
+def bucket(n: int, step: int, least: int = 1) -> int:
+    """``n`` (at least ``least``) rounded up to a power of two up to ``step``, beyond it to a multiple of ``step``."""
+    n = max(n, least)
+    return 1 << (n - 1).bit_length() if n <= step else step * math.ceil(n / step)
+
+
+#: The oldest versions the slot cache is tested with (pyproject.toml's floors). Older transformers
+#: take the cache as ``past_key_values=``: the ``cache=`` it is passed would land in ``**kwargs`` and
+#: every forward would silently see no history. Older torch may not reinplace the compiled cache
+#: write (an ``index_copy_`` through a flat view), which would then write a copy, not the cache.
+MIN_VERSIONS = {"torch": (2, 13), "transformers": (5, 24)}
+
+
+def check_versions() -> None:
+    """Refuse, with the versions named, a torch or transformers older than :data:`MIN_VERSIONS`."""
+    for module in (torch, transformers):
+        floor = MIN_VERSIONS[module.__name__]
+        found = re.match(r"(\d+)\.(\d+)", module.__version__)
+        if found is None or tuple(map(int, found.groups())) < floor:
+            raise QstarInputError(
+                f"qstar needs {module.__name__} >= {'.'.join(map(str, floor))}, found {module.__version__}: "
+                f"pip install -U '{module.__name__}>={'.'.join(map(str, floor))}'"
+            )
 
 
 def slot_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
@@ -95,6 +131,13 @@ class SlotLayer(CacheLayerMixin):
         self._mark_static()
 
     def _mark_static(self) -> None:
+        # Key/value heads and head_dim are the model's constants: dynamic, they would share a symbol
+        # with any size equal to them (the warm-up's rows, say) and pin it when the attention
+        # specialises them, so that the run's other sizes recompile the forward.
+        if self.cache.compiled:
+            for store in (self.keys, self.values):
+                torch._dynamo.mark_static(store, 1)
+                torch._dynamo.mark_static(store, 3)
         # CUDA graphs replay the writes into the storage in place only at addresses they may keep.
         if self.cache.bucketed:
             torch._dynamo.mark_static_address(self.keys)
@@ -139,9 +182,11 @@ class SlotCache(Cache):
     >>> logp = cache.forward(model, ids, positions, start=0)   # ids, positions: [rows, q]
     """
 
-    def __init__(self, config, slots: int, capacity: int, bucketed: bool = False):
+    def __init__(self, config, slots: int, capacity: int, compiled: bool = False, bucketed: bool = False):
         self.slots = slots
-        #: Compiled forwards (``run``) take bucketed shapes: rows and width padded to powers of two.
+        #: Forwards go through a compiled function (``run``), which specialises on the storage.
+        self.compiled = compiled or bucketed
+        #: Compiled forwards (``run``) take bucketed shapes: rows and width padded (:func:`bucket`).
         self.bucketed = bucketed
         self.capacity = round_capacity(max(capacity, 1))
         self.rows = (0, 0)
@@ -184,17 +229,17 @@ class SlotCache(Cache):
         one, never seen as valid) and whose output is meaningless. ``longest`` is at least the
         largest position + 1 among the rows (known on the host, so no sync). ``run`` is called
         instead of the model (its compiled forward, :func:`~qstar_cli.engine.compiled.compiled_forward`);
-        on a bucketed cache it gets padding rows (the free slots after these, at position -1) up to
-        a power of two and a power-of-two width.
+        on a bucketed cache it gets padding rows (the free slots after these, at position -1) and a
+        width rounded up by :func:`bucket` (rows by :data:`ROW_BUCKET`, width by :data:`WIDTH_BUCKET`).
         """
         n, q = ids.shape
         if run is not None:
             # New tensors, not views: a compiled forward would be specialised on each view's base.
-            rows = min(1 << (n - 1).bit_length(), self.slots - start) if self.bucketed else n
+            rows = min(bucket(n, ROW_BUCKET), self.slots - start) if self.bucketed else n
             ids = torch.cat([ids, ids.new_zeros(rows - n, q)])
             positions = torch.cat([positions, positions.new_full((rows - n, q), -1)])
         if run is not None and self.bucketed:
-            longest = max(MIN_BUCKET_WIDTH, 1 << (longest - 1).bit_length())
+            longest = bucket(longest, WIDTH_BUCKET, MIN_BUCKET_WIDTH)
             torch.compiler.cudagraph_mark_step_begin()
         self.rows = (start, start + len(ids))
         self.width = min(WIDTH_STEP * math.ceil(longest / WIDTH_STEP), self.capacity)

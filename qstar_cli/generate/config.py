@@ -390,7 +390,7 @@ def check_output(config: GenerateConfig) -> OutputPaths:
 
 def check_before_loading(config: GenerateConfig) -> None:
     """Everything about the models that can be checked without loading them."""
-    from qstar_cli.engine.compiled import check_cpp_compiler, use_compile
+    from qstar_cli.engine.compiled import check_compiler, use_compile
     from qstar_cli.engine.models import check_model_spec, resolve_device, resolve_dtype
     from qstar_cli.engine.prompts import check_format
 
@@ -399,8 +399,8 @@ def check_before_loading(config: GenerateConfig) -> None:
             check_model_spec(spec)
     device = resolve_device(config.device)
     resolve_dtype(config.dtype, device)
-    if use_compile(config.compile, device) and device.type == "cpu":
-        check_cpp_compiler()
+    if use_compile(config.compile, device):
+        check_compiler(device)
     for spec in (config.theta_format, config.t_format):
         check_format(spec)
 

@@ -125,6 +125,25 @@ def test_zero_probability_tokens_are_never_drawn_even_at_extreme_uniforms():
     assert sample_tokens(rows, u).tolist() == [1, 1, 3, 3]
 
 
+def test_a_scan_that_rounds_a_prefix_up_never_lands_a_draw_on_a_zero_entry(monkeypatch):
+    """A parallel scan (CUDA's cumsum) sums each prefix in its own order, so the prefix at a zero
+    entry can come out an ulp above the one before it; a uniform in that gap must not draw it."""
+    from qstar_cli.distributions.sampling import sample_tokens
+
+    real_cumsum = torch.Tensor.cumsum
+
+    def rounding_scan(self, *args, **kwargs):
+        cdf = real_cumsum(self, *args, **kwargs)
+        return torch.where(self == 0, torch.nextafter(cdf, torch.tensor(math.inf)), cdf)
+
+    monkeypatch.setattr(torch.Tensor, "cumsum", rounding_scan)
+    logp = torch.tensor([[math.log(0.25), -math.inf, math.log(0.75)], [-math.inf, 0.0, -math.inf]])
+    gap = torch.nextafter(torch.tensor(0.25), torch.tensor(1.0))  # the rounded-up prefix at entry 1
+    assert rounding_scan(logp.exp(), dim=-1)[0, 1] == gap  # the scan does round up there
+    u = torch.tensor([gap.item(), 1.0])
+    assert sample_tokens(logp, u).tolist() == [2, 1]
+
+
 def test_invalid_parameters_are_named():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

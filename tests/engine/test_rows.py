@@ -35,7 +35,8 @@ def test_a_rows_tokens_end_at_its_first_accepted_eos():
 @pytest.fixture
 def reads(monkeypatch):
     """Counts the round's transfers, the finished rows' copies, and every other read of tensor data
-    while ``counts["on"]`` (on a GPU each would wait for the device), by whomever (transformers too)."""
+    while ``counts["on"]`` (on a GPU each would wait for the device), by whomever (transformers too),
+    and every copy of host data to the device by the engine but through :func:`rows.to_device`."""
     counts = {"on": False, "round": 0, "finish copies": 0, "stray": []}
     # On the CPU the alpha solver reads a flag to stop early; elsewhere it does not.
     monkeypatch.setattr(mixture, "EARLY_EXIT_DEVICES", ())
@@ -55,6 +56,19 @@ def reads(monkeypatch):
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
+    # Host data made into a tensor, or a tensor sent to a device, by the engine but through the rows'
+    # to_device (pinned, non-blocking): on a GPU each such copy from pageable memory waits for the stream.
+    for owner, name in ((torch, "tensor"), (torch, "as_tensor"), (torch.Tensor, "to"), (torch.Tensor, "cuda")):
+
+        def upload(*args, _real=getattr(owner, name), _name=name, **kwargs):
+            frame = sys._getframe(1)
+            caller, function = frame.f_globals.get("__name__", ""), frame.f_code.co_name
+            sends = _name != "to" or "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args[1:])
+            if counts["on"] and sends and caller.startswith("qstar_cli.") and (caller, function) != ("qstar_cli.engine.rows", "to_device"):
+                counts["stray"].append(f"{_name} in {caller}.{function}")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, upload)
     return counts
 
 

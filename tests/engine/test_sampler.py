@@ -12,6 +12,7 @@ from qstar_cli.distributions.sampling import SamplingParams
 from qstar_cli.engine.compiled import warm_up
 from qstar_cli.engine.models import LoadedModel, VocabularyMismatchError
 from qstar_cli.engine.sampler import DualModelSampler
+from qstar_cli.engine.slots import SlotCache
 from tests.helpers import (
     CONVERSATIONS,
     chi_square_pvalue,
@@ -172,3 +173,55 @@ def test_compiled_round_equals_eager(pair, draft_k):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
         for name, values in a.per_token.items():
             torch.testing.assert_close(torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [7, 40])
+def test_a_chunked_prefill_samples_what_one_forward_does(pair, tokens, monkeypatch):
+    """Prefill forwards take at most ``prefill_tokens`` tokens: 7 splits every prompt into columns,
+    40 takes whole prompts a few rows at a time; the samples are those of one prefill forward."""
+    whole = make_sampler(pair, max_new_tokens=6).generate(CONVERSATIONS * 2)
+    sampler = make_sampler(pair, max_new_tokens=6)
+    sampler.prefill_tokens = tokens
+    shapes = []
+    real_forward = SlotCache.forward
+
+    def forward(self, model, ids, *args, run=None, **kwargs):
+        if run is None and ids.shape[1] > 1:  # a prefill
+            shapes.append(tuple(ids.shape))
+        return real_forward(self, model, ids, *args, run=run, **kwargs)
+
+    monkeypatch.setattr(SlotCache, "forward", forward)
+    chunked = sampler.generate(CONVERSATIONS * 2)
+    longest = max(len(p) for r in whole for p in (r.prompt_ids_theta, r.prompt_ids_t)) - 1
+    assert max(r * c for r, c in shapes) <= tokens < 6 * longest and len(shapes) > 2
+    for a, b in zip(whole, chunked):
+        assert b.token_ids == a.token_ids
+        for name, values in a.per_token.items():
+            torch.testing.assert_close(torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+
+def test_no_recompile_after_warm_up_when_the_models_sizes_equal_the_warm_ups(tiny_tokenizer):
+    """Dynamic shapes give equal sizes one symbol: with 7 key/value heads (the warm-up's row count)
+    and a head_dim of 8 (its attention width), a forward that specialises one would pin the other,
+    and the run's other row counts and widths would recompile it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qstar_cli.engine.compiled import compiled_forward, warm_up_forward
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=56, intermediate_size=64, num_hidden_layers=1, num_attention_heads=7,
+        num_key_value_heads=7, max_position_embeddings=1024, bos_token_id=None,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    run = compiled_forward(model)
+    with torch.inference_mode():
+        warm_up_forward(model, run, 50, 1)
+        graphs = counters["stats"]["unique_graphs"]
+        cache = SlotCache(config, 5, 40, compiled=True)
+        ids = torch.ones(5, 20, dtype=torch.long)
+        cache.forward(model, ids, torch.arange(20).expand(5, 20), 0, 20, 50)
+        for rows, at in ((3, 20), (5, 21), (2, 30)):
+            cache.forward(model, ids[:rows, :1], torch.full((rows, 1), at), 0, at + 1, 50, run=run)
+    assert counters["stats"]["unique_graphs"] == graphs

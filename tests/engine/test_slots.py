@@ -1,11 +1,15 @@
 """The slot cache's storage and attention path: packed grouped-query attention equals transformers'
 own SDPA, reads copy nothing, and the work asked for (diagnostics levels) changes no token."""
 
+import re
+
 import pytest
 import torch
+import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from qstar_cli.engine.slots import SLOT_ATTENTION, SlotCache, slot_attention, use_slot_attention
+from qstar_cli.errors import QstarInputError
 from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
 from qstar_cli.testing.tiny import build_tiny_model
 from tests.helpers import CONVERSATIONS, make_sampler
@@ -52,7 +56,7 @@ def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tok
 
 
 def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer):
-    """CUDA graphs' bucketed shapes (rows and width padded to powers of two, the padding rows at
+    """CUDA graphs' bucketed shapes (rows and width padded to buckets, the padding rows at
     position -1 in free slots): the same log-probs as the exact shapes, and no valid column written."""
     model = build_tiny_model(tiny_tokenizer, seed=1)
     use_slot_attention(model)
@@ -78,6 +82,26 @@ def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer)
         assert padded.keys[3:, :, :-1].abs().sum() == 0, "padding rows write their scratch column only"
 
 
+@pytest.mark.parametrize(
+    "rows, longest, expected",
+    [(1, 1, (1, 64)), (3, 65, (4, 128)), (16, 256, (16, 256)), (17, 257, (32, 512)), (33, 769, (48, 1024)), (257, 1025, (272, 1280)), (299, 2049, (300, 2304))],
+)
+def test_bucket_edges(tiny_tokenizer, rows, longest, expected):
+    """Rows round up to powers of two up to 16, then to multiples of 16; widths to powers of two from
+    64 up to 256, then to multiples of 256; neither past the free slots or the capacity."""
+    model = build_tiny_model(tiny_tokenizer, seed=1, hidden_size=16, num_layers=1)
+    cache = SlotCache(model.config, slots=300, capacity=2304, bucketed=True)
+    seen = []
+
+    def run(input_ids, attention_mask, **kwargs):
+        seen.append((len(input_ids), attention_mask.shape[-1]))
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    ids = torch.ones(rows, 1, dtype=torch.long)
+    cache.forward(model, ids, torch.full((rows, 1), longest - 1), 0, longest, 50, run=run)
+    assert seen == [expected]
+
+
 @pytest.mark.parametrize("draft_k", [0, 2])
 def test_diagnostics_none_draws_the_same_tokens_and_keeps_only_their_ids(pair, draft_k):
     sampler = make_sampler(pair, max_new_tokens=10, draft_k=draft_k)
@@ -90,3 +114,12 @@ def test_diagnostics_none_draws_the_same_tokens_and_keeps_only_their_ids(pair, d
         assert b.round_tokens == a.round_tokens
 
 
+
+
+@pytest.mark.parametrize("module, version", [(transformers, "5.3.0"), (torch, "2.6.0+cu124")])
+def test_versions_below_the_tested_floors_are_refused_by_name(pair, module, version, monkeypatch):
+    """transformers before the ``cache=`` keyword would drop the cache silently; older torch may not
+    reinplace the compiled cache write."""
+    monkeypatch.setattr(module, "__version__", version)
+    with pytest.raises(QstarInputError, match=rf"needs {module.__name__} >= \d+\.\d+, found {re.escape(version)}"):
+        make_sampler(pair)

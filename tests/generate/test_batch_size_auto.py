@@ -27,8 +27,16 @@ def test_slots_follow_the_arithmetic_by_hand(pair, monkeypatch):
     longest = [max(len(p[side]) for p in prompts) + 300 for side in (0, 1)]
     capacity = [CAPACITY_CHUNK * -(-(n + 1) // CAPACITY_CHUNK) for n in longest]
     per_slot = sum(c * per_token for c in capacity) + 16 * 3 * sampler.vocab * 4
+    # The largest prefill forward: 2048 tokens of the longest prompt at most (one row when it is
+    # longer), its activations, keys and values repeated per query head, and its mask (float32 + bool).
+    hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    per_query = 4 * (4 * hidden + 3 * inter + 2 * (heads + 2 * config.num_key_value_heads) * head_dim) + 8 * hidden
+    prompt = max(len(p[side]) for p in prompts for side in (0, 1))
+    rows = 2048 // prompt
+    prefill = rows * prompt * per_query + rows * prompt * 2 * heads * head_dim * 4 + rows * prompt * prompt * 5
     assert plan.kv_bytes_per_token == [per_token, per_token] and plan.capacity == capacity
-    assert plan.bytes_per_slot == per_slot and plan.slots == (GIB // 2) // per_slot
+    assert plan.prefill_chunk_tokens == 2048 and plan.prefill_bytes == prefill
+    assert plan.bytes_per_slot == per_slot and plan.slots == (GIB // 2 - prefill) // per_slot
     assert sampler.plan_slots(prompts, 0.5, samples=3).slots == 3, "never more slots than samples"
     assert "slots" in plan.describe() and f"{plan.slots} slots" in plan.describe()
 
@@ -41,7 +49,8 @@ def test_auto_run_records_its_plan_and_samples_as_a_fixed_size(base_args, tmp_pa
     meta = orjson.loads(run_files(auto)[2].read_bytes())
     plan = meta["slot_plan"]
     assert plan["slots"] >= 1 and plan["memory_fraction"] == 0.9 and meta["config"]["batch_size"] == "auto"
-    assert plan["slots"] == min(meta["counts"]["samples"], int(0.9 * plan["free_bytes"]) // plan["bytes_per_slot"])
+    fits = (int(0.9 * plan["free_bytes"]) - plan["prefill_bytes"]) // plan["bytes_per_slot"]
+    assert plan["prefill_bytes"] > 0 and plan["slots"] == min(meta["counts"]["samples"], fits)
     assert invoke("generate", *without(base_args, "--batch-size"), "--batch-size", plan["slots"], "--output", fixed).exit_code == 0
     assert file_bytes(auto)[:2] == file_bytes(fixed)[:2]
 
@@ -95,3 +104,28 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(base_
     result = invoke("generate", *base_args, "--compile", "on", "--device", "cpu", "--output", tmp_path / "x.jsonl")
     one_line_error(result, "--compile on a CPU needs a C++ compiler")
     assert "loading" not in result.output and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("missing", ["compiler", "headers"])
+def test_compile_on_cuda_without_a_c_compiler_or_python_headers_is_refused(missing, tmp_path, monkeypatch):
+    """Triton builds its launchers with a C compiler (CC, gcc or clang) against Python's headers;
+    without them the first compiled forward would fail after the models load."""
+    import sysconfig
+
+    import torch
+
+    from qstar_cli.engine.compiled import check_compiler
+    from qstar_cli.errors import QstarInputError
+
+    (tmp_path / "gcc").write_text("#!/bin/sh\n")
+    (tmp_path / "gcc").chmod(0o755)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty") if missing == "compiler" else str(tmp_path))
+    if missing == "headers":
+        monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-include")})
+    with pytest.raises(QstarInputError, match="--compile on CUDA needs a C compiler and Python's headers"):
+        check_compiler(torch.device("cuda"))
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    (tmp_path / "Python.h").write_text("")
+    check_compiler(torch.device("cuda"))
