@@ -102,7 +102,7 @@ def load_custom(name: str, shown: str | None = None) -> Callable[[str, dict[str,
     file, _, function = name.rpartition(":")
     path = Path(file)
     if not path.is_file():
-        raise GraderError(f"grader file not found: {file}")
+        raise GraderError(f"grader file not found: {shown.rpartition(':')[0]}")
     try:
         module_spec = importlib.util.spec_from_file_location(f"qstar_user_grader_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
