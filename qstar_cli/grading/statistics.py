@@ -114,3 +114,15 @@ def _by_weight(weighted: list[tuple[float, bool]]) -> dict[str, Any] | None:
         "log_w_mean_wrong": float(log_w[~right].mean()) if (~right).any() else None,
         "accuracy_by_log_w_quarter": [float(part.mean()) for part in quarters],
     }
+
+
+def run_grades(sidecar: Path, sample_idx: np.ndarray, response_idx: np.ndarray, log_w: np.ndarray) -> dict[str, Any] | None:
+    """The :func:`grade_summary` of the run whose sidecar is ``sidecar`` (its main file beside it; None
+    when it is not there or holds no grades), with the sidecar's log w of each sample."""
+    from qstar_cli.runfiles.format import MAIN_SUFFIX, SIDECAR_SUFFIX
+
+    main = sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + MAIN_SUFFIX)
+    if not sidecar.name.endswith(SIDECAR_SUFFIX) or not main.is_file():
+        return None
+    weights = {(int(i), int(r)): float(w) for i, r, w in zip(sample_idx, response_idx, log_w)}
+    return grade_summary(read_grades(main), weights)
