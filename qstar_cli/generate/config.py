@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 import pydantic
 
 from qstar_cli.errors import QstarInputError
+from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS
 from qstar_cli.paths import DEMO, check_output_file, check_writable, local_path, resolved_spec
 from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, SIDECAR_SUFFIX, OutputPaths
 
@@ -183,10 +184,10 @@ class GenerateConfig:
         grading=True, shown_default="answer", since="0.2.0",
     )  # fmt: skip
     grader_timeout: float = setting(
-        10.0, "Seconds one response's grade may take; past it the response is ungraded (correct: null, reason timeout).",
+        DEFAULT_TIMEOUT, "Seconds one response's grade may take; past it the response is ungraded (correct: null, reason timeout).",
         grading=True, since="0.2.0",
     )  # fmt: skip
-    grader_workers: int = setting(2, "Worker processes that grade beside the decode.", fingerprinted=False, since="0.2.0")
+    grader_workers: int = setting(DEFAULT_WORKERS, "Worker processes that grade beside the decode.", fingerprinted=False, since="0.2.0")
 
     def __post_init__(self) -> None:
         # Imported here: the command line derives its options from this module without loading torch.

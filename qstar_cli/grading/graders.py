@@ -36,6 +36,8 @@ from qstar_cli.errors import QstarInputError
 BUILTIN_GRADERS = ("math", "exact", "none")
 GRADER_CHOICES = (*BUILTIN_GRADERS, "FILE.py:FUNCTION")
 DEFAULT_ANSWER_FIELD = "answer"
+#: Seconds one response's grade may take, and the worker processes that grade (generate and grade).
+DEFAULT_TIMEOUT, DEFAULT_WORKERS = 10.0, 2
 METADATA_PREFIX = "original_"
 #: Failure reasons (a custom grader's exception adds ``raised <ExceptionName>``).
 TIMEOUT, WORKER_DIED, INVALID_RESULT, NO_REFERENCE, UNPARSED_REFERENCE = (
