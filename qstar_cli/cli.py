@@ -446,12 +446,13 @@ def export(
     include_truncated: bool = typer.Option(False, "--include-truncated", help="Keep samples that hit max_new_tokens."),
     ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
+    keep: str = typer.Option("all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."),
 ) -> None:
     """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
     from qstar_cli.analysis.export import ExportConfig, export_training_set
 
     with one_line_errors():
-        config = ExportConfig(run, output, include_truncated, ess_floor, gamma)
+        config = ExportConfig(run, output, include_truncated, ess_floor, gamma, keep=keep)
         with ExportProgress(err_console) as progress:
             summary = export_training_set(config, progress)
     if summary.incomplete:
@@ -466,7 +467,8 @@ def export(
         shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
         err_console.print(f"warning: skipped {len(lines)} torn or incomplete sample line(s): {shown}", highlight=False)
     left_out = f"; left out {summary.truncated_left_out} truncated (hit max_new_tokens)" if summary.truncated_left_out else ""
-    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}")
+    dropped = "".join(f"; left out {n} {grade}" for grade, n in summary.dropped.items())
+    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}{dropped}")
     typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
 
 
