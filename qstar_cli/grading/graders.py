@@ -81,13 +81,17 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
     return {k[len(METADATA_PREFIX) :]: v for k, v in record.items() if k.startswith(METADATA_PREFIX)}
 
 
+def math_verify_installed() -> bool:
+    return importlib.util.find_spec("math_verify") is not None
+
+
 def resolve_grader(name: str, answer_field: str | None) -> GraderSpec:
     """The grader ``name`` checked (a custom one loaded and its signature checked; math-verify
     importable for ``math``), with a custom file's path made absolute; exits on nothing, raises
     :class:`GraderError` with the fix."""
     answer_field = answer_field or DEFAULT_ANSWER_FIELD
     if name in ("math", "exact", "none"):
-        if name == "math" and importlib.util.find_spec("math_verify") is None:
+        if name == "math" and not math_verify_installed():
             raise GraderError("--grader math needs HF math-verify, which is not installed: pip install 'qstar[math]' (or math-verify)")
         return GraderSpec(name, answer_field)
     file, _, function = name.rpartition(":")

@@ -107,7 +107,7 @@ def test_bad_graders_are_refused(tmp_path, monkeypatch):
         resolve_grader(f"{file}:one", None)
     with pytest.raises(GraderError, match="unknown grader 'maths'"):
         resolve_grader("maths", None)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("qstar_cli.grading.graders.math_verify_installed", lambda: False)
     with pytest.raises(GraderError, match="needs HF math-verify, which is not installed"):
         resolve_grader("math", None)
 
