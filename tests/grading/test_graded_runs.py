@@ -101,14 +101,17 @@ def test_sleeping_grader_and_pathological_reference_end_ungraded_within_the_limi
     assert [line["grade"] for line in read_lines(out)] == [{"correct": None, "score": None, "extracted": None, "failure": "timeout"}] * 4
     assert json.loads(open(paths(out)[2]).read())["sessions"][-1]["grades"]["failed"] == {"timeout": 4}
 
-    # sympy would compute 9^(9^(9^9)) for ever: the reference hangs, and every sample ends ungraded.
-    dataset = write_rows(root / "tower.jsonl", [{**row, "answer": "9^{9^{9^{9}}}"} for row in ROWS[:3]])
-    out = tmp_path / "tower.jsonl"
-    result = cli(*args, "--dataset", dataset, "--grader", "math", "--grader-timeout", "1", "--output", out)
+    # sympy would compute 9^(9^(9^9)) for ever: those lines end ungraded at the limit, the others graded.
+    tower, right = r"So it is \boxed{9^{9^{9^{9}}}}", r"So it is \boxed{\frac{1}{2}}"
+    chat = [{"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}], "original_answer": "0.5"}
+            for reply in (tower, right, tower, right)]  # fmt: skip
+    graded_file = tmp_path / "tower.graded.jsonl"
+    started = time.perf_counter()
+    result = invoke("grade", write_rows(root / "tower.jsonl", chat), "--grader-timeout", "1", "--output", graded_file)
     assert result.exit_code == 0, result.output
-    assert {line["grade"].get("failure") for line in read_lines(out)} == {"timeout"}
-    grades = json.loads(invoke("analyze", paths(out)[1], "--json").stdout)["grades"]
-    assert (grades["graded"], grades["failed"], grades["failures"], grades["accuracy"]) == (0, 3, {"timeout": 3}, None)
+    assert time.perf_counter() - started < 20  # two hangs on two workers: about 1 s
+    assert [line["grade"].get("failure") or line["grade"]["correct"] for line in read_lines(graded_file)] == ["timeout", True] * 2
+    assert "accuracy 1.000 (2 of 2 right); ungraded: 2 timeout" in result.stdout
 
 
 def test_kill_9_and_resume_with_grading_is_byte_identical(spread_model_dirs, graded, tmp_path):
@@ -145,10 +148,10 @@ def test_export_keep_correct_rows_and_weights_by_hand(graded, tmp_path):
     out = tmp_path / "run.jsonl"
     assert cli(*args, "--grader", grader(0.0), "--output", out).exit_code == 0
     lines, side = read_lines(out), read_lines(paths(out)[1])
-    kept = [(m, s) for m, s in zip(lines, side) if m["grade"]["correct"] and m["finish_reason"] == "stop"]
-    dropped_wrong = sum(not m["grade"]["correct"] and m["finish_reason"] == "stop" for m in lines)
+    kept = [(m, s) for m, s in zip(lines, side) if m["grade"]["correct"]]
+    dropped_wrong = sum(not m["grade"]["correct"] for m in lines)
     assert kept and dropped_wrong
-    result = invoke("export", out, "--output", tmp_path / "kept.parquet", "--keep", "correct", "--gamma", "1")
+    result = invoke("export", out, "--output", tmp_path / "kept.parquet", "--keep", "correct", "--gamma", "1", "--include-truncated")
     assert result.exit_code == 0, result.output
     assert f"{len(kept)} samples" in result.stdout and f"left out {dropped_wrong} wrong" in result.stdout
     table = pq.read_table(tmp_path / "kept.parquet")
