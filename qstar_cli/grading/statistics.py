@@ -126,3 +126,10 @@ def run_grades(sidecar: Path, sample_idx: np.ndarray, response_idx: np.ndarray, 
         return None
     weights = {(int(i), int(r)): float(w) for i, r, w in zip(sample_idx, response_idx, log_w)}
     return grade_summary(read_grades(main), weights)
+
+
+def grade_mark(grade: dict[str, Any] | None) -> str | None:
+    """How the report marks a sample: right, wrong or ungraded (None: the run is not graded)."""
+    if not isinstance(grade, dict):
+        return None
+    return {True: "right", False: "wrong"}.get(grade.get("correct"), "ungraded")

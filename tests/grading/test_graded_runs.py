@@ -3,6 +3,7 @@ time, resumable byte for byte; ``qstar grade``, ``analyze``/``compare`` and ``ex
 on them; each bad input one line and exit 2 before the models load."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -73,6 +74,14 @@ def test_grades_in_the_main_file_and_qstar_grade_gives_the_same_bytes(graded, tm
     assert json.loads(invoke("analyze", paths(plain)[1], "--json").stdout)["grades"] is None
     table = invoke("compare", paths(out)[1], paths(plain)[1]).stdout
     assert "accuracy" in table and "pass@1" in table
+
+    # The report marks each sample right or wrong, and can filter by it.
+    page = tmp_path / "report.html"
+    assert invoke("report", out, "--output", page).exit_code == 0
+    html = page.read_text()
+    marks = ["right" if line["grade"]["correct"] else "wrong" for line in lines]
+    assert [m for m in re.findall(r'"grade":"(\w+)"', html)] == marks and 'id="grade"' in html
+    assert f"8 of 8" in invoke("analyze", paths(out)[1]).stdout
 
     # A resumed run with another grader, or none, is refused: the grader is in the fingerprint.
     for other in (["--grader", "exact"], []):
