@@ -467,8 +467,7 @@ def export(
         shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
         err_console.print(f"warning: skipped {len(lines)} torn or incomplete sample line(s): {shown}", highlight=False)
     left_out = f"; left out {summary.truncated_left_out} truncated (hit max_new_tokens)" if summary.truncated_left_out else ""
-    dropped = "".join(f"; left out {n} {grade}" for grade, n in summary.dropped.items())
-    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}{dropped}")
+    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}" + "".join(f"; left out {n} {g}" for g, n in summary.dropped.items()))
     typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
 
 
@@ -506,31 +505,5 @@ def merge(
     typer.echo(f"{summary.samples} samples from {summary.shards} shards in " + ", ".join(str(p) for p in files if p.exists()))
 
 
-@app.command()
-def grade(
-    file: Path = typer.Argument(..., help="A chat JSONL: each line's OpenAI messages end with the response; original_<field> holds the reference."),
-    output: Path = typer.Option(..., help="The graded JSONL to write: each line as it was, with grade added."),
-    grader: str = typer.Option("math", help="math (HF math-verify), exact (normalised text) or FILE.py:FUNCTION (response, row) -> bool or score in [0, 1]."),
-    answer_field: str = typer.Option("answer", help="The reference column, as original_<field> in the lines."),
-    grader_timeout: float = typer.Option(None, help="Seconds one response's grade may take; past it the line is ungraded (correct: null). (default: 10)"),
-    grader_workers: int = typer.Option(None, help="Worker processes that grade. (default: 2)"),
-) -> None:
-    """Grade any chat JSONL (a run made without a grader, a merged run, another tool's output) into a new file."""
-    from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS, resolve_grader
-    from qstar_cli.grading.regrade import grade_file
-
-    with one_line_errors():
-        timeout = DEFAULT_TIMEOUT if grader_timeout is None else grader_timeout
-        workers = DEFAULT_WORKERS if grader_workers is None else grader_workers
-        if not timeout > 0 or workers < 1:
-            raise QstarInputError(f"--grader-timeout must be positive and --grader-workers at least 1, got {timeout} and {workers}")
-        if grader == "none":
-            raise QstarInputError("--grader none grades nothing; choose math, exact or FILE.py:FUNCTION")
-        spec = resolve_grader(grader, answer_field)
-        with ExportProgress(err_console) as progress:
-            summary = grade_file(file, output, spec, workers, timeout, progress)
-    record = summary.record
-    accuracy = f"{record['correct'] / record['graded']:.3f}" if record["graded"] else "-"
-    failed = ", ".join(f"{n} {reason}" for reason, n in record["failed"].items())
-    typer.echo(f"{summary.lines} lines graded in {summary.output}: accuracy {accuracy} ({record['correct']} of {record['graded']} right)"
-               + (f"; ungraded: {failed}" if failed else ""))  # fmt: skip
+from qstar_cli.grading.command import grade_command  # noqa: E402 (its options live beside grading)
+app.command("grade")(grade_command(one_line_errors, lambda: ExportProgress(err_console)))

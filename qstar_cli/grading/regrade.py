@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.grading.graders import METADATA_PREFIX, GraderSpec, row_of
+from qstar_cli.grading.graders import DEFAULT_ANSWER_FIELD, DEFAULT_TIMEOUT, DEFAULT_WORKERS, METADATA_PREFIX, resolve_grader, row_of
 from qstar_cli.grading.pool import GradingPool
 from qstar_cli.paths import check_output_file, check_writable
 
@@ -35,6 +35,13 @@ class GradeFileSummary:
     output: Path
     lines: int
     record: dict[str, Any]  # GradingPool.record(): graded, correct, failed by reason
+
+    def describe(self) -> str:
+        """What ``qstar grade`` prints: lines, accuracy and the ungraded by reason."""
+        graded, correct = self.record["graded"], self.record["correct"]
+        accuracy = f"{correct / graded:.3f}" if graded else "-"
+        failed = ", ".join(f"{n} {reason}" for reason, n in self.record["failed"].items())
+        return f"{self.lines} lines graded in {self.output}: accuracy {accuracy} ({correct} of {graded} right)" + (f"; ungraded: {failed}" if failed else "")
 
 
 def response_of(record: dict[str, Any], number: int, source: Path) -> str:
@@ -64,9 +71,20 @@ def _records(source: Path, progress: Callable[[str, int, int], None] | None) -> 
 
 
 def grade_file(
-    source: Path, output: Path, spec: GraderSpec, workers: int, timeout: float, progress: Callable[[str, int, int], None] | None = None
+    source: Path,
+    output: Path,
+    grader: str,
+    answer_field: str = DEFAULT_ANSWER_FIELD,
+    timeout: float = DEFAULT_TIMEOUT,
+    workers: int = DEFAULT_WORKERS,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> GradeFileSummary:
-    """Grade every line of ``source`` into ``output`` (see the module's docstring)."""
+    """Grade every line of ``source`` into ``output`` with ``grader`` (see the module's docstring)."""
+    if not timeout > 0 or workers < 1:
+        raise QstarInputError(f"--grader-timeout must be positive and --grader-workers at least 1, got {timeout} and {workers}")
+    if grader == "none":
+        raise QstarInputError("--grader none grades nothing; choose math, exact or FILE.py:FUNCTION")
+    spec = resolve_grader(grader, answer_field)
     if not source.is_file():
         raise QstarInputError(f"file to grade not found: {source}")
     check_output_file(output, "--output", [source.resolve()])
