@@ -1,7 +1,7 @@
 """Grading off the decode path: the demo run ungraded, with ``--grader math``, and with a custom grader
 that sleeps 0.2 s per sample, as separate ``qstar generate`` processes, interleaved round by round.
 
-    python benchmarks/bench_grading.py --rounds 3 --num-samples 16
+    python benchmarks/bench_grading.py --rounds 3 --num-samples 16 --max-new-tokens 96
 
 Prints each run's tokens/s (the manifest's session figure: new tokens over the time from the first
 round to the last commit, so the wait for the last grades counts) and, per round, the graded runs'
@@ -25,7 +25,7 @@ SLEEPY = "import time\n\n\ndef sleepy(response, row):\n    time.sleep(0.2)\n    
 def run(work: Path, name: str, grader: str, args: argparse.Namespace) -> float:
     out = work / f"{name}.jsonl"
     command = [sys.executable, "-m", "qstar_cli", "generate", "--config", str(ROOT / "configs/demo.yaml"), "--output", str(out),
-               "--overwrite", "--grader", grader, "--num-samples", str(args.num_samples)]  # fmt: skip
+               "--overwrite", "--grader", grader, "--num-samples", str(args.num_samples), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     session = json.loads(out.with_suffix(".meta.json").read_text())["sessions"][-1]
     print(f"  {name:>6}: {session['new_tokens']} tokens in {session['seconds']:.1f} s, {session['tokens_per_s']:.1f} tok/s"
@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_grading_"))
     (work / "sleepy.py").write_text(SLEEPY)

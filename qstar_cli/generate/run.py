@@ -41,9 +41,9 @@ from qstar_cli.errors import QstarRunError
 from qstar_cli.generate.adapters import adapt_rows, load_source, resolve_adapter
 from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, draft_settings, grading_settings, run_models
 from qstar_cli.generate.engines import make_engine
+from qstar_cli.generate.schedule import Schedule, continued_prompt_ids, encode_all, nothing_usable, prompt_ids_fingerprint, shard_split
 from qstar_cli.grading.graders import row_of
 from qstar_cli.grading.pool import grading_pool, run_grader
-from qstar_cli.generate.schedule import Schedule, continued_prompt_ids, encode_all, nothing_usable, prompt_ids_fingerprint, shard_split
 from qstar_cli.runfiles.writer import CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
 if TYPE_CHECKING:
