@@ -131,7 +131,7 @@ def load_custom(name: str, shown: str | None = None) -> Callable[[str, dict[str,
 
 # ---- extraction shared by the graders ----------------------------------------------------------
 
-_STATED = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)?\s*[:=]?\s*(.+)", re.IGNORECASE)
+_STATED = re.compile(r"\banswer\b\s*(?:is|:|=)?\s*[:=]?\s*(.+)", re.IGNORECASE)
 
 
 def last_boxed(text: str) -> str | None:
