@@ -224,13 +224,18 @@ def custom_grade(value: Any) -> Grade:
 _loaded: dict[str, Callable[[str, dict[str, Any]], Any]] = {}
 
 
+def _custom(name: str) -> Callable[[str, dict[str, Any]], Any]:
+    """A custom grader's function, loaded once per process."""
+    if name not in _loaded:
+        _loaded[name] = load_custom(name)
+    return _loaded[name]
+
+
 def grade(spec: GraderSpec, response: str, row: dict[str, Any]) -> Grade:
     """The grade of one response (what a worker process runs); a failure is a grade with ``correct`` null."""
     try:
         if spec.custom:
-            if spec.name not in _loaded:
-                _loaded[spec.name] = load_custom(spec.name)
-            return custom_grade(_loaded[spec.name](response, row))
+            return custom_grade(_custom(spec.name)(response, row))
         reference = reference_of(row, spec.answer_field)
         return grade_math(response, reference) if spec.name == "math" else grade_exact(response, reference)
     except GradeFailure as failure:
@@ -239,7 +244,12 @@ def grade(spec: GraderSpec, response: str, row: dict[str, Any]) -> Grade:
         return failed(f"raised {type(err).__name__}")
 
 
-def quiet_worker() -> None:
-    """A worker's start: math-verify warns once per process that its signal timeouts are off (the
-    pool's wall-clock limit replaces them)."""
+def warm_up(spec: GraderSpec) -> None:
+    """A worker's start: the grader loaded (sympy for ``math``, the user's file) before the first
+    sample, so that no sample's time limit pays for it; math-verify's warning that its signal
+    timeouts are off silenced (the pool's wall-clock limit replaces them)."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    if spec.name == "math":
+        grade_math("1", "1")
+    elif spec.custom:
+        _custom(spec.name)

@@ -25,33 +25,21 @@ from typing import Any
 import pebble
 
 from qstar_cli.grading.graders import (
-    DEFAULT_ANSWER_FIELD, METADATA_PREFIX, TIMEOUT, WORKER_DIED, Grade, GraderError, GraderSpec, failed, grade, load_custom, quiet_worker,
-    resolve_grader,
+    DEFAULT_ANSWER_FIELD, DEFAULT_TIMEOUT, DEFAULT_WORKERS, METADATA_PREFIX, TIMEOUT, WORKER_DIED, Grade, GraderError, GraderSpec, failed, grade, resolve_grader, warm_up,
 )  # fmt: skip
-
-
-def _start_worker(spec: GraderSpec) -> None:
-    """Load the grader (and sympy, for ``math``) before the first sample, so that no sample's limit pays for it."""
-    quiet_worker()
-    if spec.name == "math":
-        from qstar_cli.grading.graders import grade_math
-
-        grade_math("1", "1")
-    elif spec.custom:
-        grade.__globals__["_loaded"][spec.name] = load_custom(spec.name)
 
 
 class GradingPool:
     """``workers`` processes grading with ``spec``, each sample within ``timeout`` seconds of its start."""
 
-    def __init__(self, spec: GraderSpec, workers: int = 2, timeout: float = 10.0):
+    def __init__(self, spec: GraderSpec, workers: int = DEFAULT_WORKERS, timeout: float = DEFAULT_TIMEOUT):
         self.spec, self.timeout = spec, timeout
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["qstar_cli.grading.graders"])
-        self._pool = pebble.ProcessPool(max_workers=workers, initializer=_start_worker, initargs=(spec,), context=context)
+        self._pool = pebble.ProcessPool(max_workers=workers, initializer=warm_up, initargs=(spec,), context=context)
         self._futures: dict[Any, pebble.ProcessFuture] = {}
-        # Start the workers now: they load the grader while the models load.
-        self._pool.schedule(quiet_worker)
+        # Start the workers now (a pool starts them with its first task): they load the grader while the models load.
+        self._pool.schedule(warm_up, (spec,))
         self.counts: Counter[str] = Counter()  # graded, correct, and each failure reason
 
     def __enter__(self) -> GradingPool:
