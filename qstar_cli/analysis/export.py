@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -37,6 +38,8 @@ from qstar_cli.paths import check_output_file, check_writable
 from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch
 
 FORMATS = (".parquet", ".jsonl")
+#: ``--keep``: every sample, or those graded right (rejection-sampling fine-tuning).
+KEEP = ("all", "correct")
 #: Rows are written in chunks of about this many tokens (bounds the memory of a chunk).
 CHUNK_TOKENS = 1 << 16
 #: How often, in bytes read, the progress callback hears from a pass.
@@ -69,6 +72,7 @@ class ExportConfig:
     ess_floor: float = 0.3
     gamma: float | None = None  # fixed tempering exponent; None chooses it at ess_floor
     chunk_tokens: int = CHUNK_TOKENS
+    keep: str = "all"  # one of KEEP
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
@@ -79,6 +83,8 @@ class ExportConfig:
             raise QstarInputError(f"--ess-floor must lie in (0, 1], got {self.ess_floor}")
         if self.gamma is not None and not 0.0 <= self.gamma <= 1.0:
             raise QstarInputError(f"--gamma must lie in [0, 1], got {self.gamma}")
+        if self.keep not in KEEP:
+            raise QstarInputError(f"--keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
 
     @property
     def sidecar(self) -> Path:
@@ -96,6 +102,8 @@ class ExportSummary:
     weights: SequenceWeights
     #: ``(done, samples)`` when the run's manifest says it is not finished (a stopped or running run), else None.
     incomplete: tuple[int, int] | None = None
+    #: ``--keep correct``: the samples left out, by grade (wrong, ungraded).
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,10 +114,11 @@ class _LockstepReader:
     progress: Progress | None
     skipped: list[int] = field(default_factory=list)
     truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
 
     def samples(self, phase: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """``(main line, sidecar line)`` of every sample to export, in file order."""
-        self.skipped, self.truncated = [], 0
+        self.skipped, self.truncated, self.dropped = [], 0, Counter()
         main_path, sidecar = self.config.run, self.config.sidecar
         total = main_path.stat().st_size + sidecar.stat().st_size
         done = reported = 0
@@ -133,6 +142,9 @@ class _LockstepReader:
                 if record["finish_reason"] == "length" and not self.config.include_truncated:
                     self.truncated += 1
                     continue
+                if self.config.keep == "correct" and (grade := kept_grade(main)) is not None:
+                    self.dropped[grade] += 1
+                    continue
                 yield main, record
         if self.progress:
             self.progress(phase, total, total)
@@ -147,6 +159,23 @@ def _load(line: bytes | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return record if isinstance(record, dict) and all(k in record for k in keys) else None
+
+
+def kept_grade(main: dict[str, Any]) -> str | None:
+    """None for a sample graded right; else why ``--keep correct`` drops it: wrong, or ungraded."""
+    correct = (main.get("grade") or {}).get("correct")
+    return None if correct is True else "wrong" if correct is False else "ungraded"
+
+
+def check_graded(run: Path) -> None:
+    """``--keep correct`` needs grades: refuse a run whose first sample has none."""
+    with run.open("rb") as f:
+        first = _load(f.readline(), ("messages", "sample_idx"))
+    if first is not None and "grade" not in first:
+        raise QstarInputError(
+            f"--keep correct keeps the responses graded right, but {run} is not graded; "
+            f"grade it first (qstar grade {run} --grader math --output GRADED.jsonl) or generate with --grader"
+        )
 
 
 def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) -> dict[str, Any]:
@@ -166,8 +195,9 @@ def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) ->
 
 
 class _ParquetSink:
-    def __init__(self, path: Path):
-        self.writer = pq.ParquetWriter(path, SCHEMA)
+    def __init__(self, path: Path, metadata: dict[str, Any]):
+        # What was kept and dropped travels in the file's own key-value metadata ("qstar").
+        self.writer = pq.ParquetWriter(path, SCHEMA.with_metadata({"qstar": orjson.dumps(metadata)}))
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
@@ -180,7 +210,7 @@ class _ParquetSink:
 
 
 class _JsonlSink:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, metadata: dict[str, Any]):  # JSON Lines has no place for metadata
         self.file = path.open("wb")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
@@ -206,6 +236,8 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
     for path in (config.output, config.output.with_name(config.output.name + ".tmp")):  # the file and its partial copy
         check_output_file(path, "--output")
     check_writable(config.output, "--output")
+    if config.keep == "correct":
+        check_graded(config.run)
 
     reader = _LockstepReader(config, progress)
     log_w = array("d", (sequence_log_weight(record) for _, record in reader.samples("weights")))
@@ -215,13 +247,17 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
             if reader.truncated
             else "it holds no readable samples"
         )
+        if reader.dropped:
+            reason = f"no response is graded right ({', '.join(f'{n} {g}' for g, n in sorted(reader.dropped.items()))})"
         raise QstarInputError(f"nothing to export from {config.run}: {reason}")
     weights = sequence_weights(log_w, config.ess_floor, config.gamma)
+    dropped = dict(sorted(reader.dropped.items()))
+    metadata = {"keep": config.keep, "exported": len(log_w), "dropped": dropped, "truncated_left_out": reader.truncated}
 
     config.output.parent.mkdir(parents=True, exist_ok=True)
     partial = config.output.with_name(config.output.name + ".tmp")
     try:
-        with _ParquetSink(partial) if config.output.suffix == ".parquet" else _JsonlSink(partial) as sink:
+        with (_ParquetSink if config.output.suffix == ".parquet" else _JsonlSink)(partial, metadata) as sink:
             chunk, chunk_tokens = [], 0
             for weight, (main, record) in zip(weights.weights, reader.samples("writing"), strict=True):
                 chunk.append(training_row(main, record, float(weight)))
@@ -235,7 +271,7 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, config.output)
-    return ExportSummary(config.output, len(log_w), reader.truncated, reader.skipped, weights, _incomplete(config.run))
+    return ExportSummary(config.output, len(log_w), reader.truncated, reader.skipped, weights, _incomplete(config.run), dropped)
 
 
 def _incomplete(run: Path) -> tuple[int, int] | None:

@@ -40,6 +40,7 @@ import qstar_cli
 from qstar_cli.analysis.statistics import CHECKS, RunAnalysis, analyze_sidecar, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.generate.config import path_settings
+from qstar_cli.grading.statistics import grade_mark
 from qstar_cli.paths import check_output_file, check_writable, local_path, replace_atomically
 from qstar_cli.analysis.plots import plot_runs
 from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_label
@@ -209,6 +210,7 @@ def sample_view(why: str, candidate: Candidate, weight: float, tokenizer: PreTra
         "prompt": [{"role": str(m.get("role")), "content": str(m.get("content"))} for m in messages[:-1]],
         "response": messages[-1]["content"],
         "metadata": {k: str(v)[:METADATA_CHARS] for k, v in main.items() if k.startswith("original_")},
+        "grade": grade_mark(main.get("grade")),
     }
     per_token = side.get("per_token")
     if per_token is None or tokenizer is None:
@@ -466,6 +468,7 @@ def build_report(
             ("alpha mean", fmt(summary["fields"]["alpha"]["tokens"]["mean"], 3)),
             ("sequence ESS / n", fmt(summary["weights"]["ess_ratio"], 3)),
             ("|kl_theta - kl_t| < 0.05", fmt(summary["checks"]["kl_gap_below_0.05"], 3)),
+            *([("accuracy", fmt(grades["accuracy"], 3))] if (grades := summary.get("grades")) else []),
             *(
                 [("draft acceptance", fmt(spec["acceptance_rate"], 3)), ("tokens per round", fmt(spec["tokens_per_round"], 3))]
                 if (spec := summary.get("speculative"))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from qstar_cli.grading.statistics import run_grades
 from qstar_cli.runfiles.format import SUMMARY_FIELDS
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -354,6 +355,7 @@ def analyze_sidecar(
         },
         "per_prompt": per_prompt_spread(np.asarray(indices, dtype=np.int64), log_w_arr),
         "speculative": _speculative_summary(rounds, round_samples, round_sample_tokens),
+        "grades": run_grades(path, np.asarray(indices, dtype=np.int64), np.asarray(responses, dtype=np.int64), log_w_arr),
     }
     return RunAnalysis(
         path=path,

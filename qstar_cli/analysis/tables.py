@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 from rich import box
@@ -88,7 +90,23 @@ def overview_table(runs: list[RunAnalysis], labels: list[str]) -> Table:
         row("draft acceptance rate", [fmt(r.get("acceptance_rate"), 3) for r in rounds])
         row("tokens per round", [fmt(r.get("tokens_per_round"), 3) for r in rounds])
         row("drafts per round", [fmt(r.get("drafts_per_round"), 3) for r in rounds])
+    if any(s["grades"] for s in summaries):
+        grade_rows(row, [s["grades"] or {} for s in summaries])
     for name in SUMMARY_FIELDS:
         row(f"{name} mean (tokens)", [fmt(s["fields"][name]["tokens"]["mean"], 4) for s in summaries])
     row("corrupt lines skipped", [str(s["corrupt_lines"]) for s in summaries])
     return table
+
+
+def grade_rows(row: Callable[[str, list[str]], None], grades: list[dict[str, Any]]) -> None:
+    """Accuracy, failures, pass@k and majority vote of graded runs, and accuracy beside the weight."""
+    row("graded (of samples)", [f"{g['graded']} of {g['samples']}" if g else "-" for g in grades])
+    row("accuracy", [fmt(g.get("accuracy"), 3) for g in grades])
+    for reason in sorted({r for g in grades for r in g.get("failures", {})}):
+        row(f"ungraded: {reason}", [str(g.get("failures", {}).get(reason, 0)) for g in grades])
+    for k in sorted({k for g in grades for k in g.get("pass_at_k", {})}, key=int):
+        row(f"pass@{k}", [fmt(g.get("pass_at_k", {}).get(k), 3) for g in grades])
+    row("majority-vote accuracy", [fmt(g.get("majority_accuracy"), 3) for g in grades])
+    weights = [g.get("by_weight") or {} for g in grades]
+    row("log w mean, right / wrong", [f"{fmt(w.get('log_w_mean_correct'))} / {fmt(w.get('log_w_mean_wrong'))}" if w else "-" for w in weights])
+    row("accuracy by log w quarter", [" ".join(fmt(a, 2) for a in w.get("accuracy_by_log_w_quarter", [])) or "-" for w in weights])

@@ -82,6 +82,9 @@ class DatasetAdapter(ABC):
     name = "custom"
     #: Columns this adapter consumes; every one must exist in the dataset.
     fields: tuple[str, ...] = ()
+    #: The column holding the reference answer, where the adapter's datasets have one: runs grade
+    #: against it by default (``--grader math``).
+    answer_field: str | None = None
 
     @abstractmethod
     def messages(self, row: dict[str, Any]) -> Messages:
@@ -140,6 +143,7 @@ class DeepScaleRAdapter(FieldAdapter):
     """DeepScaleR-style math rows: ``problem`` is the prompt; ``answer`` and ``solution`` stay as metadata."""
 
     name = "deepscaler"
+    answer_field = "answer"
 
     def __init__(self) -> None:
         super().__init__("problem")

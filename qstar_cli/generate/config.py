@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 import pydantic
 
 from qstar_cli.errors import QstarInputError
+from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS
 from qstar_cli.paths import DEMO, check_output_file, check_writable, local_path, resolved_spec
 from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, SIDECAR_SUFFIX, OutputPaths
 
@@ -56,6 +57,9 @@ class SettingInfo:
     #: Speculative sampling: fingerprinted only when ``draft_k`` is on, so that a plain run keeps the
     #: fingerprint it had before speculative sampling existed.
     draft: bool = False
+    #: Grading: fingerprinted only when a grader is on, so that an ungraded run keeps the
+    #: fingerprint it had before grading existed.
+    grading: bool = False
     #: What the command line parses, where it is not the field's type (``draft_k`` takes ``auto``).
     cli_type: type | None = None
     #: The default as the help shows it, where the field's default (None) means "derived".
@@ -82,6 +86,11 @@ def draft_settings(config_class: type | None = None) -> dict[str, Any]:
     return {f.name: f.default for f, info in settings(config_class) if info.draft}
 
 
+def grading_settings(config_class: type | None = None) -> dict[str, Any]:
+    """The grading settings with their values when grading is off (``grader`` none, the others their defaults)."""
+    return {f.name: "none" if f.name == "grader" else f.default for f, info in settings(config_class) if info.grading}
+
+
 def path_settings(config_class: type | None = None) -> dict[str, tuple[str, ...]]:
     """The settings that may name a local path, with their keyword values."""
     return {f.name: info.path_keywords for f, info in settings(config_class) if info.path_keywords is not None}
@@ -103,7 +112,7 @@ def flag_table(config_class: type | None = None) -> str:
     rows = ["| flag | meaning | default | fingerprinted | since |", "|---|---|---|---|---|"]
     for f, info in settings(config_class):
         default = shown_default(f, info)
-        fingerprinted = "when drafting" if info.draft else ("yes" if info.fingerprinted else "no")
+        fingerprinted = "when drafting" if info.draft else "when grading" if info.grading else ("yes" if info.fingerprinted else "no")
         meaning = info.help.replace("|", "\\|")
         rows.append(f"| `{flag(f.name)}` | {meaning} | {f'`{default}`' if default else ''} | {fingerprinted} | {info.since} |")
     return "\n".join(rows) + "\n"
@@ -169,6 +178,20 @@ class GenerateConfig:
         None, "Small stand-in for pi_theta in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,)
     )
     draft_model_t: str | None = setting(None, "Small stand-in for pi_t in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,))
+    grader: str | None = setting(
+        None, "Grade every response against the dataset's answer: math (HF math-verify), exact (normalised text), none, or "
+        "FILE.py:FUNCTION, called with (response, row) and returning a bool or a score in [0, 1].",
+        grading=True, shown_default="math where the adapter names an answer column (deepscaler), else none", since="0.2.0",
+    )  # fmt: skip
+    answer_field: str | None = setting(
+        None, "The dataset column holding the reference answer (bare LaTeX and GSM8K's '#### 42' are understood).",
+        grading=True, shown_default="answer", since="0.2.0",
+    )  # fmt: skip
+    grader_timeout: float = setting(
+        DEFAULT_TIMEOUT, "Seconds one response's grade may take; past it the response is ungraded (correct: null, reason timeout).",
+        grading=True, since="0.2.0",
+    )  # fmt: skip
+    grader_workers: int = setting(DEFAULT_WORKERS, "Worker processes that grade beside the decode.", fingerprinted=False, since="0.2.0")
 
     def __post_init__(self) -> None:
         # Imported here: the command line derives its options from this module without loading torch.
@@ -191,6 +214,8 @@ class GenerateConfig:
             "samples_per_prompt": self.samples_per_prompt >= 1,
             "num_shards": self.num_shards >= 1,
             "replicas": self.replicas >= 1,
+            "grader_timeout": self.grader_timeout > 0,
+            "grader_workers": self.grader_workers >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -333,12 +358,18 @@ class GenerateConfig:
         if not self.draft_k:  # plain sampling: fingerprinted as before speculative sampling existed
             for name in draft_settings(type(self)):
                 values.pop(name, None)
+        if self.grader in (None, "none"):  # ungraded: fingerprinted as before grading existed
+            for name in grading_settings(type(self)):
+                values.pop(name, None)
         for name, keywords in path_settings(type(self)).items():
             if values.get(name) is not None and values[name] not in keywords:
                 values[name] = resolved_spec(values[name])
         adapter_file, _, class_name = self.adapter.rpartition(":")
         if adapter_file.endswith(".py"):
             values["adapter"] = f"{resolved_spec(adapter_file)}:{class_name}"
+        grader_file, _, function = (self.grader or "").rpartition(":")
+        if grader_file.endswith(".py"):
+            values["grader"] = f"{resolved_spec(grader_file)}:{function}"
         values["fingerprint_version"] = FINGERPRINT_VERSION
         return values
 
@@ -346,6 +377,7 @@ class GenerateConfig:
         """The local files and directories this run reads (an output may replace none of them)."""
         specs = [getattr(self, name) for name, keywords in path_settings(type(self)).items() if getattr(self, name) not in keywords]
         specs.append(self.adapter.rpartition(":")[0])
+        specs.append((self.grader or "").rpartition(":")[0])
         return [path for spec in specs if spec and (path := local_path(spec)) is not None]
 
 

@@ -41,7 +41,7 @@ from qstar_cli.engine.models import model_digests, model_identity
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from qstar_cli.errors import QstarRunError
 from qstar_cli.generate.adapters import adapt_rows, load_source, resolve_adapter
-from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, draft_settings, run_models
+from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, draft_settings, grading_settings, run_models
 from qstar_cli.generate.engines import make_engine
 from qstar_cli.generate.schedule import (
     Schedule,
@@ -52,6 +52,8 @@ from qstar_cli.generate.schedule import (
     prompt_ids_fingerprint,
     shard_split,
 )
+from qstar_cli.grading.graders import row_of
+from qstar_cli.grading.pool import grading_pool, run_grader
 from qstar_cli.runfiles.writer import CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
 if TYPE_CHECKING:
@@ -185,14 +187,16 @@ def run_generate(
     if sampler is None:
         check_before_loading(config)
     engine = make_engine(config, sampler)
-    adapted = adapt_rows(*_rows(config), config.start_index, config.num_samples, config.system_prompt)
+    dataset, adapter = _rows(config)
+    adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
     if not adapted.prompts:
         raise nothing_usable(adapted)
     samples = len(adapted.prompts) * config.samples_per_prompt
     check_schedule_fits(samples, len(adapted.prompts), config.samples_per_prompt, free_memory(torch.device("cpu")))
-    with CheckpointedWriter(paths.main, config.diagnostics) as writer:
+    config, grader = run_grader(config, adapter, adapted.prompts)
+    with CheckpointedWriter(paths.main, config.diagnostics) as writer, grading_pool(grader, config.grader_workers, config.grader_timeout) as grades:
         settings = config.fingerprint_config()
-        writer.check_config(settings, overwrite=config.overwrite, optional=draft_settings())
+        writer.check_config(settings, overwrite=config.overwrite, optional={**draft_settings(), **grading_settings()})
         if not config.overwrite:
             check_shard_of(writer, config)
             writer.check_files(speculative=bool(config.draft_k))
@@ -207,7 +211,7 @@ def run_generate(
         fp_config = {**settings, **content_fingerprint(config, prompts)}
         continued = {**fp_config, "prompt_ids": continued_prompt_ids(writer, prompts, config.overwrite)}
         previous = writer.check_config(
-            continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **DRAFT_CONTENT}
+            continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **grading_settings(), **DRAFT_CONTENT}
         )
         shard = {}
         if config.num_shards > 1:  # a shard takes whole prompts (all K responses of each)
@@ -242,7 +246,7 @@ def run_generate(
             **({"slot_plan": {**plan.record(), "slots": engine.slots}} if plan else {}),
             **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
         }
-        commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None)
+        commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None, grades=grades)
         status = commits.run(schedule, _requests(writer, config, schedule, done))
     return RunSummary(writer.paths, status, len(schedule), commits.done, done, commits.new_tokens, commits.seconds, dict(adapted.skipped))
 
@@ -308,8 +312,9 @@ class _Commits:
     """The samples of the stream written in schedule order and committed after each step, the
     manifest following; what a failure of the disk or a model leaves is said in one line."""
 
-    def __init__(self, writer, config, meta, engine, progress, stop, done: int, fresh: bool):
+    def __init__(self, writer, config, meta, engine, progress, stop, done: int, fresh: bool, grades=None):
         self.writer, self.config, self.meta, self.engine, self.progress, self.stop = writer, config, meta, engine, progress, stop
+        self.grades = grades  # a GradingPool for a graded run, else None
         self.done = self.committed = done  # written; durable in the files and counted by the manifest
         self.fresh, self.unwritten, self.new_tokens, self.seconds = fresh, 0, 0, 0.0
         self.stats = StreamStats()
@@ -322,17 +327,18 @@ class _Commits:
         self.progress.start(len(schedule), self.done)
         self.started, status = time.perf_counter(), "complete"
         first, requests = start
-        waiting: dict[int, Any] = {}  # finished samples after the first unfinished one, by position
+        self.schedule = schedule
+        self.waiting: dict[int, Any] = {}  # finished samples not yet written, by position
         try:
             try:
                 for position, result in self.engine.stream(requests, self._step, self.stats):
-                    waiting[position + first] = result
-                    while self.done in waiting:
-                        self.writer.write(schedule[self.done][0], waiting.pop(self.done))
-                        self.done += 1
-                        self.unwritten += 1
+                    self.waiting[position + first] = result
+                    if self.grades is not None:
+                        self.grades.submit(position + first, result.text, row_of(schedule[position + first][0].metadata))
+                    self._write_ready(wait=False)
             except Interrupted:
                 status = "interrupted"
+            self._write_ready(wait=True)  # the samples finished in order: the last grades are waited for
             if self.unwritten:
                 self._commit()
         except (OSError, QstarRunError) as err:
@@ -355,9 +361,20 @@ class _Commits:
         self._record(self.done, status)
         return status
 
+    def _write_ready(self, wait: bool) -> None:
+        """Write the finished samples in schedule order, up to the first unfinished one or (unless
+        ``wait``) the first whose grade is not ready: the decode never waits on a grade."""
+        while self.done in self.waiting and (wait or self.grades is None or self.grades.ready(self.done)):
+            grade = self.grades.take(self.done) if self.grades is not None else None
+            self.writer.write(self.schedule[self.done][0], self.waiting.pop(self.done), grade)
+            self.done += 1
+            self.unwritten += 1
+
     def _step(self, tokens: int) -> None:
         self.new_tokens += tokens
         self.progress.tokens(tokens)
+        if self.grades is not None:
+            self._write_ready(wait=False)
         if self.unwritten:
             self._commit()
         if self.stop.is_set():
@@ -372,6 +389,8 @@ class _Commits:
     def _record(self, done: int, status: str) -> None:
         self.seconds = time.perf_counter() - self.started
         _record_session(self.meta, self.session, done, self.new_tokens, self.seconds, status, self.stats, self.engine.slots)
+        if self.grades is not None:
+            self.session["grades"] = self.grades.record()
         self.writer.write_meta(self.meta)
 
 

@@ -79,8 +79,9 @@ def _damage(path: Path, lines: list[_Line], good: int, committed: int, expected:
     )
 
 
-def main_record(prompt: Prompt, result: SampleResult) -> dict[str, Any]:
-    """One line of the main file: the conversation with the sampled answer, in OpenAI chat format."""
+def main_record(prompt: Prompt, result: SampleResult, grade: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of the main file: the conversation with the sampled answer, in OpenAI chat format;
+    a graded run's ``grade`` last."""
     messages = [*prompt.messages, {"role": "assistant", "content": result.text}]
     return {
         "messages": messages,
@@ -88,6 +89,7 @@ def main_record(prompt: Prompt, result: SampleResult) -> dict[str, Any]:
         "response_idx": result.response_idx,
         "finish_reason": result.finish_reason,
         **prompt.metadata,
+        **({"grade": grade} if grade is not None else {}),
     }
 
 
@@ -406,9 +408,9 @@ class CheckpointedWriter:
         (None for a sample written without them)."""
         return [line.rounds for line in (self._replay or [])[:done]]
 
-    def write(self, prompt: Prompt, result: SampleResult) -> None:
-        """Append one sample (not durable until :meth:`commit`)."""
-        records = [main_record(prompt, result)]
+    def write(self, prompt: Prompt, result: SampleResult, grade: dict[str, Any] | None = None) -> None:
+        """Append one sample, with its grade in a graded run (not durable until :meth:`commit`)."""
+        records = [main_record(prompt, result, grade)]
         if self.level != "none":
             records.append(diagnostics_record(result, self.level))
         for f, record in zip(self._files, records):
