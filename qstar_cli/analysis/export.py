@@ -6,7 +6,8 @@
 One row per sample: ``input_ids`` = the exact prompt ids pi_theta saw followed by
 the sampled ids (the EOS included when the sample stopped), ``completion_mask`` (0 over the prompt, 1
 over the response), ``sample_idx``, ``response_idx``, ``finish_reason``, ``weight``, the per-response-
-token ``logp_theta`` and ``logp_q``, and ``messages`` for reading. Training on these ids, rather than
+token ``logp_theta``, ``logp_t`` (the teacher's view of each sampled token, for distillation) and
+``logp_q``, and ``messages`` for reading. Training on these ids, rather than
 on ``messages`` re-rendered with a chat template, trains pi_theta on the prompt format it sampled
 under and on the very tokens whose importance weights were computed.
 
@@ -53,6 +54,7 @@ SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("weight", pa.float64()),
         ("logp_theta", pa.list_(pa.float64())),
+        ("logp_t", pa.list_(pa.float64())),
         ("logp_q", pa.list_(pa.float64())),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ]
@@ -189,6 +191,7 @@ def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) ->
         "finish_reason": record["finish_reason"],
         "weight": weight,
         "logp_theta": record["per_token"]["logp_theta"],
+        "logp_t": record["per_token"]["logp_t"],
         "logp_q": record["per_token"]["logp_q"],
         "messages": main["messages"],
     }

@@ -243,7 +243,7 @@ def run_generate(
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
             "sessions": (previous or {}).get("sessions", []),
             **({"shard": shard} if shard else {}),
-            **({"slot_plan": {**plan.record(), "slots": engine.slots}} if plan else {}),
+            **({"slot_plan": {**plan.record(), "planned_slots": plan.slots, "slots": engine.slots}} if plan else {}),
             **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
         }
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None, grades=grades)

@@ -73,7 +73,7 @@ def test_rows_are_the_exact_ids_pi_theta_saw_and_sampled(runs, tiny_tokenizer, t
         assert row["input_ids"] == prompt + response
         assert row["completion_mask"] == [0] * len(prompt) + [1] * side["num_tokens"]
         assert (row["input_ids"][-1] == tiny_tokenizer.eos_token_id) == (side["finish_reason"] == "stop")
-        assert row["logp_theta"] == side["per_token"]["logp_theta"] and row["logp_q"] == side["per_token"]["logp_q"]
+        assert all(row[name] == side["per_token"][name] for name in ("logp_theta", "logp_t", "logp_q"))
         assert (row["sample_idx"], row["response_idx"], row["finish_reason"]) == (side["sample_idx"], 0, side["finish_reason"])
         assert row["messages"] == main["messages"]
     left_out = finish.count("length")
@@ -183,7 +183,7 @@ def test_export_streams_a_large_run(tmp_path):
         for i in range(800):
             m.write(orjson.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "sample_idx": i, "finish_reason": "stop"}) + b"\n")
             theta, q = rng.normal(-2.0, 1.0, (2, tokens))
-            per_token = {"token_id": rng.integers(0, 50_000, tokens).tolist(), "logp_theta": theta.tolist(), "logp_q": q.tolist()}
+            per_token = {"token_id": rng.integers(0, 50_000, tokens).tolist(), "logp_theta": theta.tolist(), "logp_t": q.tolist(), "logp_q": q.tolist()}
             record = {"sample_idx": i, "num_tokens": tokens, "finish_reason": "stop", "logp_theta_sum": theta.sum(), "logp_q_sum": q.sum()}
             record.update(prompt_ids_theta=[1, 2, 3], per_token=per_token)
             s.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
