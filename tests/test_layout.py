@@ -4,6 +4,7 @@ fingerprint and the docs derived from the declaration)."""
 
 import ast
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from qstar_cli.generate.config import (
 )
 
 PACKAGE = Path(qstar_cli.__file__).parent
+REPO = PACKAGE.parent
 MAX_LINES = 510
 
 
@@ -119,3 +121,12 @@ def test_a_setting_declared_once_reaches_the_cli_the_config_the_fingerprint_and_
     assert "| `--beam-width` | A new setting. | `3` | yes | 0.2.0 |" in flag_table(extended)
     assert "| `--log-every` | Another, which does not change the samples. | `10` | no | 0.1.0 |" in flag_table(extended)
     assert dataclasses.asdict(config)["beam_width"] == 5  # what the manifest's config records
+
+
+def test_the_docs_flag_table_is_the_declarations():
+    """docs/generate.md holds the flag table as flag_table() makes it (rewrite it with docs/hooks.py)."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = hooks.PAGE.read_text()
+    assert hooks.BEGIN in page and hooks.with_flag_table(page) == page, "run .venv/bin/python docs/hooks.py"
