@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
 import qstar_cli
+from qstar_cli.analysis import ESS_FLOOR
 from qstar_cli.errors import QstarInputError, QstarRunError
 from qstar_cli.paths import check_output_dir, check_output_file, check_writable, replace_atomically
 from qstar_cli.progress import ExportProgress, GenerateProgress
@@ -282,7 +283,7 @@ def analyze(
     json_output: bool = typer.Option(False, "--json", metavar="", help="Print the statistics as JSON instead of tables."),
     plots: Path = typer.Option(None, help="Write PNG plots into this directory."),
     export_weights: Path = typer.Option(None, help="Write per-sample training weights (JSONL) to this file."),
-    ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the exported weights w^gamma."),
+    ess_floor: float = typer.Option(ESS_FLOOR, help="Smallest ESS/n allowed for the exported weights w^gamma."),
 ) -> None:
     """Statistics, theoretical checks and importance weights of one run's diagnostics."""
     with one_line_errors():
@@ -375,7 +376,7 @@ def export(
     run: Path = typer.Argument(..., help="A run's main OUT.jsonl; its OUT.diagnostics.jsonl (level full) must lie beside it."),
     output: Path = typer.Option(..., help="The training set to write: FILE.parquet or FILE.jsonl."),
     include_truncated: bool = typer.Option(False, "--include-truncated", metavar="", help="Keep samples that hit max_new_tokens."),
-    ess_floor: float = typer.Option(0.3, help="Smallest ESS/n allowed for the weights w^gamma."),
+    ess_floor: float = typer.Option(ESS_FLOOR, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
     keep: str = typer.Option("all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."),
 ) -> None:

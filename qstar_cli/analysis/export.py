@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qstar_cli.analysis.statistics import REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
+from qstar_cli.analysis.statistics import ESS_FLOOR, REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import check_output_file, check_writable
 from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch
@@ -71,7 +71,7 @@ class ExportConfig:
     run: Path  # the main OUT.jsonl; its OUT.diagnostics.jsonl (level full) lies beside it
     output: Path  # FILE.parquet or FILE.jsonl
     include_truncated: bool = False
-    ess_floor: float = 0.3
+    ess_floor: float = ESS_FLOOR
     gamma: float | None = None  # fixed tempering exponent; None chooses it at ess_floor
     chunk_tokens: int = CHUNK_TOKENS
     keep: str = "all"  # one of KEEP

@@ -37,7 +37,7 @@ import orjson
 from rich.table import Table
 
 import qstar_cli
-from qstar_cli.analysis.statistics import CHECKS, RunAnalysis, analyze_sidecar, sequence_weights
+from qstar_cli.analysis.statistics import CHECKS, ESS_FLOOR, RunAnalysis, analyze_sidecar, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.generate.config import path_settings
 from qstar_cli.grading.statistics import grade_mark
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MAX_SAMPLES = 200
-#: The ESS floor of the tempered weights shown per sample (``analyze --export-weights`` default).
-ESS_FLOOR = 0.3
 #: Per-token arrays embedded per sample; the page derives ``log_ratio = logp_theta - logp_t``.
 EMBEDDED_FIELDS = ("alpha", "kl_theta", "kl_t", "logp_theta", "logp_t", "logp_q")
 #: The fields a reader can colour tokens by: label, colour scale and what the colours mean.

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from qstar_cli.analysis import ESS_FLOOR
 from qstar_cli.grading.statistics import run_grades
 from qstar_cli.runfiles.format import SUMMARY_FIELDS
 
@@ -70,7 +71,7 @@ def ess_ratio(log_w: np.ndarray) -> float:
     return float(np.exp(2 * logsumexp(log_w) - np.log(log_w.size) - logsumexp(2 * log_w)))
 
 
-def choose_gamma(log_w: np.ndarray, ess_floor: float = 0.3, iterations: int = 60) -> float:
+def choose_gamma(log_w: np.ndarray, ess_floor: float = ESS_FLOOR, iterations: int = 60) -> float:
     """The largest gamma in [0, 1] with ``ess_ratio(gamma * log_w) >= ess_floor``.
 
     ESS(gamma) is 1 at gamma = 0 and falls as gamma grows (the weights sharpen), so bisection finds
@@ -104,7 +105,7 @@ class SequenceWeights:
     ess_ratio: float
 
 
-def sequence_weights(log_w: np.ndarray, ess_floor: float = 0.3, gamma: float | None = None) -> SequenceWeights:
+def sequence_weights(log_w: np.ndarray, ess_floor: float = ESS_FLOOR, gamma: float | None = None) -> SequenceWeights:
     """The weights ``analyze --export-weights`` and ``export`` write: gamma fixed, or chosen at the ESS floor."""
     log_w = np.asarray(log_w, dtype=np.float64)
     if gamma is None:
@@ -400,7 +401,7 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def weight_records(run: RunAnalysis, ess_floor: float = 0.3) -> tuple[list[dict[str, Any]], SequenceWeights]:
+def weight_records(run: RunAnalysis, ess_floor: float = ESS_FLOOR) -> tuple[list[dict[str, Any]], SequenceWeights]:
     """Per-sample training weights (``sample_idx``, ``response_idx``, ``log_w``, ``weight``, ``gamma``) and their summary."""
     chosen = sequence_weights(run.log_w, ess_floor)
     records = [
