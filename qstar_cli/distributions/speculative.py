@@ -20,6 +20,10 @@ from torch import Tensor
 #: ``--draft-k auto`` chooses each round's draft length in 1..AUTO_MAX_DRAFT (never 0: a row that
 #: stopped drafting would never see its acceptance recover).
 AUTO_MAX_DRAFT = 8
+#: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
+DRAFTERS: tuple[str, ...] = ("theta", "pair")
+#: The most drafts per round: past a few, a draft is rarely reached (acceptance^k) and costs a forward.
+MAX_DRAFT_K = 32
 #: Prior of the auto policy's acceptance estimate: this many drafts, accepted at PRIOR_ACCEPTANCE.
 PRIOR_DRAFTS, PRIOR_ACCEPTANCE = 4.0, 0.8
 #: The auto policy's cost of a forward over n tokens (all rows and queries together), in one-token
@@ -121,3 +125,16 @@ def auto_draft_len(accepted: np.ndarray, tested: np.ndarray, room: np.ndarray, r
     lengths = np.minimum(np.arange(1, len(round_cost))[None, :], room[:, None])
     tokens = expected_tokens(acceptance[:, None], lengths).sum(axis=0)
     return int((tokens / round_cost[1:]).argmax()) + 1
+
+
+def check_draft_k(value: int | str) -> int:
+    """A fixed draft length: an integer from 0 to :data:`MAX_DRAFT_K` (``auto`` is the caller's)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
+    try:
+        k = int(value)
+    except ValueError:
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}") from None
+    if not 0 <= k <= MAX_DRAFT_K:
+        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
+    return k

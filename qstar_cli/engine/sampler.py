@@ -46,12 +46,8 @@ from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sa
 from qstar_cli.engine.scheduler import Row, SlotScheduler
 from qstar_cli.engine.slots import SlotCache, check_versions, use_slot_attention
 from qstar_cli.runfiles.format import per_token_fields
-from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, round_costs, verify_drafts
+from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, check_draft_k, round_costs, verify_drafts
 
-#: Who drafts for speculative sampling: pi_theta itself, or a small pair of models.
-DRAFTERS: tuple[str, ...] = ("theta", "pair")
-#: The most drafts per round: past a few, a draft is rarely reached (acceptance^k) and costs a forward.
-MAX_DRAFT_K = 32
 #: Uniform streams of the counter-based generator: drafts and acceptance tests (token draws: 0).
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2
 
@@ -490,19 +486,6 @@ class DualModelSampler:
                 text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
                 result.text = self.target.tokenizer.decode(text_ids)
                 yield position, result
-
-
-def check_draft_k(value: int | str) -> int:
-    """A fixed draft length: an integer from 0 to :data:`MAX_DRAFT_K` (``auto`` is the caller's)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
-    try:
-        k = int(value)
-    except ValueError:
-        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}") from None
-    if not 0 <= k <= MAX_DRAFT_K:
-        raise ValueError(f"draft_k must be an integer from 0 to {MAX_DRAFT_K} or auto, got {value!r}")
-    return k
 
 
 @dataclass

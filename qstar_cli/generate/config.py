@@ -275,7 +275,7 @@ class GenerateConfig:
 
     def _check_draft(self) -> None:
         """Speculative sampling: ``draft_k`` an integer >= 0 or auto, and a drafter that fits it."""
-        from qstar_cli.engine.sampler import DRAFTERS, MAX_DRAFT_K, check_draft_k
+        from qstar_cli.distributions.speculative import DRAFTERS, MAX_DRAFT_K, check_draft_k
 
         value = self.draft_k.strip().lower() if isinstance(self.draft_k, str) else self.draft_k
         try:

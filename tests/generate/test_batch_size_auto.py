@@ -57,7 +57,7 @@ def test_auto_run_records_its_plan_and_samples_as_a_fixed_size(base_args, tmp_pa
 
 def test_a_resumed_auto_run_keeps_the_slots_it_began_with(base_args, tmp_path):
     """On a GPU the kernels, and so the low bits, follow the batch shapes: a resumed run does not size
-    itself afresh (here: the plan would give a slot to each of the 9 samples, the run began with 2)."""
+    itself afresh (here: the plan would give a slot to each sample, the run began with 2)."""
     out = tmp_path / "a.jsonl"
     args = [*without(base_args, "--batch-size"), "--batch-size", "auto", "--output", out]
     assert invoke("generate", *args, "--num-samples", "3").exit_code == 0
@@ -67,7 +67,8 @@ def test_a_resumed_auto_run_keeps_the_slots_it_began_with(base_args, tmp_path):
     result = invoke("generate", *args)
     assert result.exit_code == 0 and "keeping the 2 slots this run began with" in result.output, result.output
     resumed = orjson.loads(run_files(out)[2].read_bytes())["slot_plan"]
-    assert resumed["slots"] == 2 and resumed["planned_slots"] == 9
+    samples = orjson.loads(run_files(out)[2].read_bytes())["counts"]["samples"]
+    assert resumed["slots"] == 2 and resumed["planned_slots"] == samples > 2
 
 
 def test_one_slot_that_does_not_fit_is_refused(base_args, tmp_path):

@@ -143,7 +143,7 @@ def test_a_stopped_or_killed_driver_resumes(ray_address, ray_args, reference, tm
     assert stopped["status"] == "interrupted" and stopped["counts"]["done"] == count_lines(out) < 48
 
     proc = spawn(ray_args, out, ray_address)
-    wait_for(lambda: count_lines(out) > stopped["counts"]["done"], proc, out)
+    wait_for(lambda: manifest(out)["counts"]["done"] > stopped["counts"]["done"], proc, out)  # a commit of its own
     proc.kill()
     proc.wait()
     written = count_lines(out)

@@ -128,7 +128,8 @@ def test_kill_9_and_resume_with_grading_is_byte_identical(spread_model_dirs, gra
     killed at random moments and resumed writes the bytes of an uninterrupted one."""
     _, grader, root = graded
     theta, target = spread_model_dirs
-    args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(root / "rows.jsonl"),
+    rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": f"What is {i} times {i}?", "answer": str(i * i)} for i in range(24)])
+    args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(rows),
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", "--grader", grader(0.05)]  # fmt: skip
     reference = tmp_path / "ref.jsonl"
     assert spawn(args, reference).wait(timeout=300) == 0
@@ -140,7 +141,7 @@ def test_kill_9_and_resume_with_grading_is_byte_identical(spread_model_dirs, gra
         proc = spawn(args, out)
         while count_lines(out) <= before and proc.poll() is None:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.kill()
             interrupted += 1
