@@ -67,15 +67,14 @@ def _committed(meta: dict[str, Any] | None) -> int:
 def _damage(path: Path, lines: list[_Line], good: int, committed: int, expected: tuple[int, int] | None = None) -> str:
     """Why ``path`` holds only ``good`` of the ``committed`` samples: lines gone, one unreadable, or
     one holding another sample than ``expected``."""
-    advice = _RESTORE
     if good == len(lines):
-        return f"{path} holds {good} samples, but the manifest says {committed} are done: lines were deleted or the file was replaced; {advice}"
+        return f"{path} holds {good} samples, but the manifest says {committed} are done: lines were deleted or the file was replaced; {_RESTORE}"
     key = lines[good].key
     if key is None:
-        return f"{path} line {good + 1} is damaged (not a sample record) within the {committed} samples done; {advice}"
+        return f"{path} line {good + 1} is damaged (not a sample record) within the {committed} samples done; {_RESTORE}"
     return (
         f"{path} line {good + 1} holds {describe_sample(key)}, where {describe_sample(expected)} belongs: "
-        f"the file was edited (a line deleted, moved or added); {advice}"
+        f"the file was edited (a line deleted, moved or added); {_RESTORE}"
     )
 
 
