@@ -3,7 +3,6 @@ problem, checked before the models load where it can be, and no existing file ch
 destroys nothing it should not; prompts and responses stay inside both models' contexts; resuming
 keys on content (prompt ids, model files) and resolved paths, not on spelling."""
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -14,14 +13,12 @@ from types import SimpleNamespace
 import orjson
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from qstar_cli import GenerateConfig, run_generate
-from qstar_cli.cli import app
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.generate.adapters import adapt_rows, resolve_adapter
 from qstar_cli.testing.tiny import build_tiny_model
-from tests.helpers import swapped_tokenizer
+from tests.helpers import invoke, one_line_error, snapshot, swapped_tokenizer
 
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "id": i} for i in range(6)]
 LOADING = "loading models"  # what generate prints just before the models load
@@ -31,25 +28,6 @@ def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def snapshot(*roots):
-    """Every file under ``roots`` and a hash of its bytes; lock files (they stay by design) and
-    Python's bytecode caches (of user adapters) aside."""
-    files = (p for root in roots for p in Path(root).rglob("*") if p.is_file() and p.suffix not in (".lock", ".pyc"))
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), lines[0]
 
 
 def edit_json(path, **values):
