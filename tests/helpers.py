@@ -179,6 +179,26 @@ def as_if_killed_after(out, done: int) -> None:
     meta_path.write_text(json.dumps(meta))
 
 
+def kill_at_random_moments(start, out, rng, max_delay: float, runs: int = 3) -> int:
+    """Start a run (``start()`` returns its process) ``runs`` times; each time wait for progress past
+    the previous kill, then kill -9 it at a random moment up to ``max_delay`` s later. How many runs
+    were killed before they ended (a test of resuming needs at least two)."""
+    import time
+
+    killed = 0
+    for _ in range(runs):
+        before = count_lines(out)
+        proc = start()
+        while count_lines(out) <= before and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, max_delay))
+        if proc.poll() is None:
+            proc.kill()
+            killed += 1
+        proc.wait()
+    return killed
+
+
 def tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
     """``qstar generate`` flags of a CPU run of the tiny models (pi_theta on the plain format)."""
     theta, target = model_dirs

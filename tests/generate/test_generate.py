@@ -22,6 +22,7 @@ from tests.helpers import (
     cli,
     count_lines,
     file_bytes,
+    kill_at_random_moments,
     one_line_error,
     paths,
     read_lines,
@@ -197,18 +198,7 @@ def reference(slow_args, tmp_path_factory):
 def test_kill_9_and_resume_is_byte_identical(slow_args, reference, tmp_path):
     rng = np.random.default_rng(20261125)
     out = tmp_path / "k.jsonl"
-    interrupted = 0
-    for _ in range(3):
-        before = count_lines(out)
-        proc = spawn(slow_args, out)
-        # Wait for progress past the previous kill, then kill at a random moment of a later batch.
-        while count_lines(out) <= before and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.8))
-        if proc.poll() is None:
-            proc.kill()
-            interrupted += 1
-        proc.wait()
+    interrupted = kill_at_random_moments(lambda: spawn(slow_args, out), out, rng, max_delay=0.8)
     assert interrupted >= 2  # otherwise the test did not test resuming
     proc = spawn(slow_args, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()

@@ -12,7 +12,7 @@ import pytest
 
 from qstar_cli.analysis.statistics import logsumexp
 from tests.generate.test_generate import spawn
-from tests.helpers import cli, count_lines, file_bytes, invoke, one_line_error, paths, read_lines
+from tests.helpers import cli, file_bytes, invoke, kill_at_random_moments, one_line_error, paths, read_lines
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(8)]
 LOADING = "loading models"  # what generate prints just before the models load
@@ -135,17 +135,7 @@ def test_kill_9_and_resume_with_grading_is_byte_identical(spread_model_dirs, gra
     assert spawn(args, reference).wait(timeout=300) == 0
     rng = np.random.default_rng(33)
     out = tmp_path / "k.jsonl"
-    interrupted = 0
-    for _ in range(3):
-        before = count_lines(out)
-        proc = spawn(args, out)
-        while count_lines(out) <= before and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            proc.kill()
-            interrupted += 1
-        proc.wait()
+    interrupted = kill_at_random_moments(lambda: spawn(args, out), out, rng, max_delay=0.3)
     assert interrupted >= 2
     proc = spawn(args, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
