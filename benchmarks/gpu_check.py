@@ -380,7 +380,7 @@ def main() -> None:
         results = checks(samplers["eager"])
         if device.type == "cuda":
             results.append(syncs_per_round(samplers["compiled"], 8, prompt))
-            print("\n".join(f"compiled decode {target.name}: {line}" for line in bucket_edge_ms(target, samplers["compiled"].decoders[1], samplers["compiled"].vocab)))
+            print("\n".join(f"compiled decode {target.name}: {line}" for line in bucket_edge_ms(target, samplers["compiled"].roles[1].compiled, samplers["compiled"].vocab)))
         if shape != "llama-3.1-8b":  # the compiled path at each draft setting (the 8B shape: its throughput above)
             results += compiled_checks(theta, target, 6 if args.quick else 64, 16 if args.quick else 384, 16 if args.quick else 192)
         for name, ok, detail in results:

@@ -98,16 +98,16 @@ def forward_cost(tokens: np.ndarray, device_type: str) -> np.ndarray:
     return np.where(n <= 1, 1.0, jump * np.maximum(1.0, n / knee) ** exponent)
 
 
-def round_costs(sequential_size: float, verifying_size: float, rows: int, device_type: str) -> np.ndarray:
+def round_costs(drafter_size: float, scorers_size: float, rows: int, device_type: str) -> np.ndarray:
     """Cost of a round of ``k = 0..AUTO_MAX_DRAFT`` drafts per row in a batch of ``rows`` rows.
 
-    The sequential models (the drafter) run ``k + 1`` forwards of ``rows`` tokens, the verifying
-    ones one forward of ``rows * (k + 1)``; a model's one-token forward costs in proportion to its
-    size (parameters: at small batch a forward is bound by reading them).
+    The drafter's models run ``k + 1`` forwards of ``rows`` tokens, the scorers one forward of
+    ``rows * (k + 1)``; a model's one-token forward costs in proportion to its size (parameters:
+    at small batch a forward is bound by reading them).
     """
     k = np.arange(AUTO_MAX_DRAFT + 1)
-    sequential = (k + 1) * sequential_size * forward_cost(rows, device_type)
-    return sequential + verifying_size * forward_cost(rows * (k + 1), device_type)
+    drafting = (k + 1) * drafter_size * forward_cost(rows, device_type)
+    return drafting + scorers_size * forward_cost(rows * (k + 1), device_type)
 
 
 def auto_draft_len(accepted: np.ndarray, tested: np.ndarray, room: np.ndarray, round_cost: np.ndarray) -> int:

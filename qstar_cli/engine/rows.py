@@ -3,7 +3,7 @@ updates in place, on the host what the schedule reads; one small block crosses p
 
 A round forms its inputs on the device from :class:`DeviceRows` (each row's pending token, the
 positions of its queries) and, once the tokens are drawn, updates it there: :func:`emitted_tokens`
-cuts a row's tokens after an EOS, and its step, cached lengths and pending token advance by what it
+cuts a row's tokens after an EOS, and its tokens produced, cached lengths and pending token advance by what it
 emitted. The host receives one int32 block per round (:meth:`DeviceRows.advance`: the token ids,
 the accepted and emitted counts, the finished, stopped and NaN flags) and updates the counts the
 schedule and the draft policy read, :class:`HostRows`, for all rows at once. Python touches a row
@@ -24,36 +24,48 @@ import torch
 from torch import Tensor
 
 from qstar_cli.distributions.sampling import sample_key
-from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
+from qstar_cli.runfiles.format import PER_TOKEN_FIELDS, SUMMARY_FIELDS
 
-#: The rows of :attr:`DeviceRows.state`.
-STATE = ("key", "step", "cached_theta", "cached_t", "pending_theta", "pending_t", "limit", "new")
-#: The per-token values a round records (every per-token field but the token id), in the sidecar's order.
-VALUE_FIELDS = PER_TOKEN_FIELDS[1:]
 #: Columns of the block :meth:`DeviceRows.advance` returns after the ``k + 1`` token ids.
 OUTCOME = ("accepted", "emitted", "finished", "stopped", "nan_theta", "nan_t")
 
 
-def emitted_tokens(tokens: Tensor, accepted: Tensor, eos: Tensor, counts_eos: Tensor) -> tuple[Tensor, Tensor]:
+def emitted_tokens(token_ids: Tensor, accepted: Tensor, eos: Tensor, counts_eos: Tensor) -> tuple[Tensor, Tensor]:
     """``(emitted, stopped)`` per row: a round's tokens ``[n, k + 1]`` are its accepted drafts and one
     more (``accepted + 1``), cut after the first EOS where ``counts_eos`` (a new row's; a replayed row
     ends where it ended when written), which then stops the row."""
-    offsets = torch.arange(tokens.shape[1], device=tokens.device)
-    is_eos = torch.isin(tokens, eos) & (offsets <= accepted.unsqueeze(-1)) & counts_eos.unsqueeze(-1)
+    offsets = torch.arange(token_ids.shape[1], device=token_ids.device)
+    is_eos = torch.isin(token_ids, eos) & (offsets <= accepted.unsqueeze(-1)) & counts_eos.unsqueeze(-1)
     stopped = is_eos.any(-1)
     return torch.where(stopped, is_eos.long().argmax(-1) + 1, accepted + 1), stopped
 
 
+@dataclass
+class AdmittedRows:
+    """The device state of rows entering the slots (:meth:`HostRows.place`), host arrays per row."""
+
+    key: np.ndarray  # the counter key (sample_key of sample and response)
+    limit: np.ndarray  # the token budget, or the length a replayed row was written with
+    new: np.ndarray  # 1: sampled now; 0: replayed
+    cached: np.ndarray  # [2, rows]: tokens cached per side (the prompt but its last token)
+    pending: np.ndarray  # [2, rows]: the pending token per side (the prompt's last)
+
+
 class DeviceRows:
-    """What the rounds read and update in place, per slot (:data:`STATE`): the counter key, the
-    tokens emitted (the step), the tokens cached and the pending token of each side (0: pi_theta's
-    prompt, 1: pi_t's), the limit (the token budget, or the length a replayed row was written with),
-    whether the row is new; with ``fields`` per-token values, ``values`` ``[slots, columns, fields]``."""
+    """What the rounds read and update in place, per slot. Side-indexed fields have one row per
+    side (:class:`~qstar_cli.engine.roles.Side`). With ``fields`` per-token values, ``values``
+    ``[slots, columns, fields]`` holds each emitted token's (:data:`SUMMARY_FIELDS` order)."""
 
     def __init__(self, slots: int, device: torch.device, eos: set[int], fields: int):
-        self.state = torch.zeros(len(STATE), slots, dtype=torch.long, device=device)
-        self.key, self.step, *_, self.limit, self.new = self.state
-        self.cached, self.pending = self.state[2:4], self.state[4:6]
+        # One table, so that admitting or moving rows is one copy; each field is a named view of it,
+        # in the order :meth:`admit` writes them.
+        self.table = torch.zeros(8, slots, dtype=torch.long, device=device)
+        self.key = self.table[0]  # the counter key
+        self.produced = self.table[1]  # tokens emitted so far: the counter's step
+        self.limit = self.table[2]  # the token budget, or the length a replayed row was written with
+        self.new = self.table[3]  # 1: sampled now; 0: replayed
+        self.cached = self.table[4:6]  # per side: tokens in the KV cache
+        self.pending = self.table[6:8]  # per side: the token the next round feeds
         self.eos = to_device(np.array(sorted(eos), np.int64), device)
         self.values = torch.zeros(slots, 0, fields, device=device) if fields else None
 
@@ -63,44 +75,46 @@ class DeviceRows:
             grown[:, : self.values.shape[1]] = self.values
             self.values = grown
 
-    def admit(self, start: int, table: np.ndarray) -> None:
-        """Rows ``start ..`` take ``table`` (``[len(STATE), rows]``, :meth:`HostRows.place`)."""
-        self.state[:, start : start + table.shape[1]] = to_device(table, self.state.device)
+    def admit(self, start: int, rows: AdmittedRows) -> None:
+        """Rows ``start ..`` take ``rows``, none of whose tokens are emitted yet."""
+        produced = np.zeros_like(rows.key)
+        table = np.concatenate([np.stack([rows.key, produced, rows.limit, rows.new]), rows.cached, rows.pending])
+        self.table[:, start : start + table.shape[1]] = to_device(table, self.table.device)
 
-    def set_steps(self, host: HostRows, n: int) -> None:
-        """The leading rows' steps and cached lengths from the host (after :meth:`HostRows.jump`)."""
-        block = to_device(np.concatenate([host.produced[None, :n], host.cached(n).T]), self.state.device)
-        self.step[:n], self.cached[:, :n] = block[0], block[1:]
+    def set_produced(self, host: HostRows, n: int) -> None:
+        """The leading rows' tokens emitted and cached from the host (after :meth:`HostRows.jump`)."""
+        block = to_device(np.concatenate([host.produced[None, :n], host.cached(n).T]), self.table.device)
+        self.produced[:n], self.cached[:, :n] = block[0], block[1:]
 
     def move(self, src: list[int], dst: list[int]) -> None:
-        src_t, dst_t = to_device(np.array([src, dst], np.int64), self.state.device)
-        self.state[:, dst_t] = self.state[:, src_t]
+        src_t, dst_t = to_device(np.array([src, dst], np.int64), self.table.device)
+        self.table[:, dst_t] = self.table[:, src_t]
         if self.values is not None:
             self.values[dst_t] = self.values[src_t]
 
-    def feed(self, n: int, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    def feed(self, n: int, draft_len: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         """The leading ``n`` rows' pending tokens ``[2, n]`` and the positions of their ``k + 1``
-        queries ``[2, n, k + 1]`` (-1 past a row's ``lengths`` drafts)."""
-        offsets = torch.arange(k + 1, device=self.state.device)
+        queries ``[2, n, k + 1]`` (-1 past a row's ``draft_len`` drafts)."""
+        offsets = torch.arange(k + 1, device=self.table.device)
         positions = self.cached[:, :n].unsqueeze(-1) + offsets
-        if lengths is not None:
-            positions = torch.where(offsets <= lengths.unsqueeze(-1), positions, -1)
+        if draft_len is not None:
+            positions = torch.where(offsets <= draft_len.unsqueeze(-1), positions, -1)
         return self.pending[:, :n], positions
 
-    def advance(self, tokens: Tensor, accepted: Tensor, forced: Tensor | None, nan: Tensor) -> Tensor:
-        """Apply a round's ``tokens`` ``[n, k + 1]`` and ``accepted`` drafts to the leading rows (a
+    def advance(self, token_ids: Tensor, accepted: Tensor, forced: Tensor | None, nan: Tensor) -> Tensor:
+        """Apply a round's ``token_ids`` ``[n, k + 1]`` and ``accepted`` drafts to the leading rows (a
         replayed row's ``forced`` tokens, where >= 0, as it emitted them when written); the block for
         the host, int32 ``[n, k + 1 + len(OUTCOME)]``."""
-        n = len(tokens)
-        emitted, stopped = emitted_tokens(tokens, accepted, self.eos, self.new[:n].bool())
+        n = len(token_ids)
+        emitted, stopped = emitted_tokens(token_ids, accepted, self.eos, self.new[:n].bool())
         if forced is not None:
             emitted = torch.where(forced >= 0, forced, emitted)
-        self.step[:n] += emitted
+        self.produced[:n] += emitted
         self.cached[:, :n] += emitted
-        self.pending[:, :n] = tokens.gather(1, (emitted - 1).unsqueeze(-1)).squeeze(-1)
-        finished = stopped | (self.step[:n] >= self.limit[:n])
+        self.pending[:, :n] = token_ids.gather(1, (emitted - 1).unsqueeze(-1)).squeeze(-1)
+        finished = stopped | (self.produced[:n] >= self.limit[:n])
         flags = torch.stack([accepted, emitted, finished.long(), stopped.long()], dim=-1)
-        return torch.cat([tokens, flags, nan.long()], dim=1).to(torch.int32)
+        return torch.cat([token_ids, flags, nan.long()], dim=1).to(torch.int32)
 
     def record(self, destinations: Tensor, values: Tensor) -> None:
         """Write per-token ``values`` ``[tokens, fields]`` at ``destinations``, flat indices into
@@ -109,55 +123,64 @@ class DeviceRows:
 
 
 class HostRows:
-    """Per-slot counts on the host (slot i: the schedule's row i), numpy arrays: tokens emitted,
-    rounds, drafts tested and accepted (the draft policy's), budget and limit, prompt lengths,
-    whether new, replayed with its rounds (scripted) or stopped by an EOS; a new row's emitted token
-    ids and, per round, drafts made and tokens emitted (a scripted row's script)."""
-
-    COUNTS = ("produced", "rounds", "tested", "accepted", "budget", "limit", "new", "scripted", "stopped")
-    TABLES = ("prompt_lengths", "tokens", "round_drafts", "round_tokens")
+    """Per-slot counts on the host (slot i: the schedule's row i), numpy arrays, and a new row's
+    records. A replayed row is *scripted*: its rounds go as its recorded ones went."""
 
     def __init__(self, slots: int):
-        for name in self.COUNTS:
-            setattr(self, name, np.zeros(slots, bool if name in ("new", "scripted", "stopped") else np.int64))
-        self.prompt_lengths = np.zeros((slots, 2), np.int64)
-        self.tokens, self.round_drafts, self.round_tokens = (np.zeros((slots, 0), np.int64) for _ in range(3))
+        self.produced = np.zeros(slots, np.int64)  # tokens emitted (the device's ``produced``)
+        self.rounds = np.zeros(slots, np.int64)  # rounds run
+        self.tested = np.zeros(slots, np.int64)  # drafts put to the test (the draft policy reads these two)
+        self.accepted = np.zeros(slots, np.int64)  # drafts accepted
+        self.budget = np.zeros(slots, np.int64)  # new tokens the row may get
+        self.limit = np.zeros(slots, np.int64)  # where it ends: its budget, or its written length
+        self.new = np.zeros(slots, bool)  # sampled now (not replayed)
+        self.scripted = np.zeros(slots, bool)  # replayed with its rounds
+        self.stopped = np.zeros(slots, bool)  # ended by an EOS
+        self.prompt_lengths = np.zeros((slots, 2), np.int64)  # per side
+        # Per column: a new row's emitted token ids, and per round its drafts and tokens emitted (a
+        # scripted row's script).
+        self.token_ids = np.zeros((slots, 0), np.int64)
+        self.round_drafts = np.zeros((slots, 0), np.int64)
+        self.round_tokens = np.zeros((slots, 0), np.int64)
+
+    def _per_slot(self) -> tuple[np.ndarray, ...]:
+        return (self.produced, self.rounds, self.tested, self.accepted, self.budget, self.limit, self.new, self.scripted,
+                self.stopped, self.prompt_lengths, self.token_ids, self.round_drafts, self.round_tokens)  # fmt: skip
 
     @property
     def columns(self) -> int:
-        return self.tokens.shape[1]
+        return self.token_ids.shape[1]
 
     def ensure_columns(self, columns: int) -> None:
         if columns > self.columns:
-            for name in self.TABLES[1:]:
-                old = getattr(self, name)
-                setattr(self, name, np.pad(old, ((0, 0), (0, columns - old.shape[1]))))
+            widen = ((0, 0), (0, columns - self.columns))
+            self.token_ids, self.round_drafts, self.round_tokens = (np.pad(a, widen) for a in (self.token_ids, self.round_drafts, self.round_tokens))
 
-    def place(self, start: int, rows) -> np.ndarray:
+    def place(self, start: int, rows) -> AdmittedRows:
         """Take ``rows`` (:class:`~qstar_cli.engine.scheduler.Row`) into slots ``start ..``; the
         device's state for them (:meth:`DeviceRows.admit`)."""
         self.ensure_columns(max(max(r.budget, r.request.replay_tokens or 0) for r in rows))
-        table = np.zeros((len(STATE), len(rows)), np.int64)
-        for j, row in enumerate(rows):
-            slot, request, new = start + j, row.request, row.result is not None
-            for name in ("produced", "rounds", "tested", "accepted"):
-                getattr(self, name)[slot] = 0
-            self.budget[slot], self.limit[slot] = row.budget, row.budget if new else request.replay_tokens
-            self.new[slot], self.scripted[slot], self.stopped[slot] = new, row.script is not None, False
+        slots = slice(start, start + len(rows))
+        for array in self._per_slot():  # a previous row's counts and records
+            array[slots] = 0
+        for slot, row in enumerate(rows, start):
+            self.budget[slot] = row.budget
+            self.limit[slot] = row.budget if row.result is not None else row.request.replay_tokens
+            self.new[slot], self.scripted[slot] = row.result is not None, row.script is not None
             self.prompt_lengths[slot] = row.prompt_lengths
-            for name in self.TABLES[1:]:  # a previous row's records
-                getattr(self, name)[slot] = 0
             if row.script is not None:
                 self.round_drafts[slot, : len(row.script[0])] = row.script[0]
                 self.round_tokens[slot, : len(row.script[1])] = row.script[1]
-            last = (request.prompt_ids_theta[-1], request.prompt_ids_t[-1])
-            key = sample_key(request.sample_idx, request.response_idx)
-            table[:, j] = (key, 0, *(self.prompt_lengths[slot] - 1), *last, self.limit[slot], new)
-        return table
+        return AdmittedRows(
+            key=np.array([sample_key(r.request.sample_idx, r.request.response_idx) for r in rows], np.int64),
+            limit=self.limit[slots].copy(),
+            new=self.new[slots].astype(np.int64),
+            cached=self.prompt_lengths[slots].T - 1,
+            pending=np.array([(r.request.prompt_ids_theta[-1], r.request.prompt_ids_t[-1]) for r in rows], np.int64).T,
+        )
 
     def move(self, src: list[int], dst: list[int]) -> None:
-        for name in self.COUNTS + self.TABLES:
-            array = getattr(self, name)
+        for array in self._per_slot():
             array[dst] = array[src]
 
     def cached(self, n: int) -> np.ndarray:
@@ -176,35 +199,36 @@ class HostRows:
         tokens = np.take_along_axis(self.round_tokens[:n], at, 1)[:, 0]
         return np.where(scripted, drafts, 0), np.where(scripted, tokens, -1)
 
-    def advance(self, block: np.ndarray, lengths: np.ndarray) -> RoundOutcome:
+    def advance(self, block: np.ndarray, draft_len: np.ndarray) -> RoundOutcome:
         """Apply a round's block (:meth:`DeviceRows.advance`) with the drafts each row made."""
         n, width = len(block), block.shape[1] - len(OUTCOME)
-        tokens, (accepted, emitted, finished, stopped, nan_theta, nan_t) = block[:, :width], block[:, width:].T
+        token_ids, outcome = block[:, :width], dict(zip(OUTCOME, block[:, width:].T))
+        accepted, emitted = outcome["accepted"], outcome["emitted"]
         new, rows = self.new[:n], np.arange(n)
         before = self.produced[:n].copy()
         # Every row's emitted positions (query, column), replayed ones too: the diagnostics are taken
         # over them, and a resumed run must take them over the same rows as the uninterrupted one.
         r, c = np.nonzero(np.arange(width) < emitted[:, None])
         keep = new[r]
-        self.tokens[r[keep], before[r[keep]] + c[keep]] = tokens[r[keep], c[keep]]
-        self.round_drafts[rows[new], self.rounds[:n][new]] = lengths[new]
+        self.token_ids[r[keep], before[r[keep]] + c[keep]] = token_ids[r[keep], c[keep]]
+        self.round_drafts[rows[new], self.rounds[:n][new]] = draft_len[new]
         self.round_tokens[rows[new], self.rounds[:n][new]] = emitted[new]
         self.produced[:n] += emitted
         self.rounds[:n] += 1
         self.accepted[:n] += emitted - 1
-        self.tested[:n] += np.minimum(emitted, lengths)
-        self.stopped[:n] |= stopped.astype(bool)
+        self.tested[:n] += np.minimum(emitted, draft_len)
+        self.stopped[:n] |= outcome["stopped"].astype(bool)
         # An EOS among the accepted drafts: every emitted token was an accepted draft.
         counted_accepted = emitted - 1 + (emitted < accepted + 1)
         return RoundOutcome(
-            finished=np.nonzero(finished)[0].tolist(),
+            finished=np.nonzero(outcome["finished"])[0].tolist(),
             emitted=emitted,
-            nan=np.stack([nan_theta, nan_t], -1).astype(bool) & new[:, None],
+            nan=np.stack([outcome["nan_theta"], outcome["nan_t"]], -1).astype(bool) & new[:, None],
             destinations=np.stack([r * width + c, r * self.columns + before[r] + c]),
-            tokens=int(emitted[new].sum()),
+            new_tokens=int(emitted[new].sum()),
             row_rounds=int(new.sum()),
-            drafted=int(lengths[new].sum()),
-            tested=int(np.minimum(emitted, lengths)[new].sum()),
+            drafted=int(draft_len[new].sum()),
+            tested=int(np.minimum(emitted, draft_len)[new].sum()),
             accepted=int(counted_accepted[new].sum()),
         )
 
@@ -233,7 +257,7 @@ class RoundOutcome:
     emitted: np.ndarray
     nan: np.ndarray
     destinations: np.ndarray
-    tokens: int
+    new_tokens: int
     row_rounds: int
     drafted: int
     tested: int
@@ -257,7 +281,7 @@ class FinishedRows:
             return []
         for i in done:
             result, produced, rounds = rows[i].result, host.produced[i], host.rounds[i]
-            result.token_ids = host.tokens[i, :produced].tolist()
+            result.token_ids = host.token_ids[i, :produced].tolist()
             result.finish_reason = "stop" if host.stopped[i] else "length"
             if result.draft_lengths is not None:
                 result.draft_lengths, result.round_tokens = host.round_drafts[i, :rounds].tolist(), host.round_tokens[i, :rounds].tolist()
@@ -273,7 +297,7 @@ class FinishedRows:
         for j, (position, result) in enumerate(self.finished):
             result.per_token = {PER_TOKEN_FIELDS[0]: result.token_ids}
             if values is not None:
-                result.per_token.update(zip(VALUE_FIELDS, values[j, : len(result.token_ids)].astype(np.float64).T.tolist()))
+                result.per_token.update(zip(SUMMARY_FIELDS, values[j, : len(result.token_ids)].astype(np.float64).T.tolist()))
             yield position, result
 
 

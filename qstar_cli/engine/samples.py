@@ -73,6 +73,15 @@ class StreamStats:
     tested: int = 0  # drafts put to the acceptance test (those up to a round's first rejection)
     accepted: int = 0  # drafts accepted
 
+    def count_round(self, outcome) -> None:
+        """Count a computed round (a :class:`~qstar_cli.engine.rows.RoundOutcome`): its new rows' work."""
+        self.steps += 1
+        self.tokens += outcome.new_tokens
+        self.row_rounds += outcome.row_rounds
+        self.drafted += outcome.drafted
+        self.tested += outcome.tested
+        self.accepted += outcome.accepted
+
     def add(self, other: StreamStats) -> None:
         """Count ``other``'s work too (the streams of several replicas)."""
         for name, value in dataclasses.asdict(other).items():

@@ -21,12 +21,16 @@ SIDECAR_SUFFIX = ".diagnostics.jsonl"
 META_SUFFIX = ".meta.json"
 LOCK_SUFFIX = ".lock"
 DIAGNOSTICS_LEVELS = ("full", "summary", "none")
-#: Per-token arrays of a sample, in the sidecar's order: the token, alpha, the three log-probs, and
-#: the diagnostics of :func:`qstar_cli.distributions.mixture.token_diagnostics` (same names).
-PER_TOKEN_FIELDS: tuple[str, ...] = (
-    "token_id", "alpha", "logp_theta", "logp_t", "logp_q",
-    "kl_theta", "kl_t", "ess_theta", "ess_t", "ess_ratio", "entropy_theta", "entropy_t", "entropy_q",
-)  # fmt: skip
+#: The per-token values a round takes from its own forwards: alpha and the drawn token's log-probs
+#: under pi_theta, pi_t and the distribution it was drawn from (q, tempered and truncated).
+ROUND_FIELDS = ("alpha", "logp_theta", "logp_t", "logp_q")
+#: The per-token diagnostics of :func:`qstar_cli.distributions.mixture.token_diagnostics` (same names).
+DIAGNOSTIC_FIELDS = ("kl_theta", "kl_t", "ess_theta", "ess_t", "ess_ratio", "entropy_theta", "entropy_t", "entropy_q")
+#: Every per-token value of a sample, in the sidecar's order: the round's, then the diagnostics;
+#: the sidecar keeps each one's summary statistics.
+SUMMARY_FIELDS = ROUND_FIELDS + DIAGNOSTIC_FIELDS
+#: Per-token arrays of a sample, in the sidecar's order: the token id, then its values.
+PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", *SUMMARY_FIELDS)
 
 
 def per_token_fields(level: str) -> tuple[str, ...]:
@@ -35,8 +39,6 @@ def per_token_fields(level: str) -> tuple[str, ...]:
     return PER_TOKEN_FIELDS if level != "none" else PER_TOKEN_FIELDS[:1]
 
 
-#: Per-token fields summarised in the sidecar (every one but the token id).
-SUMMARY_FIELDS = PER_TOKEN_FIELDS[1:]
 #: Per-token fields whose sums over a response the sidecar keeps (the sequence log-probabilities).
 SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 

@@ -21,7 +21,7 @@ from qstar_cli.distributions.speculative import (
     round_costs,
     verify_drafts,
 )
-from qstar_cli.engine import sampler as sampler_module
+from qstar_cli.distributions import token_choice
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.samples import SampleRequest, StreamStats
@@ -200,7 +200,7 @@ def test_first_and_second_tokens_follow_q(sharp_pair, drafter, sampling, monkeyp
     assert chi_square_pvalue(first, q[0]) > 1e-3
     assert chi_square_pvalue(second, marginal) > 1e-3
     # Power: a wrong acceptance rule (every draft accepted) fails the same tests.
-    monkeypatch.setattr(sampler_module, "verify_drafts", accept_everything)
+    monkeypatch.setattr(token_choice, "verify_drafts", accept_everything)
     wrong_first, wrong_second, _ = draws()
     assert chi_square_pvalue(wrong_first, q[0]) < 1e-6
     assert chi_square_pvalue(wrong_second, marginal) < 1e-6
