@@ -36,13 +36,13 @@ except ImportError as err:  # trl is an optional extra
 WEIGHT = "weight"
 LOGP_T, LOGP_Q = "logp_t", "logp_q"
 TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_TAIL = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail"
-DISTILL_LOSSES = ("none", "reverse_kl", "topk_kd")
 #: The per-completion-token columns each distillation loss reads, with their tensor types.
 TOKEN_COLUMNS: dict[str, dict[str, torch.dtype]] = {
     "none": {},
     "reverse_kl": {LOGP_T: torch.float32, LOGP_Q: torch.float32},
     "topk_kd": {TEACHER_TOPK_IDS: torch.long, TEACHER_TOPK_LOGPROBS: torch.float32, TEACHER_TOPK_TAIL: torch.float32},
 }
+DISTILL_LOSSES = tuple(TOKEN_COLUMNS)
 WRITTEN_BY = {
     WEIGHT: "qstar export writes one",
     LOGP_T: "qstar export writes one",
@@ -197,8 +197,9 @@ class WeightedSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _forward_topk_kd(model, inputs, columns):
-        """The model's logits (the fused head gives only the label's log-prob; topk_kd needs the whole
-        vocabulary at the K ids and the tail), reduced to the same per-token terms as the fused path."""
+        """The model's own logits, as plain transformers training builds them (the fused head gives only
+        the label's log-prob; topk_kd needs pi_theta at the K ids and over the rest), reduced to the
+        per-token terms of the fused path."""
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
         labels = inputs["labels"][:, 1:]
         label_mask = labels != -100
