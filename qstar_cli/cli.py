@@ -379,12 +379,15 @@ def export(
     ess_floor: float = typer.Option(ESS_FLOOR, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
     keep: str = typer.Option("all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."),
+    teacher_topk: bool = typer.Option(
+        False, "--teacher-topk", metavar="", help="Add pi_t's top-K per token (a run generated with --teacher-topk K), for distillation."
+    ),
 ) -> None:
     """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
     from qstar_cli.analysis.export import ExportConfig, export_training_set
 
     with one_line_errors():
-        config = ExportConfig(run, output, include_truncated, ess_floor, gamma, keep=keep)
+        config = ExportConfig(run, output, include_truncated, ess_floor, gamma, keep=keep, teacher_topk=teacher_topk)
         with ExportProgress(err_console) as progress:
             summary = export_training_set(config, progress)
     if summary.incomplete:

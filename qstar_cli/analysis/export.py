@@ -7,7 +7,10 @@ One row per sample: ``input_ids`` = the exact prompt ids pi_theta saw followed b
 the sampled ids (the EOS included when the sample stopped), ``completion_mask`` (0 over the prompt, 1
 over the response), ``sample_idx``, ``response_idx``, ``finish_reason``, ``weight``, the per-response-
 token ``logp_theta``, ``logp_t`` (the teacher's view of each sampled token, for distillation) and
-``logp_q``, and ``messages`` for reading. Training on these ids, rather than
+``logp_q``, and ``messages`` for reading. With ``teacher_topk`` (a run generated with
+``--teacher-topk K``): per response token ``teacher_topk_ids`` (pi_t's K most likely ids),
+``teacher_topk_logprobs`` (their log-probabilities) and ``teacher_topk_tail`` (the log of the mass
+outside them), the columns of :mod:`qstar_cli.training`'s ``topk_kd`` loss. Training on these ids, rather than
 on ``messages`` re-rendered with a chat template, trains pi_theta on the prompt format it sampled
 under and on the very tokens whose importance weights were computed.
 
@@ -36,7 +39,7 @@ import pyarrow.parquet as pq
 from qstar_cli.analysis.statistics import ESS_FLOOR, REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import check_output_file, check_writable
-from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch
+from qstar_cli.runfiles.format import LineFacts, OutputPaths, TeacherTopK, not_one_run, pair_mismatch
 
 FORMATS = (".parquet", ".jsonl")
 #: ``--keep``: every sample, or those graded right (rejection-sampling fine-tuning).
@@ -59,6 +62,14 @@ SCHEMA = pa.schema(
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ]
 )
+#: The columns ``teacher_topk`` adds.
+TEACHER_TOPK_SCHEMA = pa.schema(
+    [
+        ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("teacher_topk_tail", pa.list_(pa.float32())),
+    ]
+)
 
 #: ``progress(phase, bytes_done, bytes_total)``; phase is "weights" (first pass) or "writing".
 Progress = Callable[[str, int, int], None]
@@ -75,6 +86,7 @@ class ExportConfig:
     gamma: float | None = None  # fixed tempering exponent; None chooses it at ess_floor
     chunk_tokens: int = CHUNK_TOKENS
     keep: str = "all"  # one of KEEP
+    teacher_topk: bool = False  # write pi_t's top-K columns (the run must have been generated with --teacher-topk)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
@@ -141,6 +153,10 @@ class _LockstepReader:
                     )
                 if (mismatch := pair_mismatch(LineFacts.of(main), LineFacts.of(record))) is not None:
                     raise QstarInputError(f"{not_one_run(number, main_path, sidecar, mismatch)}; export the run's own files")
+                if self.config.teacher_topk:
+                    record["teacher_topk"] = _teacher_topk(record, sidecar, number)
+                else:
+                    record.pop("teacher_topk", None)
                 if record["finish_reason"] == "length" and not self.config.include_truncated:
                     self.truncated += 1
                     continue
@@ -180,9 +196,27 @@ def check_graded(run: Path) -> None:
         )
 
 
+def _teacher_topk(record: dict[str, Any], sidecar: Path, number: int) -> TeacherTopK:
+    """A sidecar line's decoded teacher top-K, or a one-line refusal naming the line."""
+    if "teacher_topk" not in record:
+        raise QstarInputError(
+            f"{sidecar} line {number} holds no teacher top-K: the run was generated without --teacher-topk; "
+            "generate with --teacher-topk K, or export without --teacher-topk"
+        )
+    try:
+        return TeacherTopK.from_record(record["teacher_topk"], len(record["per_token"]["token_id"]))
+    except ValueError as err:
+        raise QstarInputError(f"{sidecar} line {number}: {err}; export the run's own files") from None
+
+
 def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) -> dict[str, Any]:
-    """One row of the training set from a sample's main line and sidecar line."""
+    """One row of the training set from a sample's main line and sidecar line (with its decoded
+    :class:`TeacherTopK` under ``teacher_topk`` when the export writes those columns)."""
     prompt, response = record["prompt_ids_theta"], record["per_token"]["token_id"]
+    top = record.get("teacher_topk")
+    topk_columns = {} if top is None else {
+        "teacher_topk_ids": top.ids.tolist(), "teacher_topk_logprobs": top.logprobs.tolist(), "teacher_topk_tail": top.tail.tolist(),
+    }  # fmt: skip
     return {
         "input_ids": prompt + response,
         "completion_mask": [0] * len(prompt) + [1] * len(response),
@@ -194,16 +228,18 @@ def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) ->
         "logp_t": record["per_token"]["logp_t"],
         "logp_q": record["per_token"]["logp_q"],
         "messages": main["messages"],
+        **topk_columns,
     }
 
 
 class _ParquetSink:
-    def __init__(self, path: Path, metadata: dict[str, Any]):
+    def __init__(self, path: Path, metadata: dict[str, Any], schema: pa.Schema):
         # What was kept and dropped travels in the file's own key-value metadata ("qstar").
-        self.writer = pq.ParquetWriter(path, SCHEMA.with_metadata({"qstar": orjson.dumps(metadata)}))
+        self.schema = schema.with_metadata({"qstar": orjson.dumps(metadata)})
+        self.writer = pq.ParquetWriter(path, self.schema)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        self.writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+        self.writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
 
     def __enter__(self) -> _ParquetSink:
         return self
@@ -213,7 +249,7 @@ class _ParquetSink:
 
 
 class _JsonlSink:
-    def __init__(self, path: Path, metadata: dict[str, Any]):  # JSON Lines has no place for metadata
+    def __init__(self, path: Path, metadata: dict[str, Any], schema: pa.Schema):  # JSON Lines has no place for metadata or a schema
         self.file = path.open("wb")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
@@ -260,7 +296,8 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
     config.output.parent.mkdir(parents=True, exist_ok=True)
     partial = config.output.with_name(config.output.name + ".tmp")
     try:
-        with (_ParquetSink if config.output.suffix == ".parquet" else _JsonlSink)(partial, metadata) as sink:
+        schema = pa.unify_schemas([SCHEMA, TEACHER_TOPK_SCHEMA]) if config.teacher_topk else SCHEMA
+        with (_ParquetSink if config.output.suffix == ".parquet" else _JsonlSink)(partial, metadata, schema) as sink:
             chunk, chunk_tokens = [], 0
             for weight, (main, record) in zip(weights.weights, reader.samples("writing"), strict=True):
                 chunk.append(training_row(main, record, float(weight)))

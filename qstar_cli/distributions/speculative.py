@@ -38,7 +38,7 @@ FORWARD_COST_CURVES: dict[str, tuple[float, float, float]] = {
 }
 
 
-def _log1mexp(x: Tensor) -> Tensor:
+def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (Maechler 2012)."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
@@ -51,7 +51,7 @@ def residual_logprobs(logp_target: Tensor, logp_draft: Tensor) -> Tensor:
     """
     above = logp_target > logp_draft  # False where r is 0
     gap = torch.where(above, logp_draft - logp_target, -1.0)
-    log_residual = torch.where(above, logp_target + _log1mexp(gap), -math.inf)
+    log_residual = torch.where(above, logp_target + log1mexp(gap), -math.inf)
     log_z = torch.logsumexp(log_residual, dim=-1, keepdim=True)
     return torch.where(log_z == -math.inf, logp_target, log_residual - log_z)
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_tokens, sampling_logprobs
-from qstar_cli.distributions.speculative import verify_drafts
+from qstar_cli.distributions.speculative import log1mexp, verify_drafts
+from qstar_cli.runfiles.format import MAX_TEACHER_TOPK
 
 #: Uniform streams of the counter-based generator: the round's last token (0, plain sampling's
 #: draw), drafts, and acceptance tests.
@@ -93,3 +94,22 @@ def choose_tokens(
         drafted = offsets[:k] < draft_len.unsqueeze(-1)
         nan[:, 0] |= (logp_drafts.isnan().any(-1) & drafted).any(-1)
     return TokenChoice(token_ids, accepted, theta, t, drawn, nan)
+
+
+def teacher_topk(logp_t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """pi_t's ``k`` most likely ids per row of ``logp_t`` ``[n, V]`` (as float32 columns ``[n, k]``),
+    their log-probabilities ``[n, k]``, and the log of the mass outside them ``[n, 1]`` (-inf when
+    they hold it all; float rounding past 1 counts as all)."""
+    top = logp_t.topk(k, dim=-1)
+    tail = log1mexp(top.values.logsumexp(-1, keepdim=True).clamp(max=0.0))
+    return top.indices.to(logp_t.dtype), top.values, tail
+
+
+def check_teacher_topk(k: int, vocab: int) -> int:
+    """``teacher_topk``: an integer from 0 (off) to :data:`MAX_TEACHER_TOPK`, and no more than the
+    shared vocabulary, whose ids float32 must hold exactly."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TEACHER_TOPK:
+        raise ValueError(f"teacher_topk must be an integer from 0 (off) to {MAX_TEACHER_TOPK}, got {k!r}")
+    if k > vocab or (k and vocab > 1 << 24):
+        raise ValueError(f"teacher_topk {k} needs a shared vocabulary of at least {k} and at most 2^24 ids, not {vocab}")
+    return k

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from qstar_cli.distributions.sampling import sample_key
-from qstar_cli.runfiles.format import PER_TOKEN_FIELDS, SUMMARY_FIELDS
+from qstar_cli.runfiles.format import PER_TOKEN_FIELDS, SUMMARY_FIELDS, TeacherTopK
 
 #: Columns of the block :meth:`DeviceRows.advance` returns after the ``k + 1`` token ids.
 OUTCOME = ("accepted", "emitted", "finished", "stopped", "nan_theta", "nan_t")
@@ -54,9 +54,11 @@ class AdmittedRows:
 class DeviceRows:
     """What the rounds read and update in place, per slot. Side-indexed fields have one row per
     side (:class:`~qstar_cli.engine.roles.Side`). With ``fields`` per-token values, ``values``
-    ``[slots, columns, fields]`` holds each emitted token's (:data:`SUMMARY_FIELDS` order)."""
+    ``[slots, columns, fields]`` holds each emitted token's (:data:`SUMMARY_FIELDS` order), then
+    with ``teacher_topk`` K its pi_t top-K: K ids (float32 holds ids below 2^24 exactly), K
+    log-probabilities and the tail's."""
 
-    def __init__(self, slots: int, device: torch.device, eos: set[int], fields: int):
+    def __init__(self, slots: int, device: torch.device, eos: set[int], fields: int, teacher_topk: int = 0):
         # One table, so that admitting or moving rows is one copy; each field is a named view of it,
         # in the order :meth:`admit` writes them.
         self.table = torch.zeros(8, slots, dtype=torch.long, device=device)
@@ -67,6 +69,8 @@ class DeviceRows:
         self.cached = self.table[4:6]  # per side: tokens in the KV cache
         self.pending = self.table[6:8]  # per side: the token the next round feeds
         self.eos = to_device(np.array(sorted(eos), np.int64), device)
+        self.teacher_topk = teacher_topk
+        fields += 2 * teacher_topk + 1 if teacher_topk else 0
         self.values = torch.zeros(slots, 0, fields, device=device) if fields else None
 
     def ensure_columns(self, columns: int) -> None:
@@ -268,8 +272,8 @@ class FinishedRows:
     """A round's finished new rows: their results, complete but for the per-token values, which are
     on their way to the host (one copy for all of them)."""
 
-    def __init__(self, finished: list[tuple[int, object]], values: HostCopy | None):
-        self.finished, self.values = finished, values
+    def __init__(self, finished: list[tuple[int, object]], values: HostCopy | None, teacher_topk: int = 0):
+        self.finished, self.values, self.teacher_topk = finished, values, teacher_topk
 
     @classmethod
     def collect(cls, state: DeviceRows, schedule, finished: list[int]) -> list[FinishedRows]:
@@ -289,15 +293,21 @@ class FinishedRows:
         if state.values is not None:
             rows_done = to_device(np.array(done, np.int64), state.values.device)
             values = copy_to_host(state.values[rows_done, : int(host.produced[done].max())])
-        return [cls([(rows[i].position, rows[i].result) for i in done], values)]
+        return [cls([(rows[i].position, rows[i].result) for i in done], values, state.teacher_topk)]
 
     def results(self):
-        """``(position, result)`` of each row, its per-token values in (float64, as the sidecar has them)."""
+        """``(position, result)`` of each row, its per-token values in (float64, as the sidecar has
+        them) and its teacher top-K."""
         values = self.values.numpy() if self.values is not None else None
+        fields, k = len(SUMMARY_FIELDS), self.teacher_topk
         for j, (position, result) in enumerate(self.finished):
             result.per_token = {PER_TOKEN_FIELDS[0]: result.token_ids}
             if values is not None:
-                result.per_token.update(zip(SUMMARY_FIELDS, values[j, : len(result.token_ids)].astype(np.float64).T.tolist()))
+                mine = values[j, : len(result.token_ids)]
+                result.per_token.update(zip(SUMMARY_FIELDS, mine[:, :fields].astype(np.float64).T.tolist()))
+                if k:
+                    top = mine[:, fields:]
+                    result.teacher_topk = TeacherTopK(top[:, :k].astype(np.int32), top[:, k : 2 * k].copy(), top[:, 2 * k].copy())
             yield position, result
 
 

@@ -30,7 +30,7 @@ from qstar_cli.errors import QstarRunError
 from qstar_cli.distributions.mixture import AlphaMethod, check_alpha_method
 from qstar_cli.distributions.sampling import SamplingParams
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, check_draft_k, round_costs
-from qstar_cli.distributions.token_choice import TokenChoice, choose_tokens, draw_drafts
+from qstar_cli.distributions.token_choice import TokenChoice, check_teacher_topk, choose_tokens, draw_drafts, teacher_topk
 from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
 from qstar_cli.engine.models import (
     LoadedModel,
@@ -79,6 +79,7 @@ class DualModelSampler:
         draft_k: int | str = 0,
         draft_pair: tuple[LoadedModel, LoadedModel] | None = None,
         compile: bool = False,
+        teacher_topk: int = 0,
     ):
         check_versions()
         self.theta, self.target = theta, target
@@ -114,6 +115,8 @@ class DualModelSampler:
         self.math = compiled_math() if compile else EAGER
         self._round_costs: dict[int, np.ndarray] = {}
         self.eos = {i for i in eos_ids(theta, target) if i < self.vocab}
+        #: pi_t's top-K kept at each emitted token (0: none; :class:`~qstar_cli.runfiles.format.TeacherTopK`).
+        self.teacher_topk = check_teacher_topk(teacher_topk, self.vocab)
         #: Per side: the most tokens, prompt and response, the models reading it take, draft models
         #: included (None: no limit known).
         self.context_limits = tuple(
@@ -216,7 +219,9 @@ class DualModelSampler:
         stats = stats if stats is not None else StreamStats()
         schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
         caches = {r.role: SlotCache(r.model.config, slots, 1, compiled=r.compiled is not None, bucketed=r.compiled is not None and graphed(r.model)) for r in self.roles}
-        state = DeviceRows(slots, self.theta.model.device, self.eos, len(per_token_fields(diagnostics)) - 1)
+        if self.teacher_topk and diagnostics != "full":
+            raise ValueError(f"teacher_topk is kept in the sidecar's per-token arrays: it needs diagnostics full, not {diagnostics}")
+        state = DeviceRows(slots, self.theta.model.device, self.eos, len(per_token_fields(diagnostics)) - 1, self.teacher_topk)
         outbox: list[FinishedRows] = []  # the last round's finished rows, their values on the way
         try:
             while True:
@@ -393,7 +398,7 @@ class DualModelSampler:
 
     def _record(self, state: DeviceRows, outcome: RoundOutcome, alpha: Tensor, choice: TokenChoice, logp_theta: Tensor, logp_t: Tensor, logp_q: Tensor) -> None:
         """Step 8: the emitted tokens' values (no rejected draft's, no padded query's) into the rows'
-        per-token values, in :data:`SUMMARY_FIELDS` order. The sidecar's ``logp_q`` is the token's
+        per-token values, in :data:`SUMMARY_FIELDS` order, then pi_t's top-K (:func:`teacher_topk`). The sidecar's ``logp_q`` is the token's
         log-probability under the distribution it was drawn from; the diagnostics are of the
         untempered q."""
         query, destinations = to_device(outcome.destinations, state.table.device)
@@ -402,7 +407,10 @@ class DualModelSampler:
         values = {"alpha": alpha, "logp_theta": choice.logp_theta, "logp_t": choice.logp_t, "logp_q": choice.logp_drawn}
         values = {name: value[query] for name, value in values.items()}
         values.update(self.math.token_diagnostics(logp_theta[query], logp_t[query], logp_q[query]))
-        state.record(destinations, torch.stack([values[name] for name in SUMMARY_FIELDS], dim=-1))
+        columns = torch.stack([values[name] for name in SUMMARY_FIELDS], dim=-1)
+        if self.teacher_topk:
+            columns = torch.cat([columns, *teacher_topk(logp_t[query], self.teacher_topk)], dim=-1)
+        state.record(destinations, columns)
 
     def _nan_message(self, rows: list[Row], outcome: RoundOutcome, host: HostRows) -> str:
         """Which model gave NaN log-probabilities, for which samples of the round."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
+from qstar_cli.runfiles.format import PER_TOKEN_FIELDS, TeacherTopK
 
 __all__ = ["PER_TOKEN_FIELDS", "SampleRequest", "SampleResult", "StreamStats"]
 
@@ -58,6 +58,8 @@ class SampleResult:
     #: Speculative sampling only: drafts made and tokens emitted in each round (None otherwise).
     draft_lengths: list[int] | None = None
     round_tokens: list[int] | None = None
+    #: ``teacher_topk`` > 0 only: pi_t's top-K at each emitted token (None otherwise).
+    teacher_topk: TeacherTopK | None = None
 
 
 @dataclass

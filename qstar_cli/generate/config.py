@@ -22,7 +22,7 @@ import pydantic
 from qstar_cli.errors import QstarInputError
 from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS
 from qstar_cli.paths import DEMO, check_output_file, check_writable, local_path, resolved_spec
-from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, SIDECAR_SUFFIX, OutputPaths
+from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, MAX_TEACHER_TOPK, SIDECAR_SUFFIX, OutputPaths
 
 if TYPE_CHECKING:
     from qstar_cli.distributions.sampling import SamplingParams
@@ -178,6 +178,10 @@ class GenerateConfig:
         None, "Small stand-in for pi_theta in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,)
     )
     draft_model_t: str | None = setting(None, "Small stand-in for pi_t in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,))
+    teacher_topk: int = setting(
+        0, "Keep pi_t's K most likely ids and their log-probabilities at every emitted token, and the mass outside them, "
+        "in the sidecar for distillation (0 = off; at most 64; needs --diagnostics full).", since="0.3.0",
+    )  # fmt: skip
     grader: str | None = setting(
         None, "Grade every response against the dataset's answer: math (HF math-verify), exact (normalised text), none, or "
         "FILE.py:FUNCTION, called with (response, row) and returning a bool or a score in [0, 1].",
@@ -237,6 +241,13 @@ class GenerateConfig:
             raise ConfigError(f"--compile must be one of on, off, auto, got {self.compile!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
+        if isinstance(self.teacher_topk, bool) or not isinstance(self.teacher_topk, int) or not 0 <= self.teacher_topk <= MAX_TEACHER_TOPK:
+            raise ConfigError(f"--teacher-topk must be an integer from 0 (off) to {MAX_TEACHER_TOPK}, got {self.teacher_topk!r}")
+        if self.teacher_topk and self.diagnostics != "full":
+            raise ConfigError(
+                f"--teacher-topk keeps pi_t's top-K in the sidecar's per-token arrays, which --diagnostics {self.diagnostics} does not "
+                "write: add --diagnostics full, or drop --teacher-topk"
+            )
         try:
             self.sampling_params()
             check_alpha_method(self.alpha_method, self.alpha)
@@ -345,6 +356,7 @@ class GenerateConfig:
             seed=self.seed,
             draft_k=self.draft_k,
             compile=self.compile,
+            teacher_topk=self.teacher_topk,
             draft_model_theta=self.draft_model_theta if self.draft == "pair" else None,
             draft_model_t=self.draft_model_t if self.draft == "pair" else None,
         )
@@ -358,6 +370,8 @@ class GenerateConfig:
         if not self.draft_k:  # plain sampling: fingerprinted as before speculative sampling existed
             for name in draft_settings(type(self)):
                 values.pop(name, None)
+        if not self.teacher_topk:  # fingerprinted as before --teacher-topk existed
+            values.pop("teacher_topk")
         if self.grader in (None, "none"):  # ungraded: fingerprinted as before grading existed
             for name in grading_settings(type(self)):
                 values.pop(name, None)

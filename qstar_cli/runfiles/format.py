@@ -8,10 +8,12 @@ configuration, fingerprint, counts, sessions) and ``OUT.jsonl.lock`` (held while
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
+import numpy as np
 import orjson
 
 from qstar_cli.errors import QstarInputError
@@ -31,6 +33,49 @@ DIAGNOSTIC_FIELDS = ("kl_theta", "kl_t", "ess_theta", "ess_t", "ess_ratio", "ent
 SUMMARY_FIELDS = ROUND_FIELDS + DIAGNOSTIC_FIELDS
 #: Per-token arrays of a sample, in the sidecar's order: the token id, then its values.
 PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", *SUMMARY_FIELDS)
+
+
+#: ``--teacher-topk``: the most ids of pi_t's top-K kept per token.
+MAX_TEACHER_TOPK = 64
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """pi_t's K most likely ids at each emitted token's position, their log-probabilities (pi_t's own,
+    untempered, over the shared vocabulary), and the log of the mass outside them.
+
+    In a sidecar line (``teacher_topk``) each array is its little-endian bytes in base64: ids int32,
+    log-probabilities float32, ``(8K + 4) * 4/3`` bytes per token (219 at K = 20), where JSON float
+    text would take about 20 bytes per number."""
+
+    ids: np.ndarray  # int32 [tokens, K], most likely first
+    logprobs: np.ndarray  # float32 [tokens, K]
+    tail: np.ndarray  # float32 [tokens]: log(1 - sum(exp(logprobs))), -inf when they hold all the mass
+
+    def to_record(self) -> dict[str, Any]:
+        def encoded(array: np.ndarray, dtype: str) -> str:
+            return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+        return {"k": self.ids.shape[1], "ids": encoded(self.ids, "<i4"), "logprobs": encoded(self.logprobs, "<f4"), "tail": encoded(self.tail, "<f4")}
+
+    @classmethod
+    def from_record(cls, record: Any, tokens: int) -> TeacherTopK:
+        """Decode a sidecar line's ``teacher_topk`` for a sample of ``tokens`` tokens; ValueError
+        saying what is wrong when it is not one."""
+        try:
+            k = record["k"]
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= MAX_TEACHER_TOPK:
+                raise ValueError(f"k is {k!r}")
+            arrays = [np.frombuffer(base64.b64decode(record[name], validate=True), dtype) for name, dtype in (("ids", "<i4"), ("logprobs", "<f4"), ("tail", "<f4"))]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"teacher_topk is damaged ({err})") from None
+        ids, logprobs, tail = arrays
+        if len(ids) != tokens * k or len(logprobs) != tokens * k or len(tail) != tokens:
+            raise ValueError(
+                f"teacher_topk is damaged ({len(ids)} ids, {len(logprobs)} log-probabilities and {len(tail)} tails, "
+                f"not {k} per token and a tail for each of the sample's {tokens} tokens)"
+            )
+        return cls(ids.reshape(tokens, k), logprobs.reshape(tokens, k), tail)
 
 
 def per_token_fields(level: str) -> tuple[str, ...]:

@@ -115,6 +115,8 @@ def diagnostics_record(result: SampleResult, level: str) -> dict[str, Any]:
         record["prompt_ids_theta"] = result.prompt_ids_theta
         record["prompt_ids_t"] = result.prompt_ids_t
         record["per_token"] = {name: result.per_token[name] for name in PER_TOKEN_FIELDS}
+        if result.teacher_topk is not None:
+            record["teacher_topk"] = result.teacher_topk.to_record()
     return record
 
 

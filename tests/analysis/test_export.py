@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import sys
 import tracemalloc
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from qstar_cli.analysis.export import ExportConfig, export_training_set
 from qstar_cli.cli import app
+from qstar_cli.runfiles.format import TeacherTopK
 from qstar_cli.training.weighted_sft import WeightedSFTTrainer
 from tests.helpers import one_line_error, tiny_generate_args, write_prompts
 
@@ -40,10 +42,11 @@ def load_parquet(path):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dirs, tmp_path_factory):
-    """Main files of a tiny-model run at level full (some samples stop, some hit the cap) and at level summary."""
+    """Main files of a tiny-model run at level full keeping pi_t's top-5 (some samples stop, some hit the
+    cap) and at level summary."""
     root = tmp_path_factory.mktemp("runs")
     common = tiny_generate_args(tiny_model_dirs, write_prompts(root, PROMPTS), 64, 4)
-    for level, extra in (("full", []), ("summary", ["--num-samples", "2", "--max-new-tokens", "4"])):
+    for level, extra in (("full", ["--teacher-topk", "5"]), ("summary", ["--num-samples", "2", "--max-new-tokens", "4"])):
         result = invoke(*common, *extra, "--diagnostics", level, "--output", root / f"{level}.jsonl")
         assert result.exit_code == 0, result.output
     return {level: root / f"{level}.jsonl" for level in ("full", "summary")}
@@ -83,6 +86,25 @@ def test_rows_are_the_exact_ids_pi_theta_saw_and_sampled(runs, tiny_tokenizer, t
     assert [json.loads(line) for line in open(tmp_path / "train.jsonl")] == pq.read_table(out).to_pylist()
 
 
+def test_teacher_top_k_columns_are_the_sidecars(runs, tmp_path):
+    out = tmp_path / "train.parquet"
+    assert invoke("export", runs["full"], "--output", out, "--include-truncated", "--teacher-topk").exit_code == 0
+    rows = pq.read_table(out).to_pylist()
+    sides = read_lines(sidecar_of(runs["full"]))
+    assert len(rows) == len(sides)
+    for row, side in zip(rows, sides):
+        top = TeacherTopK.from_record(side["teacher_topk"], side["num_tokens"])
+        assert row["teacher_topk_ids"] == top.ids.tolist() and row["teacher_topk_tail"] == top.tail.tolist()
+        assert np.array_equal(np.array(row["teacher_topk_logprobs"], np.float32), top.logprobs)
+        assert len(row["teacher_topk_ids"]) == side["num_tokens"] and all(len(ids) == 5 for ids in row["teacher_topk_ids"])
+        # The sampled token's logp_t is pi_t's, where it is among the top-K.
+        for token, ids, logprobs, logp_t in zip(side["per_token"]["token_id"], top.ids, top.logprobs, side["per_token"]["logp_t"]):
+            if token in ids:
+                assert abs(logprobs[list(ids).index(token)] - logp_t) < 1e-6
+    # Stored compactly: (8K + 4) * 4/3 bytes per token in base64.
+    assert len(sides[0]["teacher_topk"]["ids"]) == 4 * math.ceil(sides[0]["num_tokens"] * 5 * 4 / 3)
+
+
 def naive_weights(log_w, gamma):
     w = np.exp(gamma * (log_w - log_w.max()))
     return w / w.mean()
@@ -116,8 +138,8 @@ def test_weights_are_tempered_to_the_ess_floor(runs, tmp_path, ess_floor):
     assert [json.loads(line)["weight"] for line in open(fixed)] == pytest.approx(naive_weights(log_w, 0.5), rel=1e-9)
 
 
-def damaged_copy(run, tmp_path, edit_main, edit_sidecar):
-    main = tmp_path / "copy.jsonl"
+def damaged_copy(run, tmp_path, edit_main, edit_sidecar, name="copy"):
+    main = tmp_path / f"{name}.jsonl"
     main.write_bytes(edit_main(open(run, "rb").read().splitlines(keepends=True)))
     sidecar_of(main).write_bytes(edit_sidecar(open(sidecar_of(run), "rb").read().splitlines(keepends=True)))
     return main
@@ -158,6 +180,8 @@ def test_bad_input_exit_2_with_one_line(runs, tmp_path):
     truncated_only = damaged_copy(
         runs["full"], tmp_path, *[lambda lines: b"".join(lines).replace(b'"stop"', b'"length"')] * 2
     )
+    without_topk = damaged_copy(runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"teacher_topk"', b'"other"'), "no_topk")
+    damaged_topk = damaged_copy(runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"k":5', b'"k":6'), "bad_topk")
     cases = {
         "(diagnostics level summary); export needs level full": [runs["summary"], "--output", tmp_path / "a.parquet"],
         "diagnostics sidecar not found": [only_main, "--output", tmp_path / "b.parquet"],
@@ -167,6 +191,8 @@ def test_bad_input_exit_2_with_one_line(runs, tmp_path):
         "--gamma must lie in [0, 1]": [runs["full"], "--output", tmp_path / "f.parquet", "--gamma", "1.5"],
         "--ess-floor must lie in (0, 1]": [runs["full"], "--output", tmp_path / "g.parquet", "--ess-floor", "0"],
         "would overwrite the run it reads": [runs["full"], "--output", sidecar_of(runs["full"])],
+        "holds no teacher top-K: the run was generated without --teacher-topk": [without_topk, "--output", tmp_path / "h.parquet", "--teacher-topk"],
+        "teacher_topk is damaged": [damaged_topk, "--output", tmp_path / "i.parquet", "--teacher-topk"],
     }
     for message, args in cases.items():
         result = invoke("export", *args)

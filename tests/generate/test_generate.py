@@ -157,17 +157,17 @@ def test_bad_input_exit_2_with_one_line(base_args, tiny_tokenizer, tmp_path):
 # --- Processes: locks, kill -9 and SIGTERM ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["plain", "plain-none", "speculative-summary", "pair"])
+@pytest.fixture(scope="module", params=["plain", "plain-none", "speculative-summary", "pair-teacher-topk"])
 def slow_args(spread_model_dirs, prompts_file, request):
     """Long responses of spread lengths on 2 slots: samples finish out of order (plain sampling,
-    and speculative sampling, whose rounds a resumed run replays, drafted by pi_theta or by a pair),
-    at each diagnostics level."""
+    and speculative sampling, whose rounds a resumed run replays, drafted by pi_theta or by a pair
+    keeping pi_t's top-K), at each diagnostics level."""
     theta, target = spread_model_dirs
     drafting = {
         "plain": [],
         "plain-none": ["--diagnostics", "none"],
         "speculative-summary": ["--draft-k", "auto", "--diagnostics", "summary"],
-        "pair": ["--draft-k", "3", "--draft", "pair", "--draft-model-theta", theta, "--draft-model-t", target],
+        "pair-teacher-topk": ["--draft-k", "3", "--draft", "pair", "--draft-model-theta", theta, "--draft-model-t", target, "--teacher-topk", "7"],
     }[request.param]
     return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", *drafting]  # fmt: skip
