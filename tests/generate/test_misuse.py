@@ -132,7 +132,7 @@ CASES = [
     case("unknown device", gen("--device", "gpu"), ["unknown device 'gpu'"], True),
     case("unknown dtype", gen("--dtype", "fp8"), ["unknown dtype 'fp8'"], True),
     case("teacher top-K past 64", gen("--teacher-topk", "65"), ["--teacher-topk must be an integer from 0 (off) to 64, got 65"], True),
-    case("teacher top-K not an integer", gen("--teacher-topk", "2.5"), ["Invalid value for '--teacher-topk'", "2.5"], True),
+    case("teacher top-K not an integer", gen("--teacher-topk", "2.5"), ["Invalid value for '--teacher-topk'", "valid integer"], True),
     case("teacher top-K without per-token arrays", gen("--teacher-topk", "4", "--diagnostics", "summary"), ["add --diagnostics full"], True),
     case("template syntax error", gen("--t-format", at("bad.jinja")), ["bad.jinja line 1", "end of template"], True),
     case("template missing", gen("--t-format", at("none.jinja")), ["not found", "none.jinja"], True),
