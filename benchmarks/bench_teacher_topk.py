@@ -5,7 +5,7 @@
 
 For each batch, alternating the variants ``--repeats`` times on the same prompts (EOS ignored, so
 every variant does the same work): ``DualModelSampler.generate`` at diagnostics ``full`` with
-``teacher_topk`` 0 and each K. Step: milliseconds per round after the first (median of the
+``teacher_topk`` 0 and each K, in ABBA order. Step: milliseconds per round after the first (median of the
 repeats). Bytes per token: the sidecar's ``teacher_topk`` field of a sample, over its tokens.
 """
 
@@ -40,8 +40,8 @@ def main() -> None:
         convs = padded_prompts(batch, 0)
         prompts = [sampler.encode_prompts(c) for c in convs]
         steps: dict[int, list[float]] = {k: [] for k in (0, *args.k)}
-        for _ in range(args.repeats):
-            for k in steps:
+        for repeat in range(args.repeats):
+            for k in list(steps)[:: 1 if repeat % 2 == 0 else -1]:  # ABBA: drift in the machine's load cancels
                 sampler.teacher_topk = k
                 steps[k].append(1e3 * qstar(sampler, convs, prompts) / (args.new_tokens - 1))
         base = statistics.median(steps[0])
