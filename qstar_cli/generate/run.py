@@ -241,7 +241,7 @@ def run_generate(
             "versions": package_versions(),
             "weights_sha256": digests,
             "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
-            "sessions": (previous or {}).get("sessions", []),
+            "sessions": list((previous or {}).get("sessions", [])),  # a copy: the writer keeps the previous manifest
             **({"shard": shard} if shard else {}),
             **({"slot_plan": {**plan.record(), "planned_slots": plan.slots, "slots": engine.slots}} if plan else {}),
             **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
