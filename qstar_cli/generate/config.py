@@ -302,7 +302,8 @@ class GenerateConfig:
         be (``max_new_tokens: "abc"``) is refused naming the setting.
         """
         types = get_type_hints(cls)
-        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}  # later spellings win (see setting_names)
+        # A setting spelled both ways keeps the later value here; a config file's are refused before (setting_names).
+        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(normalised) - set(types))
         if unknown:
             raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(types))}")
