@@ -6,14 +6,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import json
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from tests.helpers import PROMPTS, SPREAD_EOS
+from tests.helpers import PROMPTS, SPREAD_EOS, write_jsonl
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -66,6 +64,12 @@ def spread_model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sharp_pair(tiny_tokenizer, sharp_models):
+    """The peaky models as a ``(pi_theta, pi_t)`` pair of loaded models."""
+    return tuple(LoadedModel(m, tiny_tokenizer, f"sharp{i}") for i, m in enumerate(sharp_models))
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread, and leave the other core to other processes (Ray replicas)."""
     threads = torch.get_num_threads()
@@ -84,9 +88,7 @@ def spread_pair(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    return str(path)
+    return str(write_jsonl(tmp_path_factory.mktemp("data") / "prompts.jsonl", PROMPTS))
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,12 @@ def make_sampler(pair, **kwargs):
     return DualModelSampler(pair[0], pair[1], **kwargs)
 
 
+def spread_sampler(pair, **kwargs):
+    """:func:`make_sampler` with room for 40 tokens, for ``spread_pair``: its responses end after 1 to 40."""
+    kwargs.setdefault("max_new_tokens", 40)
+    return make_sampler(pair, **kwargs)
+
+
 def full_forward_logps(loaded, prompt_ids, token_ids, vocab):
     ids = torch.tensor([prompt_ids + token_ids])
     with torch.no_grad():
@@ -93,6 +99,7 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
 
 
+#: Extra EOS ids of pi_theta in ``spread_pair``: responses end after 1 to 40 tokens.
 SPREAD_EOS = tuple(range(100, 112))
 
 
@@ -158,21 +165,21 @@ def count_lines(path):
         return 0
 
 
+def write_jsonl(path: Path, rows) -> Path:
+    """``path`` (and its folder) holding one JSON object per row; ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_prompts(root, prompts) -> str:
     """``root/prompts.jsonl`` holding one JSON object per prompt; its path."""
-    import json
-
-    path = root / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    return str(path)
+    return str(write_jsonl(root / "prompts.jsonl", prompts))
 
 
 def as_if_killed_after(out, done: int) -> None:
     """Make the manifest of the run ``out`` say what a kill after the commit of ``done`` samples
     leaves: status running, ``done`` samples durable (the files may hold more, or torn lines)."""
-    import json
-    from pathlib import Path
-
     meta_path = Path(str(out).removesuffix(".jsonl") + ".meta.json")
     meta = json.loads(meta_path.read_text())
     meta["status"], meta["counts"]["done"] = "running", done

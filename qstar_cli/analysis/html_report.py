@@ -258,7 +258,7 @@ def colour_scales(per_token: list[dict[str, list[float | None]]]) -> dict[str, d
 
 
 def table_view(table: Table) -> dict[str, Any]:
-    """A rich table of ``report.py`` as title, headers and rows of strings, for an HTML table."""
+    """A rich table (:mod:`qstar_cli.analysis.tables`) as title, headers and rows of strings, for an HTML table."""
     columns = [[str(cell) for cell in column.cells] for column in table.columns]
     return {"title": str(table.title), "headers": [str(c.header) for c in table.columns], "rows": [list(r) for r in zip(*columns)]}
 

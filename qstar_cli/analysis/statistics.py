@@ -263,6 +263,116 @@ def _speculative_summary(counts: np.ndarray, samples: int, tokens: int) -> dict[
     }
 
 
+class SidecarTotals:
+    """What the analysis of a sidecar keeps as it streams by: :meth:`add` takes one sample,
+    :meth:`finish` makes the :class:`RunAnalysis` of all added."""
+
+    def __init__(self, reservoir_size: int = RESERVOIR_SIZE):
+        self.stats = [array("d") for _ in range(4 * len(SUMMARY_FIELDS))]  # per sample, flattened [4, fields]
+        self.lengths, self.log_w, self.indices, self.responses = array("d"), array("d"), array("q"), array("q")
+        self.finish_reasons: Counter[str] = Counter()
+        self.reservoir = TokenReservoir(SUMMARY_FIELDS, reservoir_size)
+        self.hist = np.zeros(len(ALPHA_BINS) - 1, dtype=np.int64)
+        self.pos_sum, self.pos_count = np.zeros(0), np.zeros(0, dtype=np.int64)
+        self.checks: Counter[str] = Counter()
+        self.full_samples = 0
+        self.rounds, self.round_samples, self.round_sample_tokens = np.zeros(4, dtype=np.int64), 0, 0
+
+    def add(self, sample: _Sample) -> None:
+        """Count one sample (its token rows too, at level full)."""
+        self.indices.append(sample.sample_idx)
+        self.responses.append(sample.response_idx)
+        self.lengths.append(sample.num_tokens)
+        self.finish_reasons[sample.finish_reason] += 1
+        self.log_w.append(sample.log_w)
+        for store, value in zip(self.stats, sample.stats.ravel()):
+            store.append(value)
+        if sample.rounds is not None:
+            self.rounds += sample.rounds
+            self.round_samples += 1
+            self.round_sample_tokens += sample.num_tokens
+        if sample.rows is not None:
+            self._add_rows(sample.rows)
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        """A full-level sample's token rows: the reservoir, the checks, the alpha histogram and the mean
+        alpha by position."""
+        self.full_samples += 1
+        self.reservoir.add(rows)
+        alpha, kl_theta, kl_t, ratio = (rows[:, SUMMARY_FIELDS.index(n)] for n in ("alpha", "kl_theta", "kl_t", "ess_ratio"))
+        self.checks["kl_gap_below_0.05"] += int((np.abs(kl_theta - kl_t) < 0.05).sum())
+        self.checks["ess_ratio_in_0.8_1.2"] += int(((ratio >= 0.8) & (ratio <= 1.2)).sum())
+        self.checks["alpha_in_0.2_0.8"] += int(((alpha >= 0.2) & (alpha <= 0.8)).sum())
+        self.hist += np.histogram(alpha, bins=ALPHA_BINS)[0]
+        if len(alpha) > len(self.pos_sum):
+            self.pos_sum = np.pad(self.pos_sum, (0, len(alpha) - len(self.pos_sum)))
+            self.pos_count = np.pad(self.pos_count, (0, len(alpha) - len(self.pos_count)))
+        self.pos_sum[: len(alpha)] += alpha
+        self.pos_count[: len(alpha)] += 1
+
+    def _fields(self, level: str) -> dict[str, Any]:
+        """Each field's statistics over tokens (pooled; percentiles from the reservoir at level full) and over samples."""
+        n = np.asarray(self.lengths)
+        per_sample = np.asarray(self.stats).reshape(4, len(SUMMARY_FIELDS), -1)  # [stat, field, sample]
+        fields = {}
+        for i, name in enumerate(SUMMARY_FIELDS):
+            means, stds, mins, maxs = per_sample[:, i]
+            mean, std = _pooled(n, means, stds)
+            percentiles = describe(self.reservoir.column(name)) if level == "full" else {}
+            over_tokens = {
+                "mean": mean,
+                "std": std,
+                "min": describe(mins)["min"],
+                "max": describe(maxs)["max"],
+                **{f"p{p}": percentiles.get(f"p{p}") for p in PERCENTILES},
+            }
+            fields[name] = {"tokens": over_tokens, "samples": describe(means)}
+        return fields
+
+    def finish(self, path: Path, corrupt: list[int]) -> RunAnalysis:
+        """The analysis of the samples added, read from ``path`` (whose unreadable lines are ``corrupt``)."""
+        n = np.asarray(self.lengths)
+        samples = len(self.lengths)
+        level = "full" if samples and self.full_samples == samples else "summary"
+        tokens = int(n.sum())
+        log_w_arr = np.asarray(self.log_w)
+        indices, responses = np.asarray(self.indices, dtype=np.int64), np.asarray(self.responses, dtype=np.int64)
+        summary = {
+            "file": str(path),
+            "level": level,
+            "samples": samples,
+            "tokens": tokens,
+            "corrupt_lines": len(corrupt),
+            "fields": self._fields(level),
+            "checks": {k: (self.checks[k] / tokens if tokens else None) if level == "full" else None for k in CHECKS},
+            "length": {**describe(n), "finish_reasons": dict(sorted(self.finish_reasons.items()))},
+            "weights": {
+                "log_w": describe(log_w_arr),
+                "non_finite": int(np.count_nonzero(~np.isfinite(log_w_arr))),  # left out of the statistics and plots
+                "ess_ratio": ess_ratio(log_w_arr) if samples else None,
+                "max_weight_share": float(np.exp(log_w_arr.max() - logsumexp(log_w_arr))) if samples else None,
+            },
+            "per_prompt": per_prompt_spread(indices, log_w_arr),
+            "speculative": _speculative_summary(self.rounds, self.round_samples, self.round_sample_tokens),
+            "grades": run_grades(path, indices, responses, log_w_arr),
+        }
+        return RunAnalysis(
+            path=path,
+            level=level,
+            samples=samples,
+            tokens=tokens,
+            corrupt_lines=corrupt,
+            summary=summary,
+            log_w=log_w_arr,
+            lengths=n,
+            alpha_histogram=self.hist,
+            alpha_by_position=self.pos_sum / np.maximum(self.pos_count, 1),
+            reservoir=self.reservoir if level == "full" else None,
+            sample_idx=indices,
+            response_idx=responses,
+        )
+
+
 def analyze_sidecar(
     path: str | Path,
     reservoir_size: int = RESERVOIR_SIZE,
@@ -275,104 +385,17 @@ def analyze_sidecar(
     """
     path = Path(path)
     corrupt: list[int] = []
-    stats = [array("d") for _ in range(4 * len(SUMMARY_FIELDS))]  # per sample, flattened [4, fields]
-    lengths, log_w, indices, responses, finish = array("d"), array("d"), array("q"), array("q"), Counter()
-    reservoir = TokenReservoir(SUMMARY_FIELDS, reservoir_size)
-    hist = np.zeros(len(ALPHA_BINS) - 1, dtype=np.int64)
-    pos_sum, pos_count = np.zeros(0), np.zeros(0, dtype=np.int64)
-    checks = Counter()
-    full_samples = 0
-    rounds, round_samples, round_sample_tokens = np.zeros(4, dtype=np.int64), 0, 0
-    column = {name: i for i, name in enumerate(SUMMARY_FIELDS)}
-
+    totals = SidecarTotals(reservoir_size)
     for number, record in iter_sidecar(path, corrupt):
         try:
             sample = _parse(record)
         except (ValueError, TypeError, KeyError, OverflowError):
             corrupt.append(number)
             continue
-        indices.append(sample.sample_idx)
-        responses.append(sample.response_idx)
-        lengths.append(sample.num_tokens)
-        finish[sample.finish_reason] += 1
-        log_w.append(sample.log_w)
+        totals.add(sample)
         if on_sample is not None:
             on_sample(number, record, sample)
-        for store, value in zip(stats, sample.stats.ravel()):
-            store.append(value)
-        if sample.rounds is not None:
-            rounds += sample.rounds
-            round_samples += 1
-            round_sample_tokens += sample.num_tokens
-        if sample.rows is None:
-            continue
-        full_samples += 1
-        rows = sample.rows
-        reservoir.add(rows)
-        alpha, kl_theta, kl_t, ratio = (rows[:, column[n]] for n in ("alpha", "kl_theta", "kl_t", "ess_ratio"))
-        checks["kl_gap_below_0.05"] += int((np.abs(kl_theta - kl_t) < 0.05).sum())
-        checks["ess_ratio_in_0.8_1.2"] += int(((ratio >= 0.8) & (ratio <= 1.2)).sum())
-        checks["alpha_in_0.2_0.8"] += int(((alpha >= 0.2) & (alpha <= 0.8)).sum())
-        hist += np.histogram(alpha, bins=ALPHA_BINS)[0]
-        if len(alpha) > len(pos_sum):
-            pos_sum = np.pad(pos_sum, (0, len(alpha) - len(pos_sum)))
-            pos_count = np.pad(pos_count, (0, len(alpha) - len(pos_count)))
-        pos_sum[: len(alpha)] += alpha
-        pos_count[: len(alpha)] += 1
-
-    n = np.asarray(lengths)
-    per_sample = np.asarray(stats).reshape(4, len(SUMMARY_FIELDS), -1)  # [stat, field, sample]
-    samples = len(lengths)
-    level = "full" if samples and full_samples == samples else "summary"
-    tokens = int(n.sum())
-    fields = {}
-    for i, name in enumerate(SUMMARY_FIELDS):
-        means, stds, mins, maxs = per_sample[:, i]
-        mean, std = _pooled(n, means, stds)
-        percentiles = describe(reservoir.column(name)) if level == "full" else {}
-        over_tokens = {
-            "mean": mean,
-            "std": std,
-            "min": describe(mins)["min"],
-            "max": describe(maxs)["max"],
-            **{f"p{p}": percentiles.get(f"p{p}") for p in PERCENTILES},
-        }
-        fields[name] = {"tokens": over_tokens, "samples": describe(means)}
-    log_w_arr = np.asarray(log_w)
-    summary = {
-        "file": str(path),
-        "level": level,
-        "samples": samples,
-        "tokens": tokens,
-        "corrupt_lines": len(corrupt),
-        "fields": fields,
-        "checks": {k: (checks[k] / tokens if tokens else None) if level == "full" else None for k in CHECKS},
-        "length": {**describe(n), "finish_reasons": dict(sorted(finish.items()))},
-        "weights": {
-            "log_w": describe(log_w_arr),
-            "non_finite": int(np.count_nonzero(~np.isfinite(log_w_arr))),  # left out of the statistics and plots
-            "ess_ratio": ess_ratio(log_w_arr) if samples else None,
-            "max_weight_share": float(np.exp(log_w_arr.max() - logsumexp(log_w_arr))) if samples else None,
-        },
-        "per_prompt": per_prompt_spread(np.asarray(indices, dtype=np.int64), log_w_arr),
-        "speculative": _speculative_summary(rounds, round_samples, round_sample_tokens),
-        "grades": run_grades(path, np.asarray(indices, dtype=np.int64), np.asarray(responses, dtype=np.int64), log_w_arr),
-    }
-    return RunAnalysis(
-        path=path,
-        level=level,
-        samples=samples,
-        tokens=tokens,
-        corrupt_lines=corrupt,
-        summary=summary,
-        log_w=log_w_arr,
-        lengths=n,
-        alpha_histogram=hist,
-        alpha_by_position=pos_sum / np.maximum(pos_count, 1),
-        reservoir=reservoir if level == "full" else None,
-        sample_idx=np.asarray(indices, dtype=np.int64),
-        response_idx=np.asarray(responses, dtype=np.int64),
-    )
+    return totals.finish(path, corrupt)
 
 
 def per_prompt_spread(sample_idx: np.ndarray, log_w: np.ndarray) -> dict[str, float] | None:

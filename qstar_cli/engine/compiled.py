@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha, token_diagnostics
-from qstar_cli.engine.slots import SlotCache
 from qstar_cli.errors import QstarInputError
 
-COMPILE_MODES = ("off", "on", "auto")
+#: The values of ``--compile``, in the order messages list them.
+COMPILE_MODES = ("on", "off", "auto")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,8 @@ def warm_up_forward(model, run: Callable, vocab: int, queries: int) -> None:
     caches of several slots and of one: sizes 1 specialise), and verify forwards of ``queries`` per
     row (``draft_k + 1``) when that is above 1: every shape a run takes (sizes above 1 are symbols;
     the cache's head count and head size are static, so no size of the warm-up's pins another)."""
+    from qstar_cli.engine.slots import SlotCache  # slots.py imports transformers' attention stack; the config's checks need none
+
     for slots, row_counts in ((11, (7, 1)), (1, (1,))):
         cache = SlotCache(model.config, slots, 16, compiled=True, bucketed=graphed(model))
         ids = torch.ones(row_counts[0], 6, dtype=torch.long, device=model.device)

@@ -97,6 +97,7 @@ def path_settings(config_class: type | None = None) -> dict[str, tuple[str, ...]
 
 
 def flag(name: str) -> str:
+    """The command line's spelling of setting ``name``: ``--max-new-tokens`` for ``max_new_tokens``."""
     return "--" + name.replace("_", "-")
 
 
@@ -200,16 +201,17 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         # Imported here: the command line derives its options from this module without loading torch.
         from qstar_cli.distributions.mixture import check_alpha_method
+        from qstar_cli.engine.compiled import COMPILE_MODES
         from qstar_cli.engine.scheduler import SCHEDULERS
 
         for name in ("model_theta", "model_t", "dataset"):
             if not getattr(self, name):
-                raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+                raise ConfigError(f"{flag(name)} is required (on the command line or in --config)")
         self._lower_keywords()
         self._check_batch_size()
         for name, value in dataclasses.asdict(self).items():  # every count fits a 64-bit integer
             if name != "seed" and isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 63:
-                raise ConfigError(f"--{name.replace('_', '-')} must be below 2^63, got {value}")
+                raise ConfigError(f"{flag(name)} must be below 2^63, got {value}")
         checks = {
             "num_samples": self.num_samples is None or self.num_samples >= 1,
             "start_index": self.start_index >= 0,
@@ -224,7 +226,7 @@ class GenerateConfig:
         for name, ok in checks.items():
             if not ok:
                 at_least = "0 or more" if name == "start_index" else "positive"
-                raise ConfigError(f"--{name.replace('_', '-')} must be {at_least}, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be {at_least}, got {getattr(self, name)}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.seed < 1 << 64:  # the counter-based generator's key is 64 bits
@@ -234,11 +236,11 @@ class GenerateConfig:
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "local" and (self.replicas != 1 or self.ray_address is not None):
-            flag = f"--replicas {self.replicas}" if self.replicas != 1 else "--ray-address"
-            raise ConfigError(f"{flag} is for --engine ray (model replicas on Ray); add --engine ray, or drop it to run here")
+            given = f"--replicas {self.replicas}" if self.replicas != 1 else "--ray-address"
+            raise ConfigError(f"{given} is for --engine ray (model replicas on Ray); add --engine ray, or drop it to run here")
         self._check_draft()
-        if self.compile not in ("on", "off", "auto"):
-            raise ConfigError(f"--compile must be one of on, off, auto, got {self.compile!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         if isinstance(self.teacher_topk, bool) or not isinstance(self.teacher_topk, int) or not 0 <= self.teacher_topk <= MAX_TEACHER_TOPK:
@@ -295,7 +297,7 @@ class GenerateConfig:
             raise ConfigError(f"--draft-k must be an integer from 0 (off) to {MAX_DRAFT_K}, or auto, got {self.draft_k}") from None
         if self.draft not in DRAFTERS:
             raise ConfigError(f"--draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
-        pair = [f"--{name.replace('_', '-')}" for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]
+        pair = [flag(name) for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]
         if self.draft == "pair" and len(pair) < 2:
             raise ConfigError("--draft pair needs both --draft-model-theta and --draft-model-t")
         if self.draft == "theta" and pair:
@@ -311,7 +313,8 @@ class GenerateConfig:
         be (``max_new_tokens: "abc"``) is refused naming the setting.
         """
         types = get_type_hints(cls)
-        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}  # later spellings win (see setting_names)
+        # A setting spelled both ways keeps the later value here; a config file's are refused before (setting_names).
+        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(normalised) - set(types))
         if unknown:
             raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(types))}")

@@ -58,6 +58,9 @@ from qstar_cli.runfiles.writer import CheckpointedWriter, OutputPaths, ResumeErr
 
 if TYPE_CHECKING:
     from qstar_cli.engine.sampler import DualModelSampler
+    from qstar_cli.generate.adapters import AdaptedDataset, DatasetAdapter
+    from qstar_cli.generate.engines import Engine
+    from qstar_cli.runfiles.format import Manifest
 
 #: What a resumed run says when content, not a setting, differs.
 CONTENT_CHANGES = {
@@ -187,20 +190,10 @@ def run_generate(
     if sampler is None:
         check_before_loading(config)
     engine = make_engine(config, sampler)
-    dataset, adapter = _rows(config)
-    adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
-    if not adapted.prompts:
-        raise nothing_usable(adapted)
-    samples = len(adapted.prompts) * config.samples_per_prompt
-    check_schedule_fits(samples, len(adapted.prompts), config.samples_per_prompt, free_memory(torch.device("cpu")))
+    adapted, adapter = _usable_rows(config)
     config, grader = run_grader(config, adapter, adapted.prompts)
     with CheckpointedWriter(paths.main, config.diagnostics) as writer, grading_pool(grader, config.grader_workers, config.grader_timeout) as grades:
-        settings = config.fingerprint_config()
-        writer.check_config(settings, overwrite=config.overwrite, optional={**draft_settings(), **grading_settings()})
-        if not config.overwrite:
-            check_shard_of(writer, config)
-            writer.check_files(speculative=bool(config.draft_k))
-        digests = check_model_digests(writer, config)
+        settings, digests = check_settings(writer, config)
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
         sampler = engine.load()
@@ -208,47 +201,116 @@ def run_generate(
         prompts = encode_all(sampler, adapted)
         if not prompts:
             raise nothing_usable(adapted)
-        fp_config = {**settings, **content_fingerprint(config, prompts)}
-        continued = {**fp_config, "prompt_ids": continued_prompt_ids(writer, prompts, config.overwrite)}
-        previous = writer.check_config(
-            continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **grading_settings(), **DRAFT_CONTENT}
-        )
-        shard = {}
-        if config.num_shards > 1:  # a shard takes whole prompts (all K responses of each)
-            split, positions = shard_split(config, previous, prompts)
-            shard = {"index": config.shard_index, "count": config.num_shards, "schedule_samples": len(prompts) * config.samples_per_prompt,
-                     **({"split": split} if split else {})}  # fmt: skip
-            prompts = [prompts[p] for p in positions]
+        fp_config, previous = check_content(writer, config, settings, prompts)
+        prompts, shard = _shard_prompts(config, previous, prompts)
         # Row-major: each usable row's samples_per_prompt responses, then the next row's.
         schedule = [(prompt, ids, r) for prompt, ids in prompts for r in range(config.samples_per_prompt)]
         # Sized (or refused) before anything is deleted: a run that cannot fit one slot changes nothing.
-        begun = (previous or {}).get("slot_plan")
-        begun_with = begun.get("slots") if isinstance(begun, dict) and config.batch_size == "auto" else None
-        if plan := engine.plan_slots([ids for _, ids in prompts], len(schedule), begun_with):
-            progress.message(plan.describe())
-            if engine.slots != plan.slots:
-                progress.message(f"keeping the {engine.slots} slots this run began with, so that its samples stay as they were")
+        slot_plan = _plan_slots(engine, config, previous, prompts, len(schedule), progress)
         if config.overwrite:
             writer.start_afresh()
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule], [ids for _, ids, _ in schedule])
-        meta = {
-            "qstar_version": qstar_cli.__version__,
-            "status": "running",
-            "fingerprint": fingerprint(fp_config),
-            "fingerprint_config": fp_config,
-            "config": {**dataclasses.asdict(config), "adapter_resolved": adapted.adapter},
-            **dict(zip(("device", "dtype"), engine.placement(sampler))),
-            "versions": package_versions(),
-            "weights_sha256": digests,
-            "counts": {"rows": adapted.rows, "samples": len(schedule), "done": done, "skipped": dict(adapted.skipped)},
-            "sessions": (previous or {}).get("sessions", []),
-            **({"shard": shard} if shard else {}),
-            **({"slot_plan": {**plan.record(), "planned_slots": plan.slots, "slots": engine.slots}} if plan else {}),
-            **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
-        }
+        meta = new_manifest(
+            config, adapted, fp_config, placement=engine.placement(sampler), digests=digests, samples=len(schedule), done=done,
+            previous=previous, shard=shard, slot_plan=slot_plan, compile_seconds=compile_seconds,
+        )
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None, grades=grades)
         status = commits.run(schedule, _requests(writer, config, schedule, done))
     return RunSummary(writer.paths, status, len(schedule), commits.done, done, commits.new_tokens, commits.seconds, dict(adapted.skipped))
+
+
+def _usable_rows(config: GenerateConfig) -> tuple[AdaptedDataset, DatasetAdapter]:
+    """The dataset's rows as prompts (refused when none is usable or the schedule cannot fit the
+    memory), and the adapter that made them."""
+    dataset = load_source(config.dataset, config.subset, config.split)
+    adapter = resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
+    adapted = adapt_rows(dataset, adapter, config.start_index, config.num_samples, config.system_prompt)
+    if not adapted.prompts:
+        raise nothing_usable(adapted)
+    samples = len(adapted.prompts) * config.samples_per_prompt
+    check_schedule_fits(samples, len(adapted.prompts), config.samples_per_prompt, free_memory(torch.device("cpu")))
+    return adapted, adapter
+
+
+def check_settings(writer: CheckpointedWriter, config: GenerateConfig) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """Before the models load: the settings (fingerprinted), checked against the run being continued
+    with its files, and the digests of the local model files (:func:`check_model_digests`)."""
+    settings = config.fingerprint_config()
+    writer.check_config(settings, overwrite=config.overwrite, optional={**draft_settings(), **grading_settings()})
+    if not config.overwrite:
+        check_shard_of(writer, config)
+        writer.check_files(speculative=bool(config.draft_k))
+    return settings, check_model_digests(writer, config)
+
+
+def check_content(writer: CheckpointedWriter, config: GenerateConfig, settings: dict[str, Any], prompts: Schedule) -> tuple[dict[str, Any], Manifest | None]:
+    """Once the prompts are encoded: the fingerprinted settings and content, and the manifest of the
+    run being continued (None for a new run), after checking that the content is the same."""
+    fp_config = {**settings, **content_fingerprint(config, prompts)}
+    continued = {**fp_config, "prompt_ids": continued_prompt_ids(writer, prompts, config.overwrite)}
+    previous = writer.check_config(
+        continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **grading_settings(), **DRAFT_CONTENT}
+    )
+    return fp_config, previous
+
+
+def _shard_prompts(config: GenerateConfig, previous: Manifest | None, prompts: Schedule) -> tuple[Schedule, dict[str, Any]]:
+    """The prompts this run samples and, for a shard, what its manifest says of it (``{}`` for a
+    whole run). A shard takes whole prompts (all K responses of each)."""
+    if config.num_shards == 1:
+        return prompts, {}
+    split, positions = shard_split(config, previous, prompts)
+    shard = {"index": config.shard_index, "count": config.num_shards, "schedule_samples": len(prompts) * config.samples_per_prompt,
+             **({"split": split} if split else {})}  # fmt: skip
+    return [prompts[p] for p in positions], shard
+
+
+def _plan_slots(
+    engine: Engine, config: GenerateConfig, previous: Manifest | None, prompts: Schedule, samples: int, progress: ProgressSink
+) -> dict[str, Any] | None:
+    """The slots of ``--batch-size auto``, said to the user, and as the manifest records them (None
+    for a given number); a resumed run keeps the slots it began with."""
+    begun = (previous or {}).get("slot_plan")
+    begun_with = begun.get("slots") if isinstance(begun, dict) and config.batch_size == "auto" else None
+    plan = engine.plan_slots([ids for _, ids in prompts], samples, begun_with)
+    if plan:
+        progress.message(plan.describe())
+        if engine.slots != plan.slots:
+            progress.message(f"keeping the {engine.slots} slots this run began with, so that its samples stay as they were")
+    return {**plan.record(), "planned_slots": plan.slots, "slots": engine.slots} if plan else None
+
+
+def new_manifest(
+    config: GenerateConfig,
+    adapted: AdaptedDataset,
+    fp_config: dict[str, Any],
+    *,
+    placement: tuple[str, str],
+    digests: dict[str, dict[str, str]],
+    samples: int,
+    done: int,
+    previous: Manifest | None,
+    shard: dict[str, Any],
+    slot_plan: dict[str, Any] | None,
+    compile_seconds: float | None,
+) -> dict[str, Any]:
+    """The manifest a session starts with (status running): the settings, fingerprint, placement,
+    versions, model digests, counts and the sessions before this one."""
+    return {
+        "qstar_version": qstar_cli.__version__,
+        "status": "running",
+        "fingerprint": fingerprint(fp_config),
+        "fingerprint_config": fp_config,
+        "config": {**dataclasses.asdict(config), "adapter_resolved": adapted.adapter},
+        **dict(zip(("device", "dtype"), placement)),
+        "versions": package_versions(),
+        "weights_sha256": digests,
+        "counts": {"rows": adapted.rows, "samples": samples, "done": done, "skipped": dict(adapted.skipped)},
+        "sessions": list((previous or {}).get("sessions", [])),  # a copy: the writer keeps the previous manifest
+        **({"shard": shard} if shard else {}),
+        **({"slot_plan": slot_plan} if slot_plan else {}),
+        **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
+    }
 
 
 def warm_up_compiled(sampler: DualModelSampler, progress) -> float | None:
@@ -272,12 +334,6 @@ def check_shard_of(writer: CheckpointedWriter, config: GenerateConfig) -> None:
             f"{writer.paths.main} is shard {shard.get('index')} of {shard.get('count')} of a run: resume it with --output naming "
             f"the run's file and --num-shards {shard.get('count')} --shard-index {shard.get('index')}, or join the shards with qstar merge"
         )
-
-
-def _rows(config: GenerateConfig) -> tuple[Any, Any]:
-    """The dataset and the adapter that turns its rows into prompts."""
-    dataset = load_source(config.dataset, config.subset, config.split)
-    return dataset, resolve_adapter(config.adapter, list(dataset.column_names), config.prompt_field)
 
 
 def content_fingerprint(config: GenerateConfig, prompts: Schedule) -> dict[str, Any]:

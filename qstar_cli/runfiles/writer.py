@@ -57,6 +57,7 @@ class RunFilesDamaged(ResumeError):
 
 
 _RESTORE = "restore the run's own files to resume, or move them away (or add --overwrite) to start afresh"
+_UNREAD = object()  # the manifest not read yet
 
 
 def _committed(meta: dict[str, Any] | None) -> int:
@@ -217,6 +218,7 @@ class CheckpointedWriter:
         self._lines: dict[Path, list[_Line] | None] | None = None  # each data file's lines, once read
         self._replay: list[_Line] | None = None
         self._created: list[Path] = []  # directories made for the output, removed again if left empty
+        self._manifest: Manifest | None | object = _UNREAD  # the manifest in these files, once read
 
     @property
     def data_files(self) -> list[Path]:
@@ -256,10 +258,16 @@ class CheckpointedWriter:
         return [self.paths.main, self.paths.diagnostics, self.paths.meta]
 
     def previous_meta(self) -> Manifest | None:
-        """The manifest of the run in these files, if there is one; a damaged one is refused."""
-        if not self.paths.meta.exists():
-            return None
-        return read_manifest(self.paths.meta, ("fingerprint_config", "counts"), "restore it, or add --overwrite to start afresh", ResumeError)
+        """The manifest of the run in these files, if there is one; a damaged one is refused.
+
+        It is read once (the lock keeps other qstar processes from changing it), and the writer's copy
+        follows what it does to the file: None after :meth:`start_afresh`, the manifest written by
+        :meth:`write_meta` after that."""
+        if self._manifest is _UNREAD:
+            hint = "restore it, or add --overwrite to start afresh"
+            exists = self.paths.meta.exists()
+            self._manifest = read_manifest(self.paths.meta, ("fingerprint_config", "counts"), hint, ResumeError) if exists else None
+        return self._manifest
 
     def check_config(
         self,
@@ -308,6 +316,7 @@ class CheckpointedWriter:
         for path in self.run_files:
             path.unlink(missing_ok=True)
         self._lines = None
+        self._manifest = None
 
     def resume(self, expected: list[tuple[int, int]], prompt_ids: list[tuple[list[int], list[int]]] | None = None) -> int:
         """Repair the data files, open them for appending and return how many samples are already done.
@@ -424,5 +433,7 @@ class CheckpointedWriter:
             os.fsync(f.fileno())
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        """Replace the manifest atomically (a crash leaves the old one or the new one, never half)."""
+        """Replace the manifest atomically (a crash leaves the old one or the new one, never half);
+        ``meta`` is then the writer's copy of it (:meth:`previous_meta`)."""
         replace_atomically(self.paths.meta, orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))
+        self._manifest = meta

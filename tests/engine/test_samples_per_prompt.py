@@ -5,8 +5,6 @@ import torch
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.distributions.sampling import counter_uniform, sample_key, sample_tokens
-from qstar_cli.engine.models import LoadedModel
-from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from tests.helpers import (
     CONVERSATIONS,
@@ -49,24 +47,23 @@ def test_k_responses_in_row_major_order_in_both_files(base_args, tmp_path):
         assert all(m["messages"][:-1] == PROMPTS[m["sample_idx"]]["messages"] for m in main[i : i + 4])
 
 
-def test_every_response_equals_a_full_forward(spread_pair):  # noqa: F811
-    sampler = DualModelSampler(*spread_pair, theta_format="plain", t_format="chat", max_new_tokens=30)
+def test_every_response_equals_a_full_forward(spread_pair):
+    sampler = make_sampler(spread_pair, max_new_tokens=30)
     results = list(sampler.stream(requests_for(sampler, CONVERSATIONS, 5), slots=4))
     assert sorted((r.sample_idx, r.response_idx) for _, r in results) == [(i, k) for i in range(3) for k in range(5)]
     for _, result in results:
         assert_equals_full_forward(spread_pair, sampler, result)
 
 
-def test_the_first_tokens_of_many_responses_follow_q(tiny_tokenizer, sharp_models):
-    pair = tuple(LoadedModel(m, tiny_tokenizer, f"sharp{i}") for i, m in enumerate(sharp_models))
-    sampler = make_sampler(pair, max_new_tokens=1)
+def test_the_first_tokens_of_many_responses_follow_q(sharp_pair):
+    sampler = make_sampler(sharp_pair, max_new_tokens=1)
     n = 3000
     stats = StreamStats()
     results = [r for _, r in sampler.stream(requests_for(sampler, CONVERSATIONS[1:2], n), slots=1000, stats=stats)]
     assert stats.prompts_prefilled == 3, "one prefill per chunk of 1000 responses"
     r = results[0]
-    logp_theta = full_forward_logps(pair[0], r.prompt_ids_theta, r.token_ids, sampler.vocab)
-    logp_t = full_forward_logps(pair[1], r.prompt_ids_t, r.token_ids, sampler.vocab)
+    logp_theta = full_forward_logps(sharp_pair[0], r.prompt_ids_theta, r.token_ids, sampler.vocab)
+    logp_t = full_forward_logps(sharp_pair[1], r.prompt_ids_t, r.token_ids, sampler.vocab)
     q = mixture_logprobs(logp_theta, logp_t, solve_alpha(logp_theta, logp_t)).exp()[0]
     counts = torch.bincount(torch.tensor([x.token_ids[0] for x in results]), minlength=sampler.vocab)
     assert q.max() > 0.05
@@ -89,8 +86,8 @@ def test_one_response_draws_with_the_keys_of_before(pair):
         assert sample_tokens(logp_q, u).tolist() == r.token_ids
 
 
-def test_resume_inside_a_prompts_responses_is_bit_identical(spread_pair):  # noqa: F811
-    sampler = DualModelSampler(*spread_pair, theta_format="plain", t_format="chat", max_new_tokens=30)
+def test_resume_inside_a_prompts_responses_is_bit_identical(spread_pair):
+    sampler = make_sampler(spread_pair, max_new_tokens=30)
     full = {(r.sample_idx, r.response_idx): r for _, r in sampler.stream(requests_for(sampler, CONVERSATIONS, 3), slots=4)}
     order = [(row, k) for row in range(3) for k in range(3)]
     for done in (2, 4, 7):  # inside row 0's, row 1's and row 2's responses
@@ -163,9 +160,9 @@ def test_analyze_reports_the_spread_of_log_weights_within_prompts(base_args, tmp
     assert [(w["sample_idx"], w["response_idx"]) for w in weights] == [(r["sample_idx"], r["response_idx"]) for r in side]
 
 
-def test_one_index_for_different_prompts_shares_no_prefill(spread_pair):  # noqa: F811
+def test_one_index_for_different_prompts_shares_no_prefill(spread_pair):
     """Through the Python API a caller may key two different prompts alike: nothing is copied between them."""
-    sampler = DualModelSampler(*spread_pair, theta_format="plain", t_format="chat", max_new_tokens=8)
+    sampler = make_sampler(spread_pair, max_new_tokens=8)
     results = sampler.generate(CONVERSATIONS, sample_indices=[4, 4, 4], batch_size=3)
     assert [r.prompt_ids_t for r in results] == [sampler.encode_prompts(c)[1] for c in CONVERSATIONS]
     for result in results:

@@ -3,22 +3,14 @@
 import pytest
 import torch
 
-from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from qstar_cli.engine.scheduler import Row, SlotScheduler
 from qstar_cli.engine.slots import CAPACITY_CHUNK
-from tests.helpers import assert_equals_full_forward, conversations
-
-#: Extra EOS ids of pi_theta: responses end after 1 to 40 tokens (see spread_pair).
-
-
-def make(pair, **kwargs):
-    kwargs.setdefault("max_new_tokens", 40)
-    return DualModelSampler(pair[0], pair[1], theta_format="plain", t_format="chat", **kwargs)
+from tests.helpers import assert_equals_full_forward, conversations, spread_sampler
 
 
 def test_refilled_slots_equal_a_full_forward(spread_pair):
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     convs = conversations(14, long_every=7)
     stats = StreamStats()
     requests = [SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(convs)]
@@ -36,7 +28,7 @@ def test_refilled_slots_equal_a_full_forward(spread_pair):
 
 
 def test_continuous_and_static_give_the_same_samples(spread_pair):
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     convs = conversations(12)
     continuous = sampler.generate(convs, batch_size=4, scheduler="continuous")
     static = sampler.generate(convs, batch_size=4, scheduler="static")
@@ -49,7 +41,7 @@ def test_continuous_and_static_give_the_same_samples(spread_pair):
 
 
 def test_static_runs_fixed_batches_and_continuous_keeps_slots_busy(spread_pair):
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     convs = conversations(16)
     busy, fixed = StreamStats(), StreamStats()
     requests = [SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(convs)]
@@ -62,7 +54,7 @@ def test_static_runs_fixed_batches_and_continuous_keeps_slots_busy(spread_pair):
 
 def test_replayed_samples_leave_the_others_bit_identical(spread_pair):
     """A resume replays the written samples' slots: the rest see the same batches, float for float."""
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     convs = conversations(12)
     requests = [SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(convs)]
     full = dict(sampler.stream(requests, slots=3))
@@ -79,7 +71,7 @@ def test_replayed_samples_leave_the_others_bit_identical(spread_pair):
 
 
 def test_waiting_samples_are_bounded(spread_pair):
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     requests = [SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(24))]
     finished: set[int] = set()
     first_unfinished = 0
@@ -93,7 +85,7 @@ def test_waiting_samples_are_bounded(spread_pair):
 
 @pytest.mark.parametrize("n, slots", [(1, 1), (1, 8), (3, 8), (5, 2)])
 def test_few_prompts_many_slots(spread_pair, n, slots):
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     convs = conversations(n)
     results = sampler.generate(convs, batch_size=slots)
     assert [r.sample_idx for r in results] == list(range(n))
@@ -102,14 +94,14 @@ def test_few_prompts_many_slots(spread_pair, n, slots):
 
 
 def test_every_row_stops_at_its_first_token(spread_pair):
-    sampler = make(spread_pair)
+    sampler = spread_sampler(spread_pair)
     sampler.eos = set(range(sampler.vocab))
     results = sampler.generate(conversations(7), batch_size=3)
     assert all(len(r.token_ids) == 1 and r.finish_reason == "stop" and r.text == "" for r in results)
 
 
 def test_a_response_stops_at_the_end_of_a_models_context(spread_pair):
-    sampler = make(spread_pair, max_new_tokens=200)
+    sampler = spread_sampler(spread_pair, max_new_tokens=200)
     sampler.eos = set()
     convs = conversations(4)
     prompts = [sampler.encode_prompts(c) for c in convs]

@@ -34,9 +34,11 @@ from tests.helpers import (
     cli,
     conversations,
     full_forward_logps,
+    make_sampler,
     one_line_error,
     paths,
     read_lines,
+    spread_sampler,
 )
 
 N_DRAWS = 20000
@@ -148,16 +150,6 @@ def test_forward_costs_rise_with_tokens_and_rounds_with_drafts():
 # --- The sampler ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sharp_pair(tiny_tokenizer, sharp_models):
-    return tuple(LoadedModel(m, tiny_tokenizer, f"sharp{i}") for i, m in enumerate(sharp_models))
-
-
-def make(pair, **kwargs):
-    kwargs.setdefault("max_new_tokens", 40)
-    return DualModelSampler(pair[0], pair[1], theta_format="plain", t_format="chat", **kwargs)
-
-
 def q_of(pair, sampler, prompts, tokens):
     """The distribution sampled (q, tempered and truncated) at the positions after ``tokens``, from a
     full forward of each model, float64, ``[len(tokens) + 1, V]``."""
@@ -176,7 +168,7 @@ def test_first_and_second_tokens_follow_q(sharp_pair, drafter, sampling, monkeyp
     sum_x q1(x) q2(.|x), over the first tokens that are not an EOS."""
     # The pair drafter is the two models swapped: a mixture q' unlike q.
     draft_pair = (sharp_pair[1], sharp_pair[0]) if drafter == "pair" else None
-    sampler = make(sharp_pair, max_new_tokens=3, draft_k=2, draft_pair=draft_pair, sampling=sampling)
+    sampler = make_sampler(sharp_pair, max_new_tokens=3, draft_k=2, draft_pair=draft_pair, sampling=sampling)
     prompts = sampler.encode_prompts(CONVERSATIONS[1])
     n = 3000
     requests = [SampleRequest(0, *prompts, response_idx=i) for i in range(n)]
@@ -207,8 +199,8 @@ def test_first_and_second_tokens_follow_q(sharp_pair, drafter, sampling, monkeyp
 
 
 @pytest.mark.parametrize("draft_k", [3, "auto"])
-def test_every_number_equals_a_full_forward_after_refills(spread_pair, draft_k):  # noqa: F811
-    sampler = make(spread_pair, draft_k=draft_k)
+def test_every_number_equals_a_full_forward_after_refills(spread_pair, draft_k):
+    sampler = spread_sampler(spread_pair, draft_k=draft_k)
     stats = StreamStats()
     requests = [SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(14, long_every=7))]
     finished = [r for _, r in sampler.stream(requests, slots=3, stats=stats)]
@@ -225,10 +217,10 @@ def test_every_number_equals_a_full_forward_after_refills(spread_pair, draft_k):
         assert all(k <= 40 - done - 1 for k, done in zip(result.draft_lengths, produced))
 
 
-def test_rows_keep_their_own_accepted_lengths(spread_pair):  # noqa: F811
+def test_rows_keep_their_own_accepted_lengths(spread_pair):
     """In one batch, rows accept different numbers of drafts; each rolls back its own: every sample
     is the one it is when generated alone."""
-    sampler = make(spread_pair, draft_k=4)
+    sampler = spread_sampler(spread_pair, draft_k=4)
     convs = conversations(6)
     together = sampler.generate(convs, batch_size=6)
     alone = [sampler.generate([c], sample_indices=[i])[0] for i, c in enumerate(convs)]
@@ -237,8 +229,8 @@ def test_rows_keep_their_own_accepted_lengths(spread_pair):  # noqa: F811
     assert len(first_rounds) > 1, "rows of one round accepted different numbers of drafts"
 
 
-def test_eos_and_max_new_tokens_inside_a_draft(spread_pair):  # noqa: F811
-    sampler = make(spread_pair, draft_k=4, max_new_tokens=7)
+def test_eos_and_max_new_tokens_inside_a_draft(spread_pair):
+    sampler = spread_sampler(spread_pair, draft_k=4, max_new_tokens=7)
     results = sampler.generate(conversations(24), batch_size=8)
     cut_by_eos = [r for r in results if r.finish_reason == "stop" and r.round_tokens[-1] < r.draft_lengths[-1] + 1]
     assert cut_by_eos, "an EOS was an accepted draft: the round stopped there"
@@ -270,12 +262,12 @@ def negated(loaded):
 
 
 @pytest.mark.parametrize("drafter", ["theta", "none accepted"])
-def test_greedy_speculative_equals_greedy_plain(spread_pair, drafter):  # noqa: F811
+def test_greedy_speculative_equals_greedy_plain(spread_pair, drafter):
     greedy = SamplingParams(temperature=0)
     convs = conversations(8)
-    plain = make(spread_pair, sampling=greedy).generate(convs, batch_size=4)
+    plain = spread_sampler(spread_pair, sampling=greedy).generate(convs, batch_size=4)
     draft_pair = tuple(negated(m) for m in spread_pair) if drafter == "none accepted" else None
-    sampler = make(spread_pair, sampling=greedy, draft_k=3, draft_pair=draft_pair)
+    sampler = spread_sampler(spread_pair, sampling=greedy, draft_k=3, draft_pair=draft_pair)
     stats = StreamStats()
     speculative = [r for _, r in sorted(sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(convs)], 4, stats=stats), key=lambda x: x[0])]
     assert [r.token_ids for r in speculative] == [r.token_ids for r in plain]
@@ -286,9 +278,9 @@ def test_greedy_speculative_equals_greedy_plain(spread_pair, drafter):  # noqa: 
 
 
 @pytest.mark.parametrize(("drafter", "responses"), [("theta", 1), ("pair", 2)])
-def test_replayed_speculative_samples_leave_the_others_bit_identical(spread_pair, drafter, responses):  # noqa: F811
+def test_replayed_speculative_samples_leave_the_others_bit_identical(spread_pair, drafter, responses):
     draft_pair = tuple(negated(m) for m in spread_pair) if drafter == "pair" else None
-    sampler = make(spread_pair, draft_k="auto", draft_pair=draft_pair)
+    sampler = spread_sampler(spread_pair, draft_k="auto", draft_pair=draft_pair)
     prompts = [sampler.encode_prompts(c) for c in conversations(12 // responses)]
     requests = [SampleRequest(i, *p, response_idx=k) for i, p in enumerate(prompts) for k in range(responses)]
     whole = dict(sampler.stream(requests, slots=3))
@@ -309,9 +301,9 @@ def test_replayed_speculative_samples_leave_the_others_bit_identical(spread_pair
     assert any(afresh[i - done].per_token != whole[i].per_token for i in range(done, 12))
 
 
-def test_the_pair_itself_as_drafter_accepts_nearly_every_draft(spread_pair):  # noqa: F811
+def test_the_pair_itself_as_drafter_accepts_nearly_every_draft(spread_pair):
     """q' = q up to float rounding: any drift of the draft caches from the accepted tokens would show."""
-    sampler = make(spread_pair, draft_k=3, draft_pair=spread_pair)
+    sampler = spread_sampler(spread_pair, draft_k=3, draft_pair=spread_pair)
     stats = StreamStats()
     results = [r for _, r in sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(8))], 4, stats=stats)]
     assert stats.tested > 100 and stats.accepted >= 0.99 * stats.tested
@@ -319,10 +311,10 @@ def test_the_pair_itself_as_drafter_accepts_nearly_every_draft(spread_pair):  # 
         assert_equals_full_forward(spread_pair, sampler, result)
 
 
-def test_a_draft_models_context_limits_its_side(spread_pair, tiny_tokenizer):  # noqa: F811
+def test_a_draft_models_context_limits_its_side(spread_pair, tiny_tokenizer):
     short = LoadedModel(build_tiny_model(tiny_tokenizer, seed=1, sharpness=4.0, extra_eos=SPREAD_EOS), tiny_tokenizer, "short")
     short.model.config.max_position_embeddings = 64
-    sampler = make(spread_pair, draft_k=2, draft_pair=(short, spread_pair[1]))
+    sampler = spread_sampler(spread_pair, draft_k=2, draft_pair=(short, spread_pair[1]))
     assert sampler.context_limits == (64, 1024)
 
 

@@ -18,16 +18,10 @@ from qstar_cli import GenerateConfig, run_generate
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.generate.adapters import adapt_rows, resolve_adapter
 from qstar_cli.testing.tiny import build_tiny_model
-from tests.helpers import invoke, one_line_error, snapshot, swapped_tokenizer
+from tests.helpers import invoke, one_line_error, snapshot, swapped_tokenizer, write_jsonl
 
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "id": i} for i in range(6)]
 LOADING = "loading models"  # what generate prints just before the models load
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def edit_json(path, **values):

@@ -12,7 +12,7 @@ import pytest
 
 from qstar_cli.analysis.statistics import logsumexp
 from tests.generate.test_generate import spawn
-from tests.helpers import cli, file_bytes, invoke, kill_at_random_moments, one_line_error, paths, read_lines
+from tests.helpers import cli, file_bytes, invoke, kill_at_random_moments, one_line_error, paths, read_lines, write_jsonl
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(8)]
 LOADING = "loading models"  # what generate prints just before the models load
@@ -20,17 +20,12 @@ LOADING = "loading models"  # what generate prints just before the models load
 PARITY = "import time\n\ndef parity(response, row):\n    time.sleep(DELAY)\n    return len(response) % 2 == int(row['answer']) % 2\n"
 
 
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def graded(tiny_model_dirs, tmp_path_factory):
     """Model and dataset flags, and a parity grader file that sleeps ``delay`` seconds per response."""
     root = tmp_path_factory.mktemp("graded")
     theta, target = tiny_model_dirs
-    args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", write_rows(root / "rows.jsonl", ROWS),
+    args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(write_jsonl(root / "rows.jsonl", ROWS)),
             "--max-new-tokens", "16", "--batch-size", "3", "--device", "cpu"]  # fmt: skip
 
     def grader(delay: float) -> str:
@@ -116,7 +111,7 @@ def test_sleeping_grader_and_pathological_reference_end_ungraded_within_the_limi
             for reply in (tower, right, tower, right)]  # fmt: skip
     graded_file = tmp_path / "tower.graded.jsonl"
     started = time.perf_counter()
-    result = invoke("grade", write_rows(root / "tower.jsonl", chat), "--grader-timeout", "1", "--output", graded_file)
+    result = invoke("grade", write_jsonl(root / "tower.jsonl", chat), "--grader-timeout", "1", "--output", graded_file)
     assert result.exit_code == 0, result.output
     assert time.perf_counter() - started < 20  # two hangs on two workers: about 1 s
     assert [line["grade"].get("failure") or line["grade"]["correct"] for line in read_lines(graded_file)] == ["timeout", True] * 2
@@ -128,7 +123,7 @@ def test_kill_9_and_resume_with_grading_is_byte_identical(spread_model_dirs, gra
     killed at random moments and resumed writes the bytes of an uninterrupted one."""
     _, grader, root = graded
     theta, target = spread_model_dirs
-    rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": f"What is {i} times {i}?", "answer": str(i * i)} for i in range(24)])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"What is {i} times {i}?", "answer": str(i * i)} for i in range(24)])
     args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(rows),
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", "--grader", grader(0.05)]  # fmt: skip
     reference = tmp_path / "ref.jsonl"
