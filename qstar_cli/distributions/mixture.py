@@ -75,7 +75,7 @@ def solve_kl_symmetry(
     Each iteration is one pass over the vocabulary (one ``exp``) plus one batched product with the four moments. Newton steps are safeguarded by the bracket [lo, hi] that F's sign maintains; a step
     leaving it is replaced by bisection. Rows whose last step was below ``tol`` stop changing. The
     iteration count is fixed (no host sync); ``max_iter=5`` reaches |alpha - alpha*| < 1e-5 on
-    LM-like and adversarially peaked rows alike (see tests/test_mixture.py and
+    LM-like and adversarially peaked rows alike (see tests/distributions/test_mixture.py and
     benchmarks/bench_alpha.py).
 
     On devices in :data:`EARLY_EXIT_DEVICES` (the CPU, where reading a flag costs nothing) the loop

@@ -84,8 +84,8 @@ def test_greedy_takes_the_argmax_of_q(pair):
         assert r.per_token["logp_q"] == [0.0] * len(r.token_ids)
 
 
-def test_first_token_frequencies_match_q(tiny_tokenizer, sharp_models):
-    pair = tuple(LoadedModel(m, tiny_tokenizer, f"sharp{i}") for i, m in enumerate(sharp_models))
+def test_first_token_frequencies_match_q(sharp_pair):
+    pair = sharp_pair
     sampler = make_sampler(pair, max_new_tokens=1)
     n = 3000
     results = sampler.generate([CONVERSATIONS[1]] * n, sample_indices=list(range(n)))
