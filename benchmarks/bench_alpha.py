@@ -102,14 +102,10 @@ def main() -> None:
             logp_theta, logp_t = lm_like_rows(batch, vocab, args.device)
             reference = bisection_alpha(logp_theta.double(), logp_t.double(), steps=45)
             t_bisect = timed(lambda: bisection_alpha(logp_theta, logp_t), args.repeats, args.device)
-            t_newton = timed(
-                lambda: solve_kl_symmetry(logp_theta, logp_t, **newton_kwargs), args.repeats, args.device
-            )
+            t_newton = timed(lambda: solve_kl_symmetry(logp_theta, logp_t, **newton_kwargs), args.repeats, args.device)
             t_entropy = timed(lambda: entropy_alpha(logp_theta, logp_t), args.repeats, args.device)
             err_bisect = (bisection_alpha(logp_theta, logp_t).double() - reference).abs().max().item()
-            err_newton = (
-                (solve_kl_symmetry(logp_theta, logp_t, **newton_kwargs).double() - reference).abs().max().item()
-            )
+            err_newton = (solve_kl_symmetry(logp_theta, logp_t, **newton_kwargs).double() - reference).abs().max().item()
             print(
                 f"{batch:>5} {vocab:>7} | {t_bisect:>11.3f} {t_newton:>9.3f} {t_entropy:>10.3f} | "
                 f"{t_bisect / t_newton:>7.2f}x | {err_bisect:>10.1e} {err_newton:>10.1e}",

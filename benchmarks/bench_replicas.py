@@ -24,11 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_alpha import print_header
 
 from qstar_cli import GenerateConfig, run_generate
 from qstar_cli.testing.tiny import save_tiny_model
-
-from bench_alpha import print_header
 
 
 def write_prompts(path: Path, count: int) -> None:
@@ -74,7 +73,11 @@ def main() -> None:
 
     variants = {f"ray x{n}": {"engine": "ray", "replicas": n} for n in args.replicas}
     if args.device == "cpu":
-        variants = {"local, 1 thread": {"threads": 1}, f"local, {torch.get_num_threads()} threads": {"threads": torch.get_num_threads()}, **variants}
+        variants = {
+            "local, 1 thread": {"threads": 1},
+            f"local, {torch.get_num_threads()} threads": {"threads": torch.get_num_threads()},
+            **variants,
+        }
     load_before = os.getloadavg()
     measured: dict[str, list[tuple[float, float, int]]] = {name: [] for name in variants}
     threads = torch.get_num_threads()

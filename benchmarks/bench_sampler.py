@@ -31,6 +31,7 @@ import argparse
 import time
 
 import torch
+from bench_alpha import bisection_alpha, demo_sampler, print_header, timed
 from transformers import DynamicCache
 
 from qstar_cli.distributions.mixture import mixture_logprobs
@@ -39,8 +40,6 @@ from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.slots import SlotCache
 from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer
-
-from bench_alpha import bisection_alpha, demo_sampler, print_header, timed
 
 PROMPTS = [
     "What is the capital of France?",
@@ -142,18 +141,19 @@ def hf_generate(sampler: DualModelSampler, prompts, new_tokens: int) -> None:
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     sampler.target.model.generate(
-        input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=True, pad_token_id=pad,
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=True,
+        pad_token_id=pad,
     )
 
 
 def padded_prompts(n: int, context: int) -> list[list[dict]]:
     """``n`` conversations; with ``context``, each question follows about that many tokens of text."""
     text = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
-    return [
-        [{"role": "user", "content": (text * (context // 16) if context else "") + PROMPTS[i % len(PROMPTS)]}]
-        for i in range(n)
-    ]
+    return [[{"role": "user", "content": (text * (context // 16) if context else "") + PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
 
 
 def main() -> None:

@@ -16,10 +16,9 @@ import tempfile
 from pathlib import Path
 
 import orjson
+from bench_alpha import demo_sampler, print_header
 
 from qstar_cli import GenerateConfig, run_generate
-
-from bench_alpha import demo_sampler, print_header
 
 #: Problems of a few sentences each, as reasoning data sets have (their prompts are what is shared).
 PROBLEMS = [

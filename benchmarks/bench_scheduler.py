@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 import orjson
+from bench_alpha import demo_sampler, print_header
 
 from qstar_cli import GenerateConfig, run_generate
-
-from bench_alpha import demo_sampler, print_header
 
 SHORT = [
     "Answer with one word only: what is the capital of France?",
@@ -51,8 +50,7 @@ LONG = [
 def long_tailed_prompts(n: int) -> list[dict]:
     """Three short questions for each long essay, interleaved."""
     return [
-        {"messages": [{"role": "user", "content": (LONG[(i // 4) % len(LONG)] if i % 4 == 3 else SHORT[i % len(SHORT)])}]}
-        for i in range(n)
+        {"messages": [{"role": "user", "content": (LONG[(i // 4) % len(LONG)] if i % 4 == 3 else SHORT[i % len(SHORT)])}]} for i in range(n)
     ]
 
 
@@ -91,7 +89,10 @@ def against_baseline(commit: str, batch: int, n: int, max_new_tokens: int) -> No
         for scheduler in ("continuous", "static"):
             rate, wall, tokens = run_process(None, [*flags, "--scheduler", scheduler], root / f"{scheduler}.jsonl")
             same = sum(a == b for a, b in zip(base_tokens, tokens))
-            print(f"{scheduler:>12} {batch:>5} {n:>7} | {rate:>8.1f} {wall:>7.1f} | {rate / base_rate:>7.2f}x | {same:>5}/{len(tokens):<5}", flush=True)
+            print(
+                f"{scheduler:>12} {batch:>5} {n:>7} | {rate:>8.1f} {wall:>7.1f} | {rate / base_rate:>7.2f}x | {same:>5}/{len(tokens):<5}",
+                flush=True,
+            )
 
 
 def main() -> None:

@@ -27,16 +27,15 @@ from pathlib import Path
 import numpy as np
 import orjson
 import torch
-
-from qstar_cli.engine.models import LoadedModel
-from qstar_cli import GenerateConfig, run_generate
-from qstar_cli.engine.sampler import DualModelSampler
-from qstar_cli.engine.slots import SlotCache
-from qstar_cli.distributions.speculative import expected_tokens
-from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer, deepened_model
-
 from bench_alpha import demo_sampler, print_header, timed
 from bench_samples_per_prompt import PROBLEMS
+
+from qstar_cli import GenerateConfig, run_generate
+from qstar_cli.distributions.speculative import expected_tokens
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli.engine.sampler import DualModelSampler
+from qstar_cli.engine.slots import SlotCache
+from qstar_cli.testing.tiny import build_tiny_model, build_tiny_tokenizer, deepened_model
 
 DRAFT_KS: tuple[int | str, ...] = (0, 1, 2, 3, 4, "auto")
 
@@ -102,7 +101,9 @@ def main() -> None:
                 base = DualModelSampler.from_pretrained(*specs, device=args.device, dtype="float32", theta_format="plain", t_format="chat")
             measured[pair] = {"base": base, "acceptance": []}
             for batch in args.batch_sizes:
-                rows = [{"messages": [{"role": "user", "content": PROBLEMS[i % len(PROBLEMS)]}]} for i in range(args.prompts_per_slot * batch)]
+                rows = [
+                    {"messages": [{"role": "user", "content": PROBLEMS[i % len(PROBLEMS)]}]} for i in range(args.prompts_per_slot * batch)
+                ]
                 data = root / f"{pair}-{batch}.jsonl"
                 data.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 rates: dict = {k: [] for k in draft_ks}

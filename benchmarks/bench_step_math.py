@@ -1,6 +1,6 @@
 """Where a generation step's mathematics spends its time, per function, on LM-like rows.
 
-    cd benchmarks && python bench_step_math.py --batch 32 --vocab 49152
+cd benchmarks && python bench_step_math.py --batch 32 --vocab 49152
 """
 
 from __future__ import annotations

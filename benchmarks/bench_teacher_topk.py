@@ -16,7 +16,6 @@ import statistics
 
 import orjson
 import torch
-
 from bench_alpha import demo_sampler, print_header
 from bench_sampler import padded_prompts, qstar
 

@@ -39,8 +39,7 @@ from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sa
 from qstar_cli.engine import rows as rows_module
 from qstar_cli.engine import sampler as sampler_module
 from qstar_cli.engine.compiled import warm_up
-from qstar_cli.engine.memory import size
-from qstar_cli.engine.memory import kv_bytes_per_token
+from qstar_cli.engine.memory import kv_bytes_per_token, size
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.samples import SampleRequest, StreamStats
@@ -352,7 +351,9 @@ def main() -> None:
         device = torch.device(args.device)
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as err:
-        raise SystemExit(f"error: device {args.device!r} is not usable here ({str(err).splitlines()[0]}); try --device cpu --quick") from None
+        raise SystemExit(
+            f"error: device {args.device!r} is not usable here ({str(err).splitlines()[0]}); try --device cpu --quick"
+        ) from None
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     shapes, batches = (["smollm2-135m"], [1, 8]) if args.quick else (list(SHAPES), [1, 8, 64])
     prompt, new = (16, 8) if args.quick else (128, 128)
@@ -380,7 +381,12 @@ def main() -> None:
         results = checks(samplers["eager"])
         if device.type == "cuda":
             results.append(syncs_per_round(samplers["compiled"], 8, prompt))
-            print("\n".join(f"compiled decode {target.name}: {line}" for line in bucket_edge_ms(target, samplers["compiled"].roles[1].compiled, samplers["compiled"].vocab)))
+            print(
+                "\n".join(
+                    f"compiled decode {target.name}: {line}"
+                    for line in bucket_edge_ms(target, samplers["compiled"].roles[1].compiled, samplers["compiled"].vocab)
+                )
+            )
         if shape != "llama-3.1-8b":  # the compiled path at each draft setting (the 8B shape: its throughput above)
             results += compiled_checks(theta, target, 6 if args.quick else 64, 16 if args.quick else 384, 16 if args.quick else 192)
         for name, ok, detail in results:
@@ -394,7 +400,9 @@ def main() -> None:
         spec = DualModelSampler(theta, target, max_new_tokens=new, draft_k=k)
         spec.eos = set()
         rate, util, per_round = qstar_rate(spec, 1 if args.quick else 8, prompt, new)
-        print(f"{f'speculative q* {theta.name} -> {large} k={k}':<44} {1 if args.quick else 8:>5} | {rate:>9.1f} {util:>5.2f} {1e3 * per_round:>9.2f}")
+        print(
+            f"{f'speculative q* {theta.name} -> {large} k={k}':<44} {1 if args.quick else 8:>5} | {rate:>9.1f} {util:>5.2f} {1e3 * per_round:>9.2f}"
+        )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del theta, target, spec
     results = [zero_probability_draws(device, 4096 if args.quick else 128256, 8192 if args.quick else 1_000_000)]

@@ -18,10 +18,9 @@ import argparse
 import time
 
 import torch
+from bench_alpha import demo_sampler
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
-
-from bench_alpha import demo_sampler
 
 from qstar_cli.engine.slots import SLOT_ATTENTION, SlotCache
 

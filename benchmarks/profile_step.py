@@ -16,7 +16,6 @@ import dataclasses
 import time
 
 import torch
-
 from bench_alpha import demo_sampler
 from bench_sampler import padded_prompts
 
@@ -81,7 +80,9 @@ def main() -> None:
     sampler.math = RoundMath(*(timer(getattr(math, f.name), f.name) for f in dataclasses.fields(RoundMath)))
     for owner, name, label in TIMED:
         timed(owner, name, label)
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens} diagnostics={args.diagnostics} compile={args.compile}")
+    print(
+        f"torch={torch.__version__} threads={torch.get_num_threads()} new_tokens={args.new_tokens} diagnostics={args.diagnostics} compile={args.compile}"
+    )
     for batch in args.batches:
         convs = padded_prompts(batch, 0)
         prompts = [sampler.encode_prompts(c) for c in convs]

@@ -263,7 +263,9 @@ def _report(runs, labels, as_json: bool, plots: Path | None, single: bool) -> No
     from qstar_cli.analysis.tables import field_table, overview_table
 
     if as_json:
-        payload = {"label": labels[0], **runs[0].summary} if single else {"runs": [{"label": lb, **r.summary} for r, lb in zip(runs, labels)]}
+        payload = (
+            {"label": labels[0], **runs[0].summary} if single else {"runs": [{"label": lb, **r.summary} for r, lb in zip(runs, labels)]}
+        )
         typer.echo(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
     else:
         console = Console()
@@ -344,8 +346,12 @@ def _export(run, path: Path, ess_floor: float) -> None:
 
 @app.command()
 def explain(
-    output: Path = typer.Option(None, help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png. (default: ., or none with --json)"),
-    json_output: bool = typer.Option(False, "--json", metavar="", help="Print the table as JSON instead of a table (figures only with --output)."),
+    output: Path = typer.Option(
+        None, help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png. (default: ., or none with --json)"
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", metavar="", help="Print the table as JSON instead of a table (figures only with --output)."
+    ),
 ) -> None:
     """q* on two 2-D Gaussians: the pictures and alpha* table, closed form beside solve_alpha on a grid."""
     import orjson
@@ -378,7 +384,9 @@ def export(
     include_truncated: bool = typer.Option(False, "--include-truncated", metavar="", help="Keep samples that hit max_new_tokens."),
     ess_floor: float = typer.Option(ESS_FLOOR, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
-    keep: str = typer.Option("all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."),
+    keep: str = typer.Option(
+        "all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."
+    ),
     teacher_topk: bool = typer.Option(
         False, "--teacher-topk", metavar="", help="Add pi_t's top-K per token (a run generated with --teacher-topk K), for distillation."
     ),
@@ -402,7 +410,9 @@ def export(
         shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
         err_console.print(f"warning: skipped {len(lines)} torn or incomplete sample line(s): {shown}", highlight=False)
     left_out = f"; left out {summary.truncated_left_out} truncated (hit max_new_tokens)" if summary.truncated_left_out else ""
-    typer.echo(f"{summary.exported} samples in {summary.output}{left_out}" + "".join(f"; left out {n} {g}" for g, n in summary.dropped.items()))
+    typer.echo(
+        f"{summary.exported} samples in {summary.output}{left_out}" + "".join(f"; left out {n} {g}" for g, n in summary.dropped.items())
+    )
     typer.echo(f"weights: gamma {summary.weights.gamma:.4f}, ESS/n {summary.weights.ess_ratio:.3f}")
 
 
@@ -418,10 +428,20 @@ def report(
     from qstar_cli.analysis.html_report import build_report
 
     console = Console(stderr=True)
-    bar = Progress(TextColumn("[bold]reading the run"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    bar = Progress(
+        TextColumn("[bold]reading the run"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
     with one_line_errors(), bar:
         task = bar.add_task("read", total=None)
-        summary = build_report(run, output, tokenizer, max_samples, seed, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        summary = build_report(
+            run, output, tokenizer, max_samples, seed, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     for note in summary.notes:
         err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     typer.echo(f"report: {summary.output} ({summary.embedded} of {summary.samples} samples embedded, {summary.bytes / 1e6:.2f} MB)")
@@ -441,4 +461,5 @@ def merge(
 
 
 from qstar_cli.grading.command import grade_command  # noqa: E402 (its options live beside grading)
+
 app.command("grade")(grade_command(one_line_errors, lambda: ExportProgress(err_console)))

@@ -31,16 +31,19 @@ def is_hub_id(spec: str) -> bool:
 
 #: Suffixes of files, never of a hub id: a missing ``data/problems.txt`` is a missing file, not a
 #: repository to look up on the hub (for half a minute).
-FILE_SUFFIXES = frozenset(
-    ".txt .json .jsonl .csv .tsv .parquet .arrow .gguf .safetensors .bin .pt .pth .py .yaml .yml .jinja .j2".split()
-)
+FILE_SUFFIXES = frozenset(".txt .json .jsonl .csv .tsv .parquet .arrow .gguf .safetensors .bin .pt .pth .py .yaml .yml .jinja .j2".split())
 
 
 def names_local_path(spec: str) -> bool:
     """Whether ``spec`` names a local path rather than a hub id: it exists, has a file's suffix, is not
     spelled as a hub id, or its first part is a local directory (``data/x`` with ``data/`` here)."""
     path = Path(spec).expanduser()
-    return path.exists() or path.suffix.lower() in FILE_SUFFIXES or not is_hub_id(spec) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    return (
+        path.exists()
+        or path.suffix.lower() in FILE_SUFFIXES
+        or not is_hub_id(spec)
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
 
 
 def local_path(spec: str) -> Path | None:

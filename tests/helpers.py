@@ -107,7 +107,7 @@ def conversations(n, long_every=0):
     """Prompts of different lengths; every ``long_every``-th one is longer than a capacity chunk."""
     out = []
     for i in range(n):
-        text = "What is the number %d? " % i * (1 + i % 4)
+        text = f"What is the number {i}? " * (1 + i % 4)
         if long_every and i % long_every == long_every - 1:
             text = "a long story about the sea " * 60
         out.append([{"role": "user", "content": text}])

@@ -37,13 +37,13 @@ import orjson
 from rich.table import Table
 
 import qstar_cli
+from qstar_cli.analysis.plots import plot_runs
 from qstar_cli.analysis.statistics import CHECKS, ESS_FLOOR, RunAnalysis, analyze_sidecar, sequence_weights
+from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_label
 from qstar_cli.errors import QstarInputError
 from qstar_cli.generate.config import path_settings
 from qstar_cli.grading.statistics import grade_mark
 from qstar_cli.paths import check_output_file, check_writable, local_path, replace_atomically
-from qstar_cli.analysis.plots import plot_runs
-from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_label
 from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch, read_manifest
 
 if TYPE_CHECKING:

@@ -78,8 +78,12 @@ def plot_runs(runs: list[RunAnalysis], labels: list[str], out_dir: str | Path) -
         written.append(_save(fig, out / "alpha_by_position.png"))
 
         full_runs, full_labels = zip(*full)
-        written.append(_scatter(full_runs, full_labels, "kl_theta", "kl_t", "KL(q||pi_theta) vs KL(q||pi_t) per token", True, out / "kl_scatter.png"))
-        written.append(_scatter(full_runs, full_labels, "ess_theta", "ess_t", "ESS of pi_theta/q vs pi_t/q per token", False, out / "ess_scatter.png"))
+        written.append(
+            _scatter(full_runs, full_labels, "kl_theta", "kl_t", "KL(q||pi_theta) vs KL(q||pi_t) per token", True, out / "kl_scatter.png")
+        )
+        written.append(
+            _scatter(full_runs, full_labels, "ess_theta", "ess_t", "ESS of pi_theta/q vs pi_t/q per token", False, out / "ess_scatter.png")
+        )
 
     with_samples = [(r, label) for r, label in zip(runs, labels) if r.samples]
     if with_samples:

@@ -29,10 +29,7 @@ def run_label(sidecar: Path) -> str:
 def run_labels(sidecars: list[Path]) -> list[str]:
     """Labels for several runs; a label shared by two runs gets the file stem added."""
     labels = [run_label(p) for p in sidecars]
-    return [
-        f"{label} ({p.name.removesuffix(SIDECAR_SUFFIX)})" if labels.count(label) > 1 else label
-        for label, p in zip(labels, sidecars)
-    ]
+    return [f"{label} ({p.name.removesuffix(SIDECAR_SUFFIX)})" if labels.count(label) > 1 else label for label, p in zip(labels, sidecars)]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -108,5 +105,8 @@ def grade_rows(row: Callable[[str, list[str]], None], grades: list[dict[str, Any
         row(f"pass@{k}", [fmt(g.get("pass_at_k", {}).get(k), 3) for g in grades])
     row("majority-vote accuracy", [fmt(g.get("majority_accuracy"), 3) for g in grades])
     weights = [g.get("by_weight") or {} for g in grades]
-    row("log w mean, right / wrong", [f"{fmt(w.get('log_w_mean_correct'))} / {fmt(w.get('log_w_mean_wrong'))}" if w else "-" for w in weights])
+    row(
+        "log w mean, right / wrong",
+        [f"{fmt(w.get('log_w_mean_correct'))} / {fmt(w.get('log_w_mean_wrong'))}" if w else "-" for w in weights],
+    )
     row("accuracy by log w quarter", [" ".join(fmt(a, 2) for a in w.get("accuracy_by_log_w_quarter", [])) or "-" for w in weights])

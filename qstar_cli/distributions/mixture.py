@@ -61,9 +61,7 @@ def entropy(logp: Tensor) -> Tensor:
     return -_expectation(logp.exp(), logp)
 
 
-def solve_kl_symmetry(
-    logp_theta: Tensor, logp_t: Tensor, tol: float = 1e-5, max_iter: int = 5
-) -> Tensor:
+def solve_kl_symmetry(logp_theta: Tensor, logp_t: Tensor, tol: float = 1e-5, max_iter: int = 5) -> Tensor:
     """Root alpha* of ``F(alpha) = E_q[d]`` in [0, 1], per row.
 
     F is solved through the equivalent equation ``G(alpha) = log P - log N = 0`` with
@@ -196,9 +194,7 @@ def _ess(logp_q: Tensor, logp_other: Tensor) -> Tensor:
     return torch.exp(-torch.logsumexp(log_terms, dim=-1))
 
 
-def token_diagnostics(
-    logp_theta: Tensor, logp_t: Tensor, logp_q: Tensor
-) -> dict[str, Tensor]:
+def token_diagnostics(logp_theta: Tensor, logp_t: Tensor, logp_q: Tensor) -> dict[str, Tensor]:
     """Per-row diagnostics for the full (untempered) mixture ``logp_q``.
 
     Returns ``[batch]`` tensors keyed by :data:`DIAGNOSTIC_FIELDS`. Each KL and entropy is one

@@ -121,9 +121,7 @@ def sample_tokens(logp: Tensor, uniform: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1)
 
 
-def draw(
-    logp_q: Tensor, params: SamplingParams, seed: int, sample_idx: Tensor, step: Tensor
-) -> tuple[Tensor, Tensor]:
+def draw(logp_q: Tensor, params: SamplingParams, seed: int, sample_idx: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
     """Sample one token per row from q under ``params``.
 
     Returns ``(token_ids, logp_sampled)``: the ids, and their log-probability under the distribution

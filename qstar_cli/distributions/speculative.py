@@ -56,9 +56,7 @@ def residual_logprobs(logp_target: Tensor, logp_draft: Tensor) -> Tensor:
     return torch.where(log_z == -math.inf, logp_target, log_residual - log_z)
 
 
-def verify_drafts(
-    logp_target: Tensor, logp_draft: Tensor, drafts: Tensor, draft_len: Tensor, u_accept: Tensor
-) -> tuple[Tensor, Tensor]:
+def verify_drafts(logp_target: Tensor, logp_draft: Tensor, drafts: Tensor, draft_len: Tensor, u_accept: Tensor) -> tuple[Tensor, Tensor]:
     """Accept or reject each row's drafts: the number accepted and the distribution of the round's last token.
 
     ``logp_target``: ``[B, K+1, V]`` normalised log r at the K+1 positions of the round.

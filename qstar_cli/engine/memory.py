@@ -140,7 +140,6 @@ class SlotPlan:
     prefill_chunk_tokens: int  # tokens (rows x columns) a prefill forward takes at most
     prefill_bytes: int  # the largest prefill forward's working memory, reserved before the slots
 
-
     def describe(self) -> str:
         return (
             f"--batch-size auto: {self.slots} slots; each takes {size(self.bytes_per_slot)} "
@@ -155,8 +154,16 @@ class SlotPlan:
 
 
 def plan_slots(
-    models: list, sides: list[int], longest: tuple[int, int], prompts: tuple[int, int], vocab: int, draft_k: int,
-    memory_fraction: float, samples: int, free_bytes: int | None = None, prefill_tokens: int = PREFILL_CHUNK_TOKENS,
+    models: list,
+    sides: list[int],
+    longest: tuple[int, int],
+    prompts: tuple[int, int],
+    vocab: int,
+    draft_k: int,
+    memory_fraction: float,
+    samples: int,
+    free_bytes: int | None = None,
+    prefill_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> SlotPlan:
     """The slots that fit (at most ``samples``, at least 1); ``longest[side]`` is the longest prompt +
     token budget of that side's sequences, ``prompts[side]`` its longest prompt. The models prefill one

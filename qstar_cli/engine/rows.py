@@ -158,7 +158,9 @@ class HostRows:
     def ensure_columns(self, columns: int) -> None:
         if columns > self.columns:
             widen = ((0, 0), (0, columns - self.columns))
-            self.token_ids, self.round_drafts, self.round_tokens = (np.pad(a, widen) for a in (self.token_ids, self.round_drafts, self.round_tokens))
+            self.token_ids, self.round_drafts, self.round_tokens = (
+                np.pad(a, widen) for a in (self.token_ids, self.round_drafts, self.round_tokens)
+            )
 
     def place(self, start: int, rows) -> AdmittedRows:
         """Take ``rows`` (:class:`~qstar_cli.engine.scheduler.Row`) into slots ``start ..``; the

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qstar_cli.errors import QstarRunError
 from qstar_cli.distributions.mixture import AlphaMethod, check_alpha_method
 from qstar_cli.distributions.sampling import SamplingParams
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, check_draft_k, round_costs
 from qstar_cli.distributions.token_choice import TokenChoice, check_teacher_topk, choose_tokens, draw_drafts, teacher_topk
 from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
+from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.models import (
     LoadedModel,
-    VocabularyMismatchError,
+    check_draft_pair,
     check_shared_vocabulary,
     context_limit,
     eos_ids,
@@ -42,7 +42,6 @@ from qstar_cli.engine.models import (
     resolve_device,
     resolve_dtype,
 )
-from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.prefill import prefill
 from qstar_cli.engine.prompts import Messages, PromptFormat
 from qstar_cli.engine.roles import Role, RoleModel, Side
@@ -50,6 +49,7 @@ from qstar_cli.engine.rows import DeviceRows, FinishedRows, HostRows, RoundOutco
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.engine.scheduler import Row, SlotScheduler
 from qstar_cli.engine.slots import SlotCache, check_versions, use_slot_attention
+from qstar_cli.errors import QstarRunError
 from qstar_cli.runfiles.format import SUMMARY_FIELDS, per_token_fields
 
 
@@ -90,7 +90,7 @@ class DualModelSampler:
         #: Whether a draft pair drafts (else pi_theta drafts for itself).
         self.pair_drafts = draft_pair is not None
         if draft_pair is not None:
-            _check_draft_pair(draft_pair, (theta, target), self.vocab)
+            check_draft_pair(draft_pair, (theta, target), self.vocab)
         loaded = (theta, target, *(draft_pair or ()))
         #: Every model in its role, in :class:`Role` order, with its compiled forward when compiled.
         self.roles = tuple(RoleModel(role, m, compiled_forward(m.model) if compile else None) for role, m in zip(Role, loaded))
@@ -218,7 +218,12 @@ class DualModelSampler:
         """
         stats = stats if stats is not None else StreamStats()
         schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
-        caches = {r.role: SlotCache(r.model.config, slots, 1, compiled=r.compiled is not None, bucketed=r.compiled is not None and graphed(r.model)) for r in self.roles}
+        caches = {
+            r.role: SlotCache(
+                r.model.config, slots, 1, compiled=r.compiled is not None, bucketed=r.compiled is not None and graphed(r.model)
+            )
+            for r in self.roles
+        }
         if self.teacher_topk and diagnostics != "full":
             raise ValueError(f"teacher_topk is kept in the sidecar's per-token arrays: it needs diagnostics full, not {diagnostics}")
         state = DeviceRows(slots, self.theta.model.device, self.eos, len(per_token_fields(diagnostics)) - 1, self.teacher_topk)
@@ -246,7 +251,9 @@ class DualModelSampler:
             raise
         yield from self._deliver(outbox)
 
-    def _admit_group(self, caches: dict[Role, SlotCache], state: DeviceRows, schedule: SlotScheduler, group: list[Row], stats: StreamStats) -> None:
+    def _admit_group(
+        self, caches: dict[Role, SlotCache], state: DeviceRows, schedule: SlotScheduler, group: list[Row], stats: StreamStats
+    ) -> None:
         """Prefill ``group`` into the slots after the running rows and start their state."""
         start = len(schedule.rows)
         state.admit(start, schedule.place(prefill(caches, self.roles, schedule.rows, group, self.vocab, self.prefill_tokens, stats)))
@@ -268,7 +275,15 @@ class DualModelSampler:
         longest = tuple(max(len(ids[side]) + self.token_budget(*ids) for ids in prompt_ids) for side in (0, 1))
         prompts = tuple(max(len(ids[side]) for ids in prompt_ids) for side in (0, 1))
         return plan_slots(
-            [r.model for r in self.roles], [r.side for r in self.roles], longest, prompts, self.vocab, self.draft_k, memory_fraction, samples, prefill_tokens=self.prefill_tokens
+            [r.model for r in self.roles],
+            [r.side for r in self.roles],
+            longest,
+            prompts,
+            self.vocab,
+            self.draft_k,
+            memory_fraction,
+            samples,
+            prefill_tokens=self.prefill_tokens,
         )
 
     def round_costs(self, rows: int) -> np.ndarray:
@@ -296,12 +311,16 @@ class DualModelSampler:
             return Row(position, request, budget, None, request.replay_rounds)
         if budget < 1:
             raise ValueError(f"a prompt fills a model's context ({self.context_limits} tokens); it has no room for a response")
-        result = SampleResult(request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length", {}, request.response_idx)
+        result = SampleResult(
+            request.sample_idx, "", [], request.prompt_ids_theta, request.prompt_ids_t, "length", {}, request.response_idx
+        )
         if self.draft_k:
             result.draft_lengths, result.round_tokens = [], []
         return Row(position, request, budget, result)
 
-    def _round(self, caches: dict[Role, SlotCache], state: DeviceRows, schedule: SlotScheduler, stats: StreamStats) -> tuple[list[int], int]:
+    def _round(
+        self, caches: dict[Role, SlotCache], state: DeviceRows, schedule: SlotScheduler, stats: StreamStats
+    ) -> tuple[list[int], int]:
         """One round for the ``n`` running rows; the rows that finished and the tokens new rows emitted.
 
         1. **Feed**: each row's pending token (the last one emitted, or its prompt's last) and the
@@ -385,7 +404,9 @@ class DualModelSampler:
         its drafting forwards' when it drafts)."""
         scorers = self.scorers if drafts.drafter_logps is not None else self.roles[:2]  # a plain round: both score
         scores = {
-            role.role: self._forward(caches, role, feed, torch.cat([feed.pending[role.side].unsqueeze(-1), drafts.token_ids], dim=1), slice(None))
+            role.role: self._forward(
+                caches, role, feed, torch.cat([feed.pending[role.side].unsqueeze(-1), drafts.token_ids], dim=1), slice(None)
+            )
             for role in scorers
         }
         logp_theta = scores[Role.THETA] if Role.THETA in scores else drafts.drafter_logps
@@ -396,7 +417,16 @@ class DualModelSampler:
         alpha = self.math.solve_alpha(logp_theta, logp_t, method=self.alpha_method, alpha=self.alpha)
         return alpha, self.math.mixture_logprobs(logp_theta, logp_t, alpha)
 
-    def _record(self, state: DeviceRows, outcome: RoundOutcome, alpha: Tensor, choice: TokenChoice, logp_theta: Tensor, logp_t: Tensor, logp_q: Tensor) -> None:
+    def _record(
+        self,
+        state: DeviceRows,
+        outcome: RoundOutcome,
+        alpha: Tensor,
+        choice: TokenChoice,
+        logp_theta: Tensor,
+        logp_t: Tensor,
+        logp_q: Tensor,
+    ) -> None:
         """Step 8: the emitted tokens' values (no rejected draft's, no padded query's) into the rows'
         per-token values, in :data:`SUMMARY_FIELDS` order, then pi_t's top-K (:func:`teacher_topk`). The sidecar's ``logp_q`` is the token's
         log-probability under the distribution it was drawn from; the diagnostics are of the
@@ -456,17 +486,6 @@ class Drafts:
     token_ids: Tensor  # [n, k]
     logp: Tensor  # [n, k, V] the tempered log p each was drawn from
     drafter_logps: Tensor | None  # [n, k + 1, V] the drafter's untempered log-probs (None: no drafter forward)
-
-
-def _check_draft_pair(draft_pair: tuple[LoadedModel, LoadedModel], main: tuple[LoadedModel, LoadedModel], vocab: int) -> None:
-    """Each draft model shares its main model's vocabulary, all ``vocab`` ids of it."""
-    for draft, model in zip(draft_pair, main):
-        try:
-            shared = check_shared_vocabulary(draft, model)
-        except VocabularyMismatchError as err:
-            raise VocabularyMismatchError(f"draft model {draft.name} against {model.name}: {err}") from None
-        if shared < vocab:
-            raise VocabularyMismatchError(f"draft model {draft.name} emits fewer than the {vocab} ids that {model.name} shares")
 
 
 def _prepare_models(models: tuple[LoadedModel, ...]) -> None:

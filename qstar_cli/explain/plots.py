@@ -18,8 +18,8 @@ from matplotlib.lines import Line2D
 from rich import box
 from rich.table import Table
 
-from qstar_cli.explain.cases import EVOLUTION_CASE, Explanation, gaussians, geometric_mixture, mixture_kls
 from qstar_cli.distributions.mixture import mixture_logprobs, token_diagnostics
+from qstar_cli.explain.cases import EVOLUTION_CASE, Explanation, gaussians, geometric_mixture, mixture_kls
 
 BEHAVIOR_PNG = "q_star_behavior_2d.png"
 EVOLUTION_PNG = "q_alpha_evolution.png"
@@ -67,7 +67,9 @@ def behavior_figure(explanation: Explanation, path: Path) -> Path:
         Line2D([], [], color=T_COLOR, label=r"$\pi_t$"),
         Line2D([], [], color=Q_COLOR, linewidth=2.4, label=r"$q^* \propto \pi_\theta^{\alpha^*} \pi_t^{1-\alpha^*}$"),
     ]
-    fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=12, title="contours at 1 (solid) and 2 (dashed) standard deviations")
+    fig.legend(
+        handles=handles, loc="outside upper center", ncols=3, fontsize=12, title="contours at 1 (solid) and 2 (dashed) standard deviations"
+    )
     fig.savefig(path, dpi=90)
     return path
 
@@ -109,7 +111,9 @@ def evolution_figure(explanation: Explanation, path: Path, case: int = EVOLUTION
     right.plot(dots, grid_kls["kl_t"], "o", color=T_COLOR, markerfacecolor="none")
     right.axvline(alpha_grid, color="black", linestyle=":", label=f"solve_alpha on the grid: {alpha_grid:.4f}")
     _star(right, alpha_star, kl_q, label=f"$\\alpha^*$ = {alpha_star:.4f}, both KLs {kl_q:.3f}")
-    right.set(xlabel=r"$\alpha$", ylabel="nats", xlim=(0, 1), ylim=(0, None), title=r"$\alpha^*$ is where the two KLs cross (the Chernoff point)")
+    right.set(
+        xlabel=r"$\alpha$", ylabel="nats", xlim=(0, 1), ylim=(0, None), title=r"$\alpha^*$ is where the two KLs cross (the Chernoff point)"
+    )
     right.grid(alpha=0.3)
     right.legend()
     fig.savefig(path, dpi=90)
@@ -133,7 +137,12 @@ TABLE_COLUMNS = (
 
 def explain_table(explanation: Explanation) -> Table:
     """The notes' table: alpha* both ways and the three KLs of every case."""
-    table = Table(title="alpha* for 2-D Gaussians pi_theta, pi_t: closed form and solve_alpha on a grid (KLs in nats)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title="alpha* for 2-D Gaussians pi_theta, pi_t: closed form and solve_alpha on a grid (KLs in nats)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     table.add_column("case", no_wrap=True)
     for _, header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="right")

@@ -33,9 +33,9 @@ from typing import Any
 import datasets
 import orjson
 
+from qstar_cli.engine.prompts import Messages
 from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import names_local_path
-from qstar_cli.engine.prompts import Messages
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -390,8 +390,10 @@ def adapt_rows(
 
 def _validate_messages(messages: Any, adapter: DatasetAdapter) -> None:
     """User adapters must return plain lists of role/content dicts; anything else is refused, naming it."""
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)
     ):
         raise DatasetError(
             f"adapter {type(adapter).__name__}: messages(row) must return a non-empty list of "

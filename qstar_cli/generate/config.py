@@ -129,10 +129,16 @@ class GenerateConfig:
     model_theta: str | None = setting(None, "Policy pi_theta: hub id, local directory, .gguf file, or 'demo'.", path_keywords=(DEMO,))
     model_t: str | None = setting(None, "Target pi_t: hub id, local directory, .gguf file, or 'demo'.", path_keywords=(DEMO,))
     theta_format: str | None = setting(
-        None, "Prompt format of pi_theta: chat, plain or a Jinja file.", path_keywords=("chat", "plain"), shown_default="chat if it has a template"
+        None,
+        "Prompt format of pi_theta: chat, plain or a Jinja file.",
+        path_keywords=("chat", "plain"),
+        shown_default="chat if it has a template",
     )
     t_format: str | None = setting(
-        None, "Prompt format of pi_t: chat, plain or a Jinja file.", path_keywords=("chat", "plain"), shown_default="chat if it has a template"
+        None,
+        "Prompt format of pi_t: chat, plain or a Jinja file.",
+        path_keywords=("chat", "plain"),
+        shown_default="chat if it has a template",
     )
     dataset: str | None = setting(None, "Hub dataset id, local .jsonl/.json/.parquet/.csv, or save_to_disk directory.", path_keywords=())
     subset: str | None = setting(None, "Hub dataset subset (config name).")
@@ -150,7 +156,10 @@ class GenerateConfig:
     top_k: int = setting(0, "Keep the k most likely tokens of q; 0 is off.")
     top_p: float = setting(1.0, "Nucleus of q.")
     batch_size: int | str = setting(
-        8, "Slots: responses generated at once, or auto: as many as --memory-fraction of the free memory holds.", fingerprinted=False, cli_type=str
+        8,
+        "Slots: responses generated at once, or auto: as many as --memory-fraction of the free memory holds.",
+        fingerprinted=False,
+        cli_type=str,
     )
     memory_fraction: float = setting(
         0.9, "With --batch-size auto: the share of the memory free once the models are loaded that the slots may take.",
@@ -167,18 +176,26 @@ class GenerateConfig:
         "auto", "Compile the round's mathematics with torch.compile: on, off, or auto (on with CUDA).", fingerprinted=False, since="0.2.0"
     )
     diagnostics: str = setting("full", "Sidecar level: full, summary or none (no sidecar; the per-token diagnostics are not computed).")
-    overwrite: bool = setting(False, "Start afresh instead of resuming (--no-overwrite resumes, whatever a --config says).", fingerprinted=False)
+    overwrite: bool = setting(
+        False, "Start afresh instead of resuming (--no-overwrite resumes, whatever a --config says).", fingerprinted=False
+    )
     num_shards: int = setting(1, "Split the schedule into N disjoint shards (join them with qstar merge).", fingerprinted=False)
     shard_index: int = setting(0, "Which shard this run writes, 0..N-1, to OUT-0000I-of-0000N.jsonl.", fingerprinted=False)
     engine: str = setting("local", "local (this process) or ray (model replicas on Ray; pip install 'qstar[ray]').", fingerprinted=False)
     replicas: int = setting(1, "Model replicas of --engine ray, one GPU each where there are GPUs.", fingerprinted=False)
-    ray_address: str | None = setting(None, "Ray cluster to join (--engine ray).", fingerprinted=False, shown_default="$RAY_ADDRESS, else a local Ray")
-    draft_k: int | str = setting(0, "Speculative q* sampling: drafts per row per round, or auto (exact; 0 = off).", draft=True, cli_type=str)
+    ray_address: str | None = setting(
+        None, "Ray cluster to join (--engine ray).", fingerprinted=False, shown_default="$RAY_ADDRESS, else a local Ray"
+    )
+    draft_k: int | str = setting(
+        0, "Speculative q* sampling: drafts per row per round, or auto (exact; 0 = off).", draft=True, cli_type=str
+    )
     draft: str = setting("theta", "Drafter of --draft-k: theta (pi_theta) or pair (--draft-model-theta/-t's mixture).", draft=True)
     draft_model_theta: str | None = setting(
         None, "Small stand-in for pi_theta in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,)
     )
-    draft_model_t: str | None = setting(None, "Small stand-in for pi_t in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,))
+    draft_model_t: str | None = setting(
+        None, "Small stand-in for pi_t in the draft pair (same vocabulary).", draft=True, path_keywords=(DEMO,)
+    )
     teacher_topk: int = setting(
         0, "Keep pi_t's K most likely ids and their log-probabilities at every emitted token, and the mass outside them, "
         "in the sidecar for distillation (0 = off; at most 64; needs --diagnostics full).", since="0.3.0",
@@ -232,7 +249,9 @@ class GenerateConfig:
         if not 0 <= self.seed < 1 << 64:  # the counter-based generator's key is 64 bits
             raise ConfigError(f"--seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
         if not 0 <= self.shard_index < self.num_shards:
-            raise ConfigError(f"--shard-index must lie in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), got {self.shard_index}")
+            raise ConfigError(
+                f"--shard-index must lie in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), got {self.shard_index}"
+            )
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "local" and (self.replicas != 1 or self.ray_address is not None):
@@ -281,7 +300,9 @@ class GenerateConfig:
             self.batch_size = value if value == "auto" else int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"--batch-size must be a positive integer or auto, got {self.batch_size!r}") from None
-        if not (isinstance(self.memory_fraction, (int, float)) and not isinstance(self.memory_fraction, bool) and 0 < self.memory_fraction <= 1):
+        if not (
+            isinstance(self.memory_fraction, (int, float)) and not isinstance(self.memory_fraction, bool) and 0 < self.memory_fraction <= 1
+        ):
             raise ConfigError(f"--memory-fraction must lie in (0, 1], got {self.memory_fraction}")
         if self.batch_size == "auto" and self.engine == "ray":
             raise ConfigError("--batch-size auto sizes this process's slots; with --engine ray give each replica's --batch-size")
@@ -452,5 +473,3 @@ def check_before_loading(config: GenerateConfig) -> None:
         check_compiler(device)
     for spec in (config.theta_format, config.t_format):
         check_format(spec)
-
-

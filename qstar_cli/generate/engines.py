@@ -75,9 +75,7 @@ class LocalEngine:
     def stream(
         self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
     ) -> Iterator[tuple[int, SampleResult]]:
-        return self.load().stream(
-            requests, self.slots, self.config.scheduler, on_step, stats=stats, diagnostics=self.config.diagnostics
-        )
+        return self.load().stream(requests, self.slots, self.config.scheduler, on_step, stats=stats, diagnostics=self.config.diagnostics)
 
 
 def make_engine(config: GenerateConfig, sampler: DualModelSampler | None = None) -> Engine:

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from qstar_cli.errors import QstarInputError
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
+from qstar_cli.errors import QstarInputError
 
 if TYPE_CHECKING:
     from qstar_cli.generate.config import GenerateConfig

@@ -192,7 +192,10 @@ def run_generate(
     engine = make_engine(config, sampler)
     adapted, adapter = _usable_rows(config)
     config, grader = run_grader(config, adapter, adapted.prompts)
-    with CheckpointedWriter(paths.main, config.diagnostics) as writer, grading_pool(grader, config.grader_workers, config.grader_timeout) as grades:
+    with (
+        CheckpointedWriter(paths.main, config.diagnostics) as writer,
+        grading_pool(grader, config.grader_workers, config.grader_timeout) as grades,
+    ):
         settings, digests = check_settings(writer, config)
         if sampler is None:
             progress.message(f"loading models: pi_theta {config.model_theta}, pi_t {config.model_t}")
@@ -211,8 +214,17 @@ def run_generate(
             writer.start_afresh()
         done = writer.resume([(p.row_idx, r) for p, _, r in schedule], [ids for _, ids, _ in schedule])
         meta = new_manifest(
-            config, adapted, fp_config, placement=engine.placement(sampler), digests=digests, samples=len(schedule), done=done,
-            previous=previous, shard=shard, slot_plan=slot_plan, compile_seconds=compile_seconds,
+            config,
+            adapted,
+            fp_config,
+            placement=engine.placement(sampler),
+            digests=digests,
+            samples=len(schedule),
+            done=done,
+            previous=previous,
+            shard=shard,
+            slot_plan=slot_plan,
+            compile_seconds=compile_seconds,
         )
         commits = _Commits(writer, config, meta, engine, progress, stop or threading.Event(), done, fresh=previous is None, grades=grades)
         status = commits.run(schedule, _requests(writer, config, schedule, done))
@@ -243,13 +255,18 @@ def check_settings(writer: CheckpointedWriter, config: GenerateConfig) -> tuple[
     return settings, check_model_digests(writer, config)
 
 
-def check_content(writer: CheckpointedWriter, config: GenerateConfig, settings: dict[str, Any], prompts: Schedule) -> tuple[dict[str, Any], Manifest | None]:
+def check_content(
+    writer: CheckpointedWriter, config: GenerateConfig, settings: dict[str, Any], prompts: Schedule
+) -> tuple[dict[str, Any], Manifest | None]:
     """Once the prompts are encoded: the fingerprinted settings and content, and the manifest of the
     run being continued (None for a new run), after checking that the content is the same."""
     fp_config = {**settings, **content_fingerprint(config, prompts)}
     continued = {**fp_config, "prompt_ids": continued_prompt_ids(writer, prompts, config.overwrite)}
     previous = writer.check_config(
-        continued, overwrite=config.overwrite, descriptions=CONTENT_CHANGES, optional={**draft_settings(), **grading_settings(), **DRAFT_CONTENT}
+        continued,
+        overwrite=config.overwrite,
+        descriptions=CONTENT_CHANGES,
+        optional={**draft_settings(), **grading_settings(), **DRAFT_CONTENT},
     )
     return fp_config, previous
 
@@ -405,7 +422,11 @@ class _Commits:
                 manifest = ""
             except OSError:
                 manifest = f"; the manifest {self.writer.paths.meta.name} could not be updated (it still says running)"
-            why = f"cannot write the run files beside {self.writer.paths.main}: {err.strerror or err}" if isinstance(err, OSError) else str(err)
+            why = (
+                f"cannot write the run files beside {self.writer.paths.main}: {err.strerror or err}"
+                if isinstance(err, OSError)
+                else str(err)
+            )
             fix = "free the space (or fix the files) and " if isinstance(err, OSError) else ""
             raise QstarRunError(
                 f"{why}; {self.committed} of {len(schedule)} samples are saved{manifest}; {fix}run the same command to resume"
@@ -450,9 +471,7 @@ class _Commits:
         self.writer.write_meta(self.meta)
 
 
-def _record_session(
-    meta: dict, session: dict, done: int, tokens: int, seconds: float, status: str, stats: StreamStats, slots: int
-) -> None:
+def _record_session(meta: dict, session: dict, done: int, tokens: int, seconds: float, status: str, stats: StreamStats, slots: int) -> None:
     meta["status"] = status
     meta["counts"]["done"] = done
     session.update(

@@ -25,7 +25,19 @@ from typing import Any
 import pebble
 
 from qstar_cli.grading.graders import (
-    DEFAULT_ANSWER_FIELD, DEFAULT_TIMEOUT, DEFAULT_WORKERS, METADATA_PREFIX, TIMEOUT, WORKER_DIED, Grade, GraderError, GraderSpec, failed, grade, resolve_grader, warm_up,
+    DEFAULT_ANSWER_FIELD,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WORKERS,
+    METADATA_PREFIX,
+    TIMEOUT,
+    WORKER_DIED,
+    Grade,
+    GraderError,
+    GraderSpec,
+    failed,
+    grade,
+    resolve_grader,
+    warm_up,
 )  # fmt: skip
 
 

@@ -41,13 +41,17 @@ class GradeFileSummary:
         graded, correct = self.record["graded"], self.record["correct"]
         accuracy = f"{correct / graded:.3f}" if graded else "-"
         failed = ", ".join(f"{n} {reason}" for reason, n in self.record["failed"].items())
-        return f"{self.lines} lines graded in {self.output}: accuracy {accuracy} ({correct} of {graded} right)" + (f"; ungraded: {failed}" if failed else "")
+        return f"{self.lines} lines graded in {self.output}: accuracy {accuracy} ({correct} of {graded} right)" + (
+            f"; ungraded: {failed}" if failed else ""
+        )
 
 
 def response_of(record: dict[str, Any], number: int, source: Path) -> str:
     """The last assistant message's content of a chat line."""
     messages = record.get("messages") if isinstance(record, dict) else None
-    replies = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"] if isinstance(messages, list) else []
+    replies = (
+        [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"] if isinstance(messages, list) else []
+    )
     if not replies or not isinstance(replies[-1], str):
         raise QstarInputError(f"{source} line {number} holds no OpenAI messages with an assistant reply to grade")
     return replies[-1]

@@ -56,7 +56,12 @@ class TeacherTopK:
         def encoded(array: np.ndarray, dtype: str) -> str:
             return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
 
-        return {"k": self.ids.shape[1], "ids": encoded(self.ids, "<i4"), "logprobs": encoded(self.logprobs, "<f4"), "tail": encoded(self.tail, "<f4")}
+        return {
+            "k": self.ids.shape[1],
+            "ids": encoded(self.ids, "<i4"),
+            "logprobs": encoded(self.logprobs, "<f4"),
+            "tail": encoded(self.tail, "<f4"),
+        }
 
     @classmethod
     def from_record(cls, record: Any, tokens: int) -> TeacherTopK:
@@ -66,7 +71,10 @@ class TeacherTopK:
             k = record["k"]
             if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= MAX_TEACHER_TOPK:
                 raise ValueError(f"k is {k!r}")
-            arrays = [np.frombuffer(base64.b64decode(record[name], validate=True), dtype) for name, dtype in (("ids", "<i4"), ("logprobs", "<f4"), ("tail", "<f4"))]
+            arrays = [
+                np.frombuffer(base64.b64decode(record[name], validate=True), dtype)
+                for name, dtype in (("ids", "<i4"), ("logprobs", "<f4"), ("tail", "<f4"))
+            ]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"teacher_topk is damaged ({err})") from None
         ids, logprobs, tail = arrays
@@ -226,5 +234,7 @@ def read_manifest(path: Path, required: tuple[str, ...], hint: str, error: type[
         checks += [(f"counts.{name}", meta["counts"].get(name), kind) for name, kind in _COUNT_TYPES.items()]
     for name, value, kind in checks:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
-            raise error(f"the manifest {path} is damaged ({name} is {value!r:.40}, not {'a count' if kind is int else kind.__name__}); {hint}")
+            raise error(
+                f"the manifest {path} is damaged ({name} is {value!r:.40}, not {'a count' if kind is int else kind.__name__}); {hint}"
+            )
     return meta

@@ -64,7 +64,9 @@ def find_shards(output: OutputPaths) -> list[OutputPaths]:
             f"writes them as {output.shard(0, 3).main.name} ..."
         )
     if len(counts) > 1:
-        raise MergeError(f"shards of {output.main} from runs of {' and '.join(map(str, counts))} shards lie beside it; move the foreign ones away")
+        raise MergeError(
+            f"shards of {output.main} from runs of {' and '.join(map(str, counts))} shards lie beside it; move the foreign ones away"
+        )
     return [output.shard(index, counts[0]) for index in range(counts[0])]
 
 
@@ -79,7 +81,9 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
         hint = f"re-run that shard's generate command to rewrite it, or restore {shard.meta.name}"
         metas.append(read_manifest(shard.meta, MERGED_FIELDS, hint, MergeError))
         if metas[-1]["fingerprint_config"].get("diagnostics") != "none" and not shard.diagnostics.is_file():
-            raise MergeError(f"shard {shard.main} has no sidecar {shard.diagnostics.name}: restore it (or regenerate the shard with --overwrite)")
+            raise MergeError(
+                f"shard {shard.main} has no sidecar {shard.diagnostics.name}: restore it (or regenerate the shard with --overwrite)"
+            )
     # The run is what most shards say it is; a shard that says otherwise is the foreign one.
     run_fingerprint = Counter(m.get("fingerprint") for m in metas).most_common(1)[0][0]
     reference = next(m for m in metas if m.get("fingerprint") == run_fingerprint)
@@ -95,7 +99,9 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
         weights = meta.get("weights_sha256"), reference.get("weights_sha256")
         if all(isinstance(w, dict) for w in weights) and weights[0] != weights[1]:
             changed = sorted(name for name in set(weights[0]) & set(weights[1]) if weights[0][name] != weights[1][name])
-            raise MergeError(f"shard {shard.main} was made with other weights than the other shards (of {', '.join(changed) or 'its models'})")
+            raise MergeError(
+                f"shard {shard.main} was made with other weights than the other shards (of {', '.join(changed) or 'its models'})"
+            )
         counts = meta["counts"]
         if meta.get("status") != "complete" or counts["done"] != counts["samples"]:
             fix = "wait for it to finish" if being_written(shard) else "re-run its generate command to finish it"
@@ -120,9 +126,7 @@ def being_written(paths: OutputPaths) -> bool:
     return False
 
 
-def _shard_lines(
-    shard: OutputPaths, index: int, samples: int, sidecar: bool
-) -> Iterator[tuple[tuple[int, int], int, bytes, bytes | None]]:
+def _shard_lines(shard: OutputPaths, index: int, samples: int, sidecar: bool) -> Iterator[tuple[tuple[int, int], int, bytes, bytes | None]]:
     """``((sample_idx, response_idx), shard index, main line, sidecar line)`` of one shard, checking the two files agree."""
     with ExitStack() as files:
         main = files.enter_context(shard.main.open("rb"))

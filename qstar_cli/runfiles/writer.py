@@ -300,8 +300,7 @@ class CheckpointedWriter:
         missing = sorted(k for k in config if k not in old)
         if missing:
             raise ResumeError(
-                f"{self.paths.main} was made by an older qstar whose manifest lacks {', '.join(missing)}; "
-                "add --overwrite to start afresh"
+                f"{self.paths.main} was made by an older qstar whose manifest lacks {', '.join(missing)}; add --overwrite to start afresh"
             )
         changed = config_differences(old, config, descriptions)
         if changed:
@@ -384,8 +383,7 @@ class CheckpointedWriter:
         committed = _committed(self.previous_meta())
         if committed > len(expected):
             raise ResumeError(
-                f"{self.paths.main} holds {committed} samples but this run has only {len(expected)}; "
-                "add --overwrite to start afresh"
+                f"{self.paths.main} holds {committed} samples but this run has only {len(expected)}; add --overwrite to start afresh"
             )
         for path, path_lines in self._lines.items():  # every file is checked before any is cut
             good = _first_mismatch(path_lines or [], expected)

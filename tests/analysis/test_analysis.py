@@ -261,4 +261,6 @@ def test_a_full_disk_while_plotting_is_a_run_error(runs, tmp_path, monkeypatch):
         f"error: cannot read or write {tmp_path / 'plots' / 'alpha_histogram.png'}: No space left on device"
     ]
     unwritable = invoke("explain", "--output", "/proc/qstar-figures")
-    assert unwritable.exit_code == 2 and unwritable.stderr.splitlines() == ["error: --output /proc/qstar-figures cannot be written: No such file or directory"]
+    assert unwritable.exit_code == 2 and unwritable.stderr.splitlines() == [
+        "error: --output /proc/qstar-figures cannot be written: No such file or directory"
+    ]

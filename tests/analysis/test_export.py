@@ -177,11 +177,17 @@ def test_response_idx_is_carried_and_checked(runs, tmp_path):
 def test_bad_input_exit_2_with_one_line(runs, tmp_path):
     only_main = tmp_path / "alone.jsonl"
     only_main.write_bytes(runs["full"].read_bytes())
-    truncated_only = damaged_copy(
-        runs["full"], tmp_path, *[lambda lines: b"".join(lines).replace(b'"stop"', b'"length"')] * 2
+    truncated_only = damaged_copy(runs["full"], tmp_path, *[lambda lines: b"".join(lines).replace(b'"stop"', b'"length"')] * 2)
+    without_topk = damaged_copy(
+        runs["full"],
+        tmp_path,
+        lambda lines: b"".join(lines),
+        lambda lines: b"".join(lines).replace(b'"teacher_topk"', b'"other"'),
+        "no_topk",
     )
-    without_topk = damaged_copy(runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"teacher_topk"', b'"other"'), "no_topk")
-    damaged_topk = damaged_copy(runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"k":5', b'"k":6'), "bad_topk")
+    damaged_topk = damaged_copy(
+        runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"k":5', b'"k":6'), "bad_topk"
+    )
     cases = {
         "(diagnostics level summary); export needs level full": [runs["summary"], "--output", tmp_path / "a.parquet"],
         "diagnostics sidecar not found": [only_main, "--output", tmp_path / "b.parquet"],
@@ -191,7 +197,12 @@ def test_bad_input_exit_2_with_one_line(runs, tmp_path):
         "--gamma must lie in [0, 1]": [runs["full"], "--output", tmp_path / "f.parquet", "--gamma", "1.5"],
         "--ess-floor must lie in (0, 1]": [runs["full"], "--output", tmp_path / "g.parquet", "--ess-floor", "0"],
         "would overwrite the run it reads": [runs["full"], "--output", sidecar_of(runs["full"])],
-        "holds no teacher top-K: the run was generated without --teacher-topk": [without_topk, "--output", tmp_path / "h.parquet", "--teacher-topk"],
+        "holds no teacher top-K: the run was generated without --teacher-topk": [
+            without_topk,
+            "--output",
+            tmp_path / "h.parquet",
+            "--teacher-topk",
+        ],
         "teacher_topk is damaged": [damaged_topk, "--output", tmp_path / "i.parquet", "--teacher-topk"],
     }
     for message, args in cases.items():
@@ -209,7 +220,12 @@ def test_export_streams_a_large_run(tmp_path):
         for i in range(800):
             m.write(orjson.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "sample_idx": i, "finish_reason": "stop"}) + b"\n")
             theta, q = rng.normal(-2.0, 1.0, (2, tokens))
-            per_token = {"token_id": rng.integers(0, 50_000, tokens).tolist(), "logp_theta": theta.tolist(), "logp_t": q.tolist(), "logp_q": q.tolist()}
+            per_token = {
+                "token_id": rng.integers(0, 50_000, tokens).tolist(),
+                "logp_theta": theta.tolist(),
+                "logp_t": q.tolist(),
+                "logp_q": q.tolist(),
+            }
             record = {"sample_idx": i, "num_tokens": tokens, "finish_reason": "stop", "logp_theta_sum": theta.sum(), "logp_q_sum": q.sum()}
             record.update(prompt_ids_theta=[1, 2, 3], per_token=per_token)
             s.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
@@ -249,7 +265,9 @@ def test_sft_trainer_trains_on_the_export_as_it_is(train_set, tiny_model_dirs, t
 
 
 def test_weighted_loss_equals_a_hand_computation(train_set, tiny_model_dirs, tmp_path):
-    trainer = WeightedSFTTrainer(model=tiny_model_dirs[0], train_dataset=train_set, args=sft_config(tmp_path, per_device_train_batch_size=4))
+    trainer = WeightedSFTTrainer(
+        model=tiny_model_dirs[0], train_dataset=train_set, args=sft_config(tmp_path, per_device_train_batch_size=4)
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     weight_of = {tuple(row["input_ids"]): row["weight"] for row in train_set}
     rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]

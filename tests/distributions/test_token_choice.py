@@ -75,5 +75,8 @@ def test_nan_rows_flag_the_emitted_tokens_alone():
     bad_drafts[1] = math.nan  # row 1 made no draft
     assert not choose(clean, clean, clean, drafts, bad_drafts, draft_len, sample, pair_drafts=True).nan.any()
     bad_drafts[0, 0, 3] = math.nan
-    assert choose(clean, clean, clean, drafts, bad_drafts, draft_len, sample, pair_drafts=True).nan.tolist() == [[True, False], [False, False]]
+    assert choose(clean, clean, clean, drafts, bad_drafts, draft_len, sample, pair_drafts=True).nan.tolist() == [
+        [True, False],
+        [False, False],
+    ]
     assert not choose(clean, clean, clean, drafts, bad_drafts, draft_len, sample).nan.any(), "pi_theta drafting: its scores are checked"

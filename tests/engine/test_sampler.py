@@ -1,6 +1,5 @@
 """The dual-model sampler on tiny random models: exactness, batching, endpoints, distribution."""
 
-
 import copy
 import dataclasses
 
@@ -32,7 +31,9 @@ def test_cached_log_probs_equal_one_full_forward(pair):
         logp_theta = full_forward_logps(pair[0], r.prompt_ids_theta, r.token_ids, sampler.vocab)
         logp_t = full_forward_logps(pair[1], r.prompt_ids_t, r.token_ids, sampler.vocab)
         picked = torch.tensor(r.token_ids)[:, None]
-        assert torch.allclose(logp_theta.gather(-1, picked)[:, 0].double(), torch.tensor(r.per_token["logp_theta"], dtype=torch.float64), atol=1e-4)
+        assert torch.allclose(
+            logp_theta.gather(-1, picked)[:, 0].double(), torch.tensor(r.per_token["logp_theta"], dtype=torch.float64), atol=1e-4
+        )
         assert torch.allclose(logp_t.gather(-1, picked)[:, 0].double(), torch.tensor(r.per_token["logp_t"], dtype=torch.float64), atol=1e-4)
         alpha = solve_alpha(logp_theta, logp_t)
         assert torch.allclose(alpha.double(), torch.tensor(r.per_token["alpha"], dtype=torch.float64), atol=1e-4)
@@ -164,7 +165,8 @@ def test_compiled_round_equals_eager(pair, draft_k):
     sampler = make_sampler(pair, max_new_tokens=12, sampling=greedy, draft_k=draft_k, compile=True)
     calls = []
     sampler.roles = tuple(
-        dataclasses.replace(r, compiled=lambda run=r.compiled, **inputs: calls.append(inputs["input_ids"].shape) or run(**inputs)) for r in sampler.roles
+        dataclasses.replace(r, compiled=lambda run=r.compiled, **inputs: calls.append(inputs["input_ids"].shape) or run(**inputs))
+        for r in sampler.roles
     )
     sampler.drafter, sampler.scorers = sampler.roles[:1], sampler.roles[1:]
     warm_up(sampler)
@@ -176,7 +178,9 @@ def test_compiled_round_equals_eager(pair, draft_k):
     for a, b in zip(eager, compiled):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
         for name, values in a.per_token.items():
-            torch.testing.assert_close(torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("tokens", [7, 40])
@@ -201,8 +205,9 @@ def test_a_chunked_prefill_samples_what_one_forward_does(pair, tokens, monkeypat
     for a, b in zip(whole, chunked):
         assert b.token_ids == a.token_ids
         for name, values in a.per_token.items():
-            torch.testing.assert_close(torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
-
+            torch.testing.assert_close(
+                torch.tensor(b.per_token[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5
+            )
 
 
 def test_no_recompile_after_warm_up_when_the_models_sizes_equal_the_warm_ups(tiny_tokenizer):

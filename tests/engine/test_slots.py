@@ -84,7 +84,15 @@ def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer)
 
 @pytest.mark.parametrize(
     "rows, longest, expected",
-    [(1, 1, (1, 64)), (3, 65, (4, 128)), (16, 256, (16, 256)), (17, 257, (32, 512)), (33, 769, (48, 1024)), (257, 1025, (272, 1280)), (299, 2049, (300, 2304))],
+    [
+        (1, 1, (1, 64)),
+        (3, 65, (4, 128)),
+        (16, 256, (16, 256)),
+        (17, 257, (32, 512)),
+        (33, 769, (48, 1024)),
+        (257, 1025, (272, 1280)),
+        (299, 2049, (300, 2304)),
+    ],
 )
 def test_bucket_edges(tiny_tokenizer, rows, longest, expected):
     """Rows round up to powers of two up to 16, then to multiples of 16; widths to powers of two from
@@ -112,8 +120,6 @@ def test_diagnostics_none_draws_the_same_tokens_and_keeps_only_their_ids(pair, d
         assert list(b.per_token) == ["token_id"] and b.per_token["token_id"] == a.token_ids
         assert list(a.per_token) == list(PER_TOKEN_FIELDS)
         assert b.round_tokens == a.round_tokens
-
-
 
 
 @pytest.mark.parametrize("module, version", [(transformers, "5.3.0"), (torch, "2.6.0+cu124")])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from qstar_cli.distributions import token_choice
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha
 from qstar_cli.distributions.sampling import (
     SamplingParams,
@@ -21,7 +22,6 @@ from qstar_cli.distributions.speculative import (
     round_costs,
     verify_drafts,
 )
-from qstar_cli.distributions import token_choice
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.samples import SampleRequest, StreamStats
@@ -247,7 +247,9 @@ def test_identical_models_accept_every_draft(tiny_tokenizer, tiny_models):
     model = LoadedModel(tiny_models[0], tiny_tokenizer, "theta")
     sampler = DualModelSampler(model, model, theta_format="chat", t_format="chat", max_new_tokens=17, draft_k=3)
     stats = StreamStats()
-    results = [r for _, r in sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(CONVERSATIONS)], 3, stats=stats)]
+    results = [
+        r for _, r in sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(CONVERSATIONS)], 3, stats=stats)
+    ]
     assert stats.accepted == stats.tested == stats.drafted > 0
     for r in results:
         full = len(r.token_ids) if r.finish_reason == "length" else len(r.token_ids) - 1
@@ -269,7 +271,12 @@ def test_greedy_speculative_equals_greedy_plain(spread_pair, drafter):
     draft_pair = tuple(negated(m) for m in spread_pair) if drafter == "none accepted" else None
     sampler = spread_sampler(spread_pair, sampling=greedy, draft_k=3, draft_pair=draft_pair)
     stats = StreamStats()
-    speculative = [r for _, r in sorted(sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(convs)], 4, stats=stats), key=lambda x: x[0])]
+    speculative = [
+        r
+        for _, r in sorted(
+            sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(convs)], 4, stats=stats), key=lambda x: x[0]
+        )
+    ]
     assert [r.token_ids for r in speculative] == [r.token_ids for r in plain]
     if drafter == "none accepted":
         assert stats.tested > 0 and stats.accepted == 0
@@ -305,7 +312,9 @@ def test_the_pair_itself_as_drafter_accepts_nearly_every_draft(spread_pair):
     """q' = q up to float rounding: any drift of the draft caches from the accepted tokens would show."""
     sampler = spread_sampler(spread_pair, draft_k=3, draft_pair=spread_pair)
     stats = StreamStats()
-    results = [r for _, r in sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(8))], 4, stats=stats)]
+    results = [
+        r for _, r in sampler.stream([SampleRequest(i, *sampler.encode_prompts(c)) for i, c in enumerate(conversations(8))], 4, stats=stats)
+    ]
     assert stats.tested > 100 and stats.accepted >= 0.99 * stats.tested
     for result in results:
         assert_equals_full_forward(spread_pair, sampler, result)
@@ -354,7 +363,9 @@ def test_bad_draft_settings_exit_2_with_one_line(base_args, tmp_path, flags, mes
     one_line_error(cli(*base_args, *flags, "--output", str(tmp_path / "x.jsonl")), message)
 
 
-@pytest.mark.parametrize(("first", "then", "change"), [(["--draft-k", "2"], [], "draft_k (2 -> 0)"), ([], ["--draft-k", " AUTO"], "draft_k (0 -> 'auto')")])
+@pytest.mark.parametrize(
+    ("first", "then", "change"), [(["--draft-k", "2"], [], "draft_k (2 -> 0)"), ([], ["--draft-k", " AUTO"], "draft_k (0 -> 'auto')")]
+)
 def test_a_resume_keeps_the_draft_settings(base_args, tmp_path, first, then, change):
     out = tmp_path / "r.jsonl"
     assert cli(*base_args, *first, "--num-samples", "2", "--output", str(out)).exit_code == 0

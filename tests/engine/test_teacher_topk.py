@@ -45,7 +45,11 @@ def test_stored_top_k_is_a_float64_full_forwards(spread_pair, draft_k):
         tail = torch.log1p(-reference.gather(-1, torch.from_numpy(top.ids).long()).exp().sum(-1))
         assert torch.allclose(torch.from_numpy(top.tail).double(), tail, atol=1e-4), result.sample_idx
         # The per-token logp_t of the sampled token is the same distribution's.
-        assert torch.allclose(torch.tensor(result.per_token["logp_t"]).double(), reference.gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0], atol=2e-4)
+        assert torch.allclose(
+            torch.tensor(result.per_token["logp_t"]).double(),
+            reference.gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0],
+            atol=2e-4,
+        )
 
 
 def test_top_k_of_the_whole_vocabulary_leaves_no_tail_and_bad_settings_are_refused(pair):

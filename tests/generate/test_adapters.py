@@ -108,7 +108,7 @@ def test_missing_field_lists_columns():
         resolve_adapter("auto", ["prompt"], prompt_field="body")
 
 
-USER_ADAPTER = '''
+USER_ADAPTER = """
 from qstar_cli.generate.adapters import DatasetAdapter, SkipRow
 
 class TitleBody(DatasetAdapter):
@@ -119,7 +119,7 @@ class TitleBody(DatasetAdapter):
         if not row["body"]:
             raise SkipRow("no body")
         return [{"role": "user", "content": row["title"] + ": " + row["body"]}]
-'''
+"""
 
 
 def test_user_adapter_from_file_and_module(tmp_path, monkeypatch):

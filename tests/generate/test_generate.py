@@ -30,7 +30,6 @@ from tests.helpers import (
 )
 
 
-
 def test_generate_writes_what_the_sampler_samples(base_args, tiny_model_dirs, tmp_path):
     out = tmp_path / "run.jsonl"
     result = cli(*base_args, "--output", str(out))
@@ -167,7 +166,18 @@ def slow_args(spread_model_dirs, prompts_file, request):
         "plain": [],
         "plain-none": ["--diagnostics", "none"],
         "speculative-summary": ["--draft-k", "auto", "--diagnostics", "summary"],
-        "pair-teacher-topk": ["--draft-k", "3", "--draft", "pair", "--draft-model-theta", theta, "--draft-model-t", target, "--teacher-topk", "7"],
+        "pair-teacher-topk": [
+            "--draft-k",
+            "3",
+            "--draft",
+            "pair",
+            "--draft-model-theta",
+            theta,
+            "--draft-model-t",
+            target,
+            "--teacher-topk",
+            "7",
+        ],
     }[request.param]
     return ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", prompts_file,
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", *drafting]  # fmt: skip

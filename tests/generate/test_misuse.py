@@ -116,7 +116,12 @@ CASES = [
     case("output is empty", gen(out=lambda w: ""), ["--output is empty"], True),
     case("output under a file", gen(out=lambda w: w.a_file / "x.jsonl"), ["a_file.txt is a file"], True),
     case("output is the dataset", gen("--overwrite", out="data"), ["would overwrite the input", "prompts.jsonl"], True),
-    case("manifest is the dataset", gen("--dataset", at("m.meta.json"), "--overwrite", out=at("m.jsonl")), ["m.meta.json would overwrite the input"], True),
+    case(
+        "manifest is the dataset",
+        gen("--dataset", at("m.meta.json"), "--overwrite", out=at("m.jsonl")),
+        ["m.meta.json would overwrite the input"],
+        True,
+    ),
     case("output inside a model", gen(out=lambda w: Path(w.theta) / "gen.jsonl"), ["would overwrite the input"], True),
     case("output names a sidecar", gen("--overwrite", out="prev_side"), ["--output must name the main .jsonl"], True),
     case("output not jsonl", gen(out=at("out.csv")), ["--output must name the main .jsonl", "out.csv"], True),
@@ -127,12 +132,26 @@ CASES = [
     case("unknown dtype", gen("--dtype", "fp8"), ["unknown dtype 'fp8'"], True),
     case("teacher top-K past 64", gen("--teacher-topk", "65"), ["--teacher-topk must be an integer from 0 (off) to 64, got 65"], True),
     case("teacher top-K not an integer", gen("--teacher-topk", "2.5"), ["Invalid value for '--teacher-topk'", "valid integer"], True),
-    case("teacher top-K without per-token arrays", gen("--teacher-topk", "4", "--diagnostics", "summary"), ["add --diagnostics full"], True),
+    case(
+        "teacher top-K without per-token arrays", gen("--teacher-topk", "4", "--diagnostics", "summary"), ["add --diagnostics full"], True
+    ),
     case("template syntax error", gen("--t-format", at("bad.jinja")), ["bad.jinja line 1", "end of template"], True),
     case("template missing", gen("--t-format", at("none.jinja")), ["not found", "none.jinja"], True),
     case(
         "config value of the wrong type",  # (without the base flags: --max-new-tokens would override the file)
-        lambda w: ["generate", "--config", w.root / "abc.yaml", "--model-theta", w.theta, "--model-t", w.target, "--dataset", w.data, "--output", w.new],
+        lambda w: [
+            "generate",
+            "--config",
+            w.root / "abc.yaml",
+            "--model-theta",
+            w.theta,
+            "--model-t",
+            w.target,
+            "--dataset",
+            w.data,
+            "--output",
+            w.new,
+        ],
         ["max_new_tokens must be an integer", "'abc'"],
         True,
     ),
@@ -155,8 +174,18 @@ CASES = [
     case("split of a local file", gen("--split", "test"), ["--split", "is one split"], True),
     case("subset of a local file", gen("--subset", "main"), ["--subset", "is one split"], True),
     case("adapter file missing", gen("--adapter", "nowhere.py:Mine"), ["adapter file not found"], True),
-    case("adapter with a syntax error", gen("--adapter", lambda w: f"{w.root / 'syntax.py'}:Mine"), ["syntax error in", "syntax.py line 1"], True),
-    case("adapter returning text", gen("--adapter", lambda w: f"{w.root / 'text.py'}:Mine"), ["adapter Mine: messages(row) must return", "'oops'"], True),
+    case(
+        "adapter with a syntax error",
+        gen("--adapter", lambda w: f"{w.root / 'syntax.py'}:Mine"),
+        ["syntax error in", "syntax.py line 1"],
+        True,
+    ),
+    case(
+        "adapter returning text",
+        gen("--adapter", lambda w: f"{w.root / 'text.py'}:Mine"),
+        ["adapter Mine: messages(row) must return", "'oops'"],
+        True,
+    ),
     case("adapter column missing", gen("--adapter", "deepscaler"), ["needs column 'problem'", "prompt, id"], True),
     # generate: models and settings
     case("model path missing", gen("--model-t", at("no_model")), ["model directory not found", "no_model"], True),
@@ -172,17 +201,36 @@ CASES = [
     case("alpha without fixed", gen("--alpha", "0.3"), ["--alpha 0.3 is for --alpha-method fixed", "drop --alpha"], True),
     case("count past 64 bits", gen("--samples-per-prompt", "99999999999999999999999"), ["--samples-per-prompt must be below 2^63"], True),
     case("tokens past 64 bits", gen("--max-new-tokens", "100000000000000000000000"), ["--max-new-tokens must be below 2^63"], True),
-    case("schedule past memory", gen("--samples-per-prompt", "999999999999"), ["5999999999994 samples", "GiB of memory is available"], True),
+    case(
+        "schedule past memory", gen("--samples-per-prompt", "999999999999"), ["5999999999994 samples", "GiB of memory is available"], True
+    ),
     case("missing file shaped like a hub id", gen("--dataset", "nodir/problems.txt"), ["dataset not found: nodir/problems.txt"], True),
-    case("missing model under a local dir", gen("--model-t", "tests/no_such_model"), ["model directory not found: tests/no_such_model"], True),
-    case("adapter that raises", gen("--adapter", lambda w: f"{w.root / 'boom.py'}:Boom"), ["adapter Boom failed on row 0", "KeyError: 'boom'"], True),
+    case(
+        "missing model under a local dir", gen("--model-t", "tests/no_such_model"), ["model directory not found: tests/no_such_model"], True
+    ),
+    case(
+        "adapter that raises",
+        gen("--adapter", lambda w: f"{w.root / 'boom.py'}:Boom"),
+        ["adapter Boom failed on row 0", "KeyError: 'boom'"],
+        True,
+    ),
     # generate: found once the models are loaded
     case("damaged line in a run", gen(out=at("torn.jsonl")), ["torn.diagnostics.jsonl line 6 is damaged"], True),
     case("hub id not there", gen("--model-t", "no-such-org/no-such-model"), ["cannot load model", "as a hub id"], False),
     case("vocabularies differ", gen("--model-t", lambda w: w.swapped), ["do not share a vocabulary"], False),
-    case("no prompt fits the context", gen("--model-theta", lambda w: w.short), ["no usable prompt", "too long for the context of pi_theta (8 tokens)"], False),
+    case(
+        "no prompt fits the context",
+        gen("--model-theta", lambda w: w.short),
+        ["no usable prompt", "too long for the context of pi_theta (8 tokens)"],
+        False,
+    ),
     case("template fails on every row", gen("--t-format", at("strict.jinja")), ["no usable prompt", "prompt format error"], False),
-    case("template renders nothing", gen("--theta-format", at("empty.jinja")), ["no usable prompt", "6 prompt renders to no tokens for pi_theta"], False),
+    case(
+        "template renders nothing",
+        gen("--theta-format", at("empty.jinja")),
+        ["no usable prompt", "6 prompt renders to no tokens for pi_theta"],
+        False,
+    ),
     # the command line itself
     case("value of the wrong type", gen("--max-new-tokens", "abc"), ["Invalid value for '--max-new-tokens'", "integer"], True),
     case("unknown flag", gen("--frobnicate"), ["No such option: --frobnicate"], True),
@@ -192,18 +240,45 @@ CASES = [
     case("analyze without a file", lambda w: ["analyze"], ["Missing argument 'sidecar'"], True),
     case("analyze a missing file", lambda w: ["analyze", w.root / "none.diagnostics.jsonl"], ["diagnostics file not found"], True),
     case("analyze a directory", lambda w: ["analyze", w.root / "a_dir"], ["a_dir is a directory"], True),
-    case("analyze the main file", lambda w: ["analyze", w.prev], ["holds no readable samples", "its sidecar is", "prev.diagnostics.jsonl"], True),
+    case(
+        "analyze the main file",
+        lambda w: ["analyze", w.prev],
+        ["holds no readable samples", "its sidecar is", "prev.diagnostics.jsonl"],
+        True,
+    ),
     case("analyze an empty file", lambda w: ["analyze", w.root / "empty.jsonl"], ["holds no readable samples"], True),
-    case("analyze plots into a file", lambda w: ["analyze", w.prev_side, "--plots", w.a_file], ["--plots", "is a file, not a directory"], True),
+    case(
+        "analyze plots into a file",
+        lambda w: ["analyze", w.prev_side, "--plots", w.a_file],
+        ["--plots", "is a file, not a directory"],
+        True,
+    ),
     case("analyze plots under a file", lambda w: ["analyze", w.prev_side, "--plots", w.a_file / "p"], ["a_file.txt is a file"], True),
-    case("analyze weights into a directory", lambda w: ["analyze", w.prev_side, "--export-weights", w.root / "a_dir"], ["is a directory"], True),
-    case("analyze weights over the sidecar", lambda w: ["analyze", w.prev_side, "--export-weights", w.prev_side], ["would overwrite the input"], True),
+    case(
+        "analyze weights into a directory",
+        lambda w: ["analyze", w.prev_side, "--export-weights", w.root / "a_dir"],
+        ["is a directory"],
+        True,
+    ),
+    case(
+        "analyze weights over the sidecar",
+        lambda w: ["analyze", w.prev_side, "--export-weights", w.prev_side],
+        ["would overwrite the input"],
+        True,
+    ),
     case("analyze weights under a file", lambda w: ["analyze", w.prev_side, "--export-weights", w.a_file / "w.jsonl"], ["is a file"], True),
     case("analyze ess floor zero", lambda w: ["analyze", w.prev_side, "--ess-floor", "0"], ["--ess-floor must lie in (0, 1]"], True),
-    case("report seed negative", lambda w: ["report", w.prev, "--seed", "-1", "--tokenizer", w.target], ["--seed must be an integer from 0"], True),
+    case(
+        "report seed negative",
+        lambda w: ["report", w.prev, "--seed", "-1", "--tokenizer", w.target],
+        ["--seed must be an integer from 0"],
+        True,
+    ),
     # compare
     case("compare one run", lambda w: ["compare", w.prev_side], ["compare needs two or more runs, got 1"], True),
-    case("compare a missing run", lambda w: ["compare", w.prev_side, w.root / "none.diagnostics.jsonl"], ["diagnostics file not found"], True),
+    case(
+        "compare a missing run", lambda w: ["compare", w.prev_side, w.root / "none.diagnostics.jsonl"], ["diagnostics file not found"], True
+    ),
     case("compare plots into a file", lambda w: ["compare", w.prev_side, w.prev_side, "--plots", w.a_file], ["--plots", "is a file"], True),
 ]
 
@@ -291,18 +366,24 @@ def test_prompts_and_responses_stay_inside_both_contexts(short_context, tmp_path
     # The furthest position each model is ever fed, whatever the batch's padding.
     furthest = {}
     for name, loaded in (("theta", sampler.theta), ("t", sampler.target)):
+
         def record(module, args, kwargs, name=name):
             furthest[name] = max(furthest.get(name, -1), int(kwargs["position_ids"].max()))
+
         loaded.model.register_forward_pre_hook(record, with_kwargs=True)
 
     summary = run_generate(config, sampler=sampler)
     side = [orjson.loads(line) for line in open(tmp_path / "ctx.diagnostics.jsonl", "rb")]
     meta = json.loads((tmp_path / "ctx.meta.json").read_text())
     # The two longest prompts fill a context and are skipped, counted under a reason naming it.
-    assert summary.skipped == meta["counts"]["skipped"] == {
-        f"prompt too long for the context of pi_t ({T_LIMIT} tokens)": 1,
-        f"prompt too long for the context of pi_theta ({THETA_LIMIT} tokens) and pi_t ({T_LIMIT} tokens)": 1,
-    }
+    assert (
+        summary.skipped
+        == meta["counts"]["skipped"]
+        == {
+            f"prompt too long for the context of pi_t ({T_LIMIT} tokens)": 1,
+            f"prompt too long for the context of pi_theta ({THETA_LIMIT} tokens) and pi_t ({T_LIMIT} tokens)": 1,
+        }
+    )
     assert [s["sample_idx"] for s in side] == list(range(len(WORDS) - 2))
     binding = set()
     for s in side:

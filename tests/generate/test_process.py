@@ -99,7 +99,9 @@ def test_no_overwrite_turns_off_a_config_files_overwrite(flags, tmp_path):
     config.write_text("overwrite: true\n")
     assert invoke("generate", *flags, "--max-new-tokens", "2", "--num-samples", "2", "--output", out).exit_code == 0
     before = [p.read_bytes() for p in run_files(out)[:2]]
-    result = invoke("generate", *flags, "--max-new-tokens", "2", "--num-samples", "3", "--config", config, "--no-overwrite", "--output", out)
+    result = invoke(
+        "generate", *flags, "--max-new-tokens", "2", "--num-samples", "3", "--config", config, "--no-overwrite", "--output", out
+    )
     assert result.exit_code == 0 and "resuming: 2 of 3" in result.stdout, result.output
     assert all(p.read_bytes().startswith(b) for p, b in zip(run_files(out)[:2], before))
 
@@ -112,7 +114,9 @@ def test_a_manifest_that_cannot_be_written_is_said(flags, tmp_path, monkeypatch)
     def commit(self):
         commits["n"] += 1
         if commits["n"] == 3:
-            monkeypatch.setattr(CheckpointedWriter, "write_meta", lambda self, meta: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+            monkeypatch.setattr(
+                CheckpointedWriter, "write_meta", lambda self, meta: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            )
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self)
 
@@ -140,7 +144,9 @@ def test_keywords_take_any_case():
 
 def test_flags_show_no_value_in_help():
     for command in (["--help"], ["generate", "--help"]):
-        result = subprocess.run([sys.executable, "-m", "qstar_cli", *command], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        result = subprocess.run(
+            [sys.executable, "-m", "qstar_cli", *command], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+        )
         for line in result.stdout.splitlines():
             if any(f in line for f in ("--debug ", "--version ", "--overwrite ")):
                 assert "<bool>" not in line, line

@@ -97,7 +97,9 @@ def test_three_shards_then_merge_equal_one_process(shard_args, runs, tmp_path):
     assert sorted(sum(shards, [])) == VALID and all(s == sorted(s) for s in shards)
     assert [len(s) for s in shards] in ([5, 4, 4], [4, 5, 4], [4, 4, 5])
     meta = manifest(shard_file(out, 1))
-    assert meta["shard"] == {"index": 1, "count": 3, "schedule_samples": 13, "split": "prefix-stable"} and meta["counts"]["samples"] == len(shards[1])
+    assert meta["shard"] == {"index": 1, "count": 3, "schedule_samples": 13, "split": "prefix-stable"} and meta["counts"]["samples"] == len(
+        shards[1]
+    )
 
     result = merge(out)
     assert result.exit_code == 0, result.output

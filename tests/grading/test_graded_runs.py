@@ -196,5 +196,7 @@ def test_keep_correct_on_an_ungraded_run_and_grade_misuse_are_refused(graded, tm
     one_line_error(invoke("export", out, "--output", tmp_path / "x.parquet", "--keep", "right"), "--keep must be one of all, correct")
     one_line_error(invoke("grade", out, "--output", out), "would overwrite the input")
     one_line_error(invoke("grade", tmp_path / "nope.jsonl", "--output", tmp_path / "g.jsonl"), "file to grade not found")
-    one_line_error(invoke("grade", out, "--answer-field", "solution", "--output", tmp_path / "g.jsonl"), "no original_solution", "answer, id")
+    one_line_error(
+        invoke("grade", out, "--answer-field", "solution", "--output", tmp_path / "g.jsonl"), "no original_solution", "answer, id"
+    )
     assert not (tmp_path / "g.jsonl").exists() and not (tmp_path / "x.parquet").exists()

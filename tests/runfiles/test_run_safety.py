@@ -91,7 +91,11 @@ def test_a_deleted_main_file_line_names_the_damaged_file(w, tmp_path):
     one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} holds 5 samples, but the manifest says 6 are done")
     assert snapshot(tmp_path) == before
     out.write_bytes(b"".join(kept[:2] + kept[3:4] + kept[2:3] + kept[4:]))  # two lines swapped
-    one_line_error(invoke("generate", *w.flags, "--output", out), f"{out} line 4 holds sample 2 response 0 after sample 3 response 0", "moved or edited")
+    one_line_error(
+        invoke("generate", *w.flags, "--output", out),
+        f"{out} line 4 holds sample 2 response 0 after sample 3 response 0",
+        "moved or edited",
+    )
 
 
 def test_a_damaged_sidecar_line_changes_nothing(w, tmp_path):
@@ -268,7 +272,9 @@ def test_nan_log_probabilities_stop_the_run_and_name_the_model(w, tmp_path, role
 
 
 def test_a_sampler_is_freed_when_its_user_drops_it(tiny_models, tiny_tokenizer):
-    sampler = DualModelSampler(LoadedModel(tiny_models[0], tiny_tokenizer, "a"), LoadedModel(tiny_models[1], tiny_tokenizer, "b"), draft_k="auto")
+    sampler = DualModelSampler(
+        LoadedModel(tiny_models[0], tiny_tokenizer, "a"), LoadedModel(tiny_models[1], tiny_tokenizer, "b"), draft_k="auto"
+    )
     costs = sampler.round_costs(4)
     assert sampler.round_costs(4) is costs  # kept per sampler
     ref = weakref.ref(sampler)
@@ -433,7 +439,12 @@ def test_files_that_disagree_or_lines_out_of_order_are_refused_before_the_models
 
 def test_a_shard_file_is_not_continued_as_a_run_of_its_own(w, tmp_path):
     flags = tiny_run_flags(w.models, w.data, 4, 2)
-    assert invoke("generate", *flags, "--num-samples", "4", "--num-shards", "2", "--shard-index", "1", "--output", tmp_path / "run.jsonl").exit_code == 0
+    assert (
+        invoke(
+            "generate", *flags, "--num-samples", "4", "--num-shards", "2", "--shard-index", "1", "--output", tmp_path / "run.jsonl"
+        ).exit_code
+        == 0
+    )
     result = invoke("generate", *flags, "--num-samples", "4", "--output", tmp_path / "run-00001-of-00002.jsonl")
     one_line_error(result, "is shard 1 of 2 of a run", "--num-shards 2 --shard-index 1")
     assert LOADING not in result.stdout
@@ -447,7 +458,9 @@ def test_merge_names_a_missing_shard_sidecar(w, tmp_path):
     meta = json.loads(run_files(shard)[2].read_text())
     run_files(shard)[2].write_text(json.dumps({**meta, "status": "running", "counts": {**meta["counts"], "done": 1}}))
     with filelock.FileLock(f"{shard}.lock", timeout=0):  # a generate still writing the shard
-        one_line_error(invoke("merge", tmp_path / "run.jsonl"), "run-00001-of-00002.jsonl is incomplete (1 of 2 samples): wait for it to finish")
+        one_line_error(
+            invoke("merge", tmp_path / "run.jsonl"), "run-00001-of-00002.jsonl is incomplete (1 of 2 samples): wait for it to finish"
+        )
     one_line_error(invoke("merge", tmp_path / "run.jsonl"), "is incomplete (1 of 2 samples): re-run its generate command")
     run_files(shard)[2].write_text(json.dumps(meta))
     run_files(shard)[1].unlink()
@@ -478,7 +491,11 @@ def test_a_yaml_boolean_is_not_a_number(w, tmp_path):
 def test_a_yaml_on_or_off_is_a_compile_setting():
     # YAML 1.1 reads a bare on / off as a boolean.
     run = "model_theta: demo\nmodel_t: demo\ndataset: d.jsonl\n"
-    assert [GenerateConfig.from_dict(yaml.safe_load(f"{run}compile: {word}")).compile for word in ("on", "off", "auto")] == ["on", "off", "auto"]
+    assert [GenerateConfig.from_dict(yaml.safe_load(f"{run}compile: {word}")).compile for word in ("on", "off", "auto")] == [
+        "on",
+        "off",
+        "auto",
+    ]
 
 
 def test_export_refuses_a_blocked_partial_file(w, tmp_path):

@@ -77,7 +77,9 @@ def test_topk_forward_kl_value_and_gradient_by_hand():
     # With K = V - 1 the tail is one id, and the K + 1 buckets are the whole distribution: the full KL.
     teacher_logp = teacher_logits[:3].log_softmax(-1)
     full = (teacher_logp.exp() * (teacher_logp - logits[:3].log_softmax(-1))).sum(-1)
-    assert topk_forward_kl(logits[:3].log_softmax(-1), *teacher_topk(teacher_logp, vocab - 1)).tolist() == pytest.approx(full.tolist(), rel=1e-12)
+    assert topk_forward_kl(logits[:3].log_softmax(-1), *teacher_topk(teacher_logp, vocab - 1)).tolist() == pytest.approx(
+        full.tolist(), rel=1e-12
+    )
 
 
 def test_per_token_values_land_on_the_label_positions():
@@ -237,7 +239,9 @@ def test_a_missing_column_is_refused_naming_it(tiny_tokenizer, tmp_path):
     model = build_tiny_model(tiny_tokenizer, seed=1)
 
     def trainer(dataset, **settings):
-        return WeightedSFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset, args=qstar_config(tmp_path, **settings))
+        return WeightedSFTTrainer(
+            model=model, processing_class=tiny_tokenizer, train_dataset=dataset, args=qstar_config(tmp_path, **settings)
+        )
 
     cases = {
         "logp_q": {"distill_loss": "reverse_kl"},
