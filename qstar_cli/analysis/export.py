@@ -129,6 +129,7 @@ class _LockstepReader:
     skipped: list[int] = field(default_factory=list)
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    topk_k: int | None = None  # the K of the lines' teacher top-K (every line's must be the same)
 
     def samples(self, phase: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """``(main line, sidecar line)`` of every sample to export, in file order."""
@@ -154,7 +155,13 @@ class _LockstepReader:
                 if (mismatch := pair_mismatch(LineFacts.of(main), LineFacts.of(record))) is not None:
                     raise QstarInputError(f"{not_one_run(number, main_path, sidecar, mismatch)}; export the run's own files")
                 if self.config.teacher_topk:
-                    record["teacher_topk"] = _teacher_topk(record, sidecar, number)
+                    record["teacher_topk"] = top = _teacher_topk(record, sidecar, number)
+                    if self.topk_k is not None and top.ids.shape[1] != self.topk_k:
+                        raise QstarInputError(
+                            f"{sidecar} line {number}: teacher_topk holds {top.ids.shape[1]} ids per token where the lines "
+                            f"before hold {self.topk_k}: the sidecar was edited or mixes runs; export the run's own files"
+                        )
+                    self.topk_k = top.ids.shape[1]
                 else:
                     record.pop("teacher_topk", None)
                 if record["finish_reason"] == "length" and not self.config.include_truncated:

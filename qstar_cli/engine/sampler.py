@@ -335,7 +335,7 @@ class DualModelSampler:
            columns are simply overwritten by the row's next round.
         6. **Advance on the device**: tokens emitted (cut after an EOS), cached lengths, pending tokens.
         7. **The one transfer**: one int32 block to the host (:mod:`qstar_cli.engine.rows`), whose counts advance.
-        8. **Record** the emitted tokens' per-token values on the device (:meth:`_record`).
+        8. **Record** the emitted tokens' per-token values, and pi_t's top-K, on the device (:meth:`_record`).
         """
         host, n = schedule.host, len(schedule.rows)
         feed = self._feed(state, host, n)

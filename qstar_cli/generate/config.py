@@ -60,6 +60,9 @@ class SettingInfo:
     #: Grading: fingerprinted only when a grader is on, so that an ungraded run keeps the
     #: fingerprint it had before grading existed.
     grading: bool = False
+    #: Fingerprinted only when not its default, so that a run without it keeps the fingerprint it had
+    #: before the setting existed.
+    when_set: bool = False
     #: What the command line parses, where it is not the field's type (``draft_k`` takes ``auto``).
     cli_type: type | None = None
     #: The default as the help shows it, where the field's default (None) means "derived".
@@ -89,6 +92,13 @@ def draft_settings(config_class: type | None = None) -> dict[str, Any]:
 def grading_settings(config_class: type | None = None) -> dict[str, Any]:
     """The grading settings with their values when grading is off (``grader`` none, the others their defaults)."""
     return {f.name: "none" if f.name == "grader" else f.default for f, info in settings(config_class) if info.grading}
+
+
+def optional_settings(config_class: type | None = None) -> dict[str, Any]:
+    """The settings a fingerprint holds only when they are on, with their values when off: a run's
+    manifest that lacks one had it off (:meth:`~qstar_cli.runfiles.writer.CheckpointedWriter.check_config`)."""
+    when_set = {f.name: f.default for f, info in settings(config_class) if info.when_set}
+    return {**draft_settings(config_class), **grading_settings(config_class), **when_set}
 
 
 def path_settings(config_class: type | None = None) -> dict[str, tuple[str, ...]]:
@@ -198,7 +208,7 @@ class GenerateConfig:
     )
     teacher_topk: int = setting(
         0, "Keep pi_t's K most likely ids and their log-probabilities at every emitted token, and the mass outside them, "
-        "in the sidecar for distillation (0 = off; at most 64; needs --diagnostics full).", since="0.3.0",
+        "in the sidecar for distillation (0 = off; at most 64; needs --diagnostics full).", when_set=True, since="0.3.0",
     )  # fmt: skip
     grader: str | None = setting(
         None, "Grade every response against the dataset's answer: math (HF math-verify), exact (normalised text), none, or "
@@ -394,8 +404,9 @@ class GenerateConfig:
         if not self.draft_k:  # plain sampling: fingerprinted as before speculative sampling existed
             for name in draft_settings(type(self)):
                 values.pop(name, None)
-        if not self.teacher_topk:  # fingerprinted as before --teacher-topk existed
-            values.pop("teacher_topk")
+        for f, info in settings(type(self)):
+            if info.when_set and values[f.name] == f.default:  # fingerprinted as before the setting existed
+                values.pop(f.name)
         if self.grader in (None, "none"):  # ungraded: fingerprinted as before grading existed
             for name in grading_settings(type(self)):
                 values.pop(name, None)

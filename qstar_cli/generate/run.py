@@ -41,7 +41,7 @@ from qstar_cli.engine.models import model_digests, model_identity
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from qstar_cli.errors import QstarRunError
 from qstar_cli.generate.adapters import adapt_rows, load_source, resolve_adapter
-from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, draft_settings, grading_settings, run_models
+from qstar_cli.generate.config import GenerateConfig, check_before_loading, check_output, optional_settings, run_models
 from qstar_cli.generate.engines import make_engine
 from qstar_cli.generate.schedule import (
     Schedule,
@@ -248,7 +248,7 @@ def check_settings(writer: CheckpointedWriter, config: GenerateConfig) -> tuple[
     """Before the models load: the settings (fingerprinted), checked against the run being continued
     with its files, and the digests of the local model files (:func:`check_model_digests`)."""
     settings = config.fingerprint_config()
-    writer.check_config(settings, overwrite=config.overwrite, optional={**draft_settings(), **grading_settings()})
+    writer.check_config(settings, overwrite=config.overwrite, optional=optional_settings())
     if not config.overwrite:
         check_shard_of(writer, config)
         writer.check_files(speculative=bool(config.draft_k))
@@ -266,7 +266,7 @@ def check_content(
         continued,
         overwrite=config.overwrite,
         descriptions=CONTENT_CHANGES,
-        optional={**draft_settings(), **grading_settings(), **DRAFT_CONTENT},
+        optional={**optional_settings(), **DRAFT_CONTENT},
     )
     return fp_config, previous
 

@@ -37,6 +37,8 @@ PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", *SUMMARY_FIELDS)
 
 #: ``--teacher-topk``: the most ids of pi_t's top-K kept per token.
 MAX_TEACHER_TOPK = 64
+#: How far above 0 a stored float32 log-probability may lie by rounding (a token of probability 1).
+LOGPROB_ROUNDING = 1e-5
 
 
 @dataclass(frozen=True)
@@ -66,24 +68,33 @@ class TeacherTopK:
     @classmethod
     def from_record(cls, record: Any, tokens: int) -> TeacherTopK:
         """Decode a sidecar line's ``teacher_topk`` for a sample of ``tokens`` tokens; ValueError
-        saying what is wrong when it is not one."""
+        saying what is wrong when it is not one (its form, or values no model gives)."""
+        fields = {"k": int, "ids": str, "logprobs": str, "tail": str}
+        if not isinstance(record, dict):
+            raise ValueError(f"teacher_topk is damaged (not an object: {type(record).__name__})")
+        for name, kind in fields.items():
+            if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
+                raise ValueError(f"teacher_topk is damaged ({name} is {record.get(name)!r:.40}, not {kind.__name__})")
+        k = record["k"]
+        if not 0 < k <= MAX_TEACHER_TOPK:
+            raise ValueError(f"teacher_topk is damaged (k is {k}, not 1 to {MAX_TEACHER_TOPK})")
         try:
-            k = record["k"]
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= MAX_TEACHER_TOPK:
-                raise ValueError(f"k is {k!r}")
-            arrays = [
-                np.frombuffer(base64.b64decode(record[name], validate=True), dtype)
-                for name, dtype in (("ids", "<i4"), ("logprobs", "<f4"), ("tail", "<f4"))
-            ]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"teacher_topk is damaged ({err})") from None
-        ids, logprobs, tail = arrays
+            ids, logprobs, tail = (np.frombuffer(base64.b64decode(record[name], validate=True), dtype) for name, dtype in
+                                   (("ids", "<i4"), ("logprobs", "<f4"), ("tail", "<f4")))  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"teacher_topk is damaged (not base64: {err})") from None
         if len(ids) != tokens * k or len(logprobs) != tokens * k or len(tail) != tokens:
             raise ValueError(
                 f"teacher_topk is damaged ({len(ids)} ids, {len(logprobs)} log-probabilities and {len(tail)} tails, "
                 f"not {k} per token and a tail for each of the sample's {tokens} tokens)"
             )
-        return cls(ids.reshape(tokens, k), logprobs.reshape(tokens, k), tail)
+        ids, logprobs = ids.reshape(tokens, k), logprobs.reshape(tokens, k)
+        # Log-probabilities are at most 0 (float rounding may pass it by a little) and never NaN.
+        if (ids < 0).any() or (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            raise ValueError("teacher_topk is damaged (a negative or repeated id)")
+        if not (logprobs <= LOGPROB_ROUNDING).all() or not (tail <= LOGPROB_ROUNDING).all():
+            raise ValueError("teacher_topk is damaged (a log-probability that is NaN or above 0)")
+        return cls(ids, logprobs, tail)
 
 
 def per_token_fields(level: str) -> tuple[str, ...]:

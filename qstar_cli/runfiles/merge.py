@@ -91,7 +91,9 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
     split = Counter(m["shard"].get("split") for m in metas).most_common(1)[0][0]
     for index, (shard, meta) in enumerate(zip(shards, metas)):
         if meta.get("fingerprint") != run_fingerprint:
-            changed = ", ".join(config_differences(reference.get("fingerprint_config", {}), meta.get("fingerprint_config", {})))
+            changed = ", ".join(
+                config_differences(reference.get("fingerprint_config", {}), meta.get("fingerprint_config", {}), either=True)
+            )
             raise MergeError(f"shard {shard.main} was made with another configuration than the other shards: {changed}")
         expected = {"index": index, "count": len(shards), "schedule_samples": schedule, **({"split": split} if split else {})}
         if meta.get("shard") != expected:

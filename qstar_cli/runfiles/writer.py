@@ -126,14 +126,18 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], descriptions: dict[str, str] | None = None) -> list[str]:
-    """For each key of ``new`` whose value differs in ``old``: its description if it has one, else ``key (old -> new)``."""
+def config_differences(
+    old: dict[str, Any], new: dict[str, Any], descriptions: dict[str, str] | None = None, either: bool = False
+) -> list[str]:
+    """For each key of ``new`` (with ``either``, of either side) whose value differs in the other: its
+    description if it has one, else ``key (old -> new)``."""
     descriptions = descriptions or {}
 
     def shown(value: Any) -> str:  # a nested value (a model's files) is named, not dumped
         return "..." if isinstance(value, (dict, list)) else repr(value)
 
-    return [descriptions.get(k, f"{k} ({shown(old.get(k))} -> {shown(new.get(k))})") for k in sorted(new) if old.get(k) != new[k]]
+    keys = set(new) | set(old) if either else set(new)
+    return [descriptions.get(k, f"{k} ({shown(old.get(k))} -> {shown(new.get(k))})") for k in sorted(keys) if old.get(k) != new.get(k)]
 
 
 def prompt_digest(ids_theta: list[int], ids_t: list[int]) -> str:

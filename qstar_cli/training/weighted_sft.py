@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from qstar_cli.training.losses import RATIO_CLIP, reverse_kl_loss, to_label_positions, topk_forward_kl
@@ -106,6 +107,14 @@ class QstarSFTConfig(DistillArguments, SFTConfig):
         self.check_loss_settings()
 
 
+def _column_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A per-token column of one example as a tensor. JSON has no -inf, and a JSON Lines export
+    writes a log-probability of -inf (a tail of no mass) as null: null reads as -inf."""
+    if dtype.is_floating_point:
+        return torch.from_numpy(np.nan_to_num(np.array(values, dtype=np.float64), nan=-np.inf)).to(dtype)
+    return torch.tensor(values, dtype=dtype)
+
+
 class ColumnCollator:
     """Wraps a collator: the padded batch plus the examples' per-sequence columns as ``[batch]`` floats
     and their per-completion-token columns at TRL's label positions, ``[batch, length - 1, ...]``."""
@@ -118,7 +127,7 @@ class ColumnCollator:
         for name in self.sequence_columns:
             batch[name] = torch.tensor([example[name] for example in examples], dtype=torch.float32)
         for name, dtype in self.token_columns.items():
-            values = [torch.tensor(example[name], dtype=dtype) for example in examples]
+            values = [_column_tensor(example[name], dtype) for example in examples]
             batch[name] = to_label_positions(values, batch["labels"], name)
         return batch
 

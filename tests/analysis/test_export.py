@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import shutil
 import sys
 import tracemalloc
 
@@ -18,8 +19,9 @@ from typer.testing import CliRunner
 from qstar_cli.analysis.export import ExportConfig, export_training_set
 from qstar_cli.cli import app
 from qstar_cli.runfiles.format import TeacherTopK
+from qstar_cli.runfiles.writer import config_differences
 from qstar_cli.training.weighted_sft import WeightedSFTTrainer
-from tests.helpers import one_line_error, tiny_generate_args, write_prompts
+from tests.helpers import one_line_error, run_files, tiny_generate_args, write_prompts
 
 PROMPTS = [{"prompt": f"Tell me about the number {i}."} for i in range(12)]
 
@@ -174,6 +176,45 @@ def test_response_idx_is_carried_and_checked(runs, tmp_path):
     one_line_error(result, "line 1 of", "disagree (sample 0 response 1 against sample 0 response 0)", "another run")
 
 
+def keep_lines(lines):
+    return b"".join(lines)
+
+
+def edit_topk(edit, k_on_line_2=None):
+    """A sidecar edit: each line's teacher top-K changed in place by ``edit(top, line)``; with
+    ``k_on_line_2`` line 2 keeps only that many ids per token (a well-formed top-K of another K)."""
+
+    def rewrite(lines):
+        out = []
+        for number, line in enumerate(lines, start=1):
+            record = orjson.loads(line)
+            top = TeacherTopK.from_record(record["teacher_topk"], record["num_tokens"])
+            top = TeacherTopK(top.ids.copy(), top.logprobs.copy(), top.tail.copy())
+            edit(top, number)
+            if k_on_line_2 and number == 2:
+                top = TeacherTopK(top.ids[:, :k_on_line_2], top.logprobs[:, :k_on_line_2], top.tail)
+            record["teacher_topk"] = top.to_record()
+            out.append(orjson.dumps(record) + b"\n")
+        return b"".join(out)
+
+    return rewrite
+
+
+def test_a_teacher_top_k_run_resumes_only_with_its_k(runs, tiny_model_dirs, tmp_path):
+    """Leaving --teacher-topk out (0) is a change of K like any other: refused before anything changes."""
+    for path in run_files(runs["full"]):
+        shutil.copy(path, tmp_path / path.name)
+    dataset = orjson.loads(run_files(runs["full"])[2].read_bytes())["config"]["dataset"]
+    before = [path.read_bytes() for path in run_files(tmp_path / "full.jsonl")]
+    for k, change in (("0", "teacher_topk (5 -> 0)"), ("3", "teacher_topk (5 -> 3)")):
+        result = invoke(*tiny_generate_args(tiny_model_dirs, dataset, 64, 4), "--diagnostics", "full", "--teacher-topk", k,
+                        "--output", tmp_path / "full.jsonl")  # fmt: skip
+        one_line_error(result, change)
+    assert [path.read_bytes() for path in run_files(tmp_path / "full.jsonl")] == before
+    # Shards of two K: merge names the setting whichever shard lacks it.
+    assert config_differences({"teacher_topk": 4}, {}, either=True) == ["teacher_topk (4 -> None)"]
+
+
 def test_bad_input_exit_2_with_one_line(runs, tmp_path):
     only_main = tmp_path / "alone.jsonl"
     only_main.write_bytes(runs["full"].read_bytes())
@@ -185,6 +226,11 @@ def test_bad_input_exit_2_with_one_line(runs, tmp_path):
         lambda lines: b"".join(lines).replace(b'"teacher_topk"', b'"other"'),
         "no_topk",
     )
+    negative_id = damaged_copy(runs["full"], tmp_path, keep_lines, edit_topk(lambda top, line: top.ids.__setitem__((0, 1), -1)), "neg_id")
+    nan_logprob = damaged_copy(
+        runs["full"], tmp_path, keep_lines, edit_topk(lambda top, line: top.logprobs.__setitem__((0, 0), math.nan)), "nan_logp"
+    )
+    mixed_k = damaged_copy(runs["full"], tmp_path, keep_lines, edit_topk(lambda top, line: None, k_on_line_2=3), "mixed_k")
     damaged_topk = damaged_copy(
         runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"k":5', b'"k":6'), "bad_topk"
     )
@@ -203,7 +249,15 @@ def test_bad_input_exit_2_with_one_line(runs, tmp_path):
             tmp_path / "h.parquet",
             "--teacher-topk",
         ],
-        "teacher_topk is damaged": [damaged_topk, "--output", tmp_path / "i.parquet", "--teacher-topk"],
+        "not 6 per token and a tail for each of the sample": [damaged_topk, "--output", tmp_path / "i.parquet", "--teacher-topk"],
+        "teacher_topk is damaged (a negative or repeated id)": [negative_id, "--output", tmp_path / "j.parquet", "--teacher-topk"],
+        "teacher_topk is damaged (a log-probability that is NaN": [nan_logprob, "--output", tmp_path / "k.parquet", "--teacher-topk"],
+        "line 2: teacher_topk holds 3 ids per token where the lines before hold 5": [
+            mixed_k,
+            "--output",
+            tmp_path / "l.parquet",
+            "--teacher-topk",
+        ],
     }
     for message, args in cases.items():
         result = invoke("export", *args)

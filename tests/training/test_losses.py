@@ -255,3 +255,12 @@ def test_a_missing_column_is_refused_naming_it(tiny_tokenizer, tmp_path):
     trainer(data.remove_columns("weight"), distill_loss="reverse_kl", nll_coef=0.0)
     with pytest.raises(ValueError, match="set completion_only_loss=True"):
         trainer(data, distill_loss="reverse_kl", completion_only_loss=False)
+
+
+def test_a_json_lines_null_reads_as_minus_infinity():
+    """A JSON Lines export writes a tail of no mass (-inf) as null; the trainer reads it back as -inf."""
+    from qstar_cli.training.weighted_sft import _column_tensor
+
+    tail = _column_tensor([-0.5, None], torch.float32)
+    assert tail.tolist() == [-0.5, -math.inf]
+    assert _column_tensor([[1, 2], [3, 4]], torch.long).dtype == torch.long
