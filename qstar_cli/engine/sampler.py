@@ -428,9 +428,9 @@ class DualModelSampler:
         logp_q: Tensor,
     ) -> None:
         """Step 8: the emitted tokens' values (no rejected draft's, no padded query's) into the rows'
-        per-token values, in :data:`SUMMARY_FIELDS` order, then pi_t's top-K (:func:`teacher_topk`). The sidecar's ``logp_q`` is the token's
-        log-probability under the distribution it was drawn from; the diagnostics are of the
-        untempered q."""
+        per-token values, in :data:`SUMMARY_FIELDS` order, then pi_t's top-K (:func:`teacher_topk`).
+        The sidecar's ``logp_q`` is the token's log-probability under the distribution it was drawn
+        from; the diagnostics are of the untempered q."""
         query, destinations = to_device(outcome.destinations, state.table.device)
         if len(query) == len(logp_t):  # every position emits (plain rounds): no copy
             query = slice(None)
