@@ -188,8 +188,10 @@ def as_if_killed_after(out, done: int) -> None:
 
 def kill_at_random_moments(start, out, rng, max_delay: float, runs: int = 3) -> int:
     """Start a run (``start()`` returns its process) ``runs`` times; each time wait for progress past
-    the previous kill, then kill -9 it at a random moment up to ``max_delay`` s later. How many runs
-    were killed before they ended (a test of resuming needs at least two)."""
+    the previous kill, then kill -9 it at a random moment up to ``max_delay`` s later, or once two
+    more samples are saved if that comes first (so that a run fast on a quiet machine is still
+    killed before it ends). How many runs were killed before they ended (a test of resuming needs
+    at least two)."""
     import time
 
     killed = 0
@@ -198,7 +200,9 @@ def kill_at_random_moments(start, out, rng, max_delay: float, runs: int = 3) -> 
         proc = start()
         while count_lines(out) <= before and proc.poll() is None:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, max_delay))
+        deadline = time.monotonic() + rng.uniform(0.0, max_delay)
+        while time.monotonic() < deadline and count_lines(out) < before + 2 and proc.poll() is None:
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.kill()
             killed += 1
