@@ -152,13 +152,53 @@ def resolve_model_path(spec: str, weights: bool = True) -> tuple[str, str | None
     ``weights=False`` accepts a directory holding a tokenizer alone."""
     check_model_spec(spec, weights)
     if spec == DEMO:
-        return str(convert_gguf(demo_gguf_path(), cache_dir() / "SmolLM2-135M-Instruct")), None
+        return str(convert_gguf(demo_gguf_path(), _converted_dir(spec, demo_gguf_path()))), None
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        stat = path.stat()
-        key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-        return str(convert_gguf(path.resolve(), cache_dir() / key)), None
+        return str(convert_gguf(path.resolve(), _converted_dir(spec, path))), None
     return str(path) if path.is_dir() else spec, None
+
+
+def _converted_dir(spec: str, gguf: Path) -> Path:
+    """Where the safetensors copy of a ``.gguf`` file is cached: by name, size and modification time."""
+    if spec == DEMO:
+        return cache_dir() / "SmolLM2-135M-Instruct"
+    stat = gguf.stat()
+    return cache_dir() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _cannot_load(spec: str, path: str, err: BaseException) -> ModelLoadError:
+    where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
+    return ModelLoadError(f"cannot load model {spec!r}{where}: {one_line(err)}")
+
+
+def read_config(spec: str):
+    """The transformers config of a model named as for :func:`load_model`, read without its weights:
+    its ``config.json`` (a local directory, a hub id, or the cached conversion of a ``.gguf`` file),
+    else a ``.gguf`` file's header."""
+    from transformers import AutoConfig
+
+    check_model_spec(spec)
+    local = Path(spec).expanduser()
+    gguf = demo_gguf_path() if spec == DEMO else local if local.suffix == ".gguf" else None
+    if gguf is None:
+        path, gguf_file = str(local) if local.is_dir() else spec, None
+    elif (_converted_dir(spec, gguf) / "config.json").is_file():
+        path, gguf_file = str(_converted_dir(spec, gguf)), None
+    else:
+        path, gguf_file = str(gguf.parent), gguf.name
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    except Exception as err:  # transformers and the hub client each fail in their own way
+        raise _cannot_load(spec, path, err) from err
+
+
+def check_model_architecture(spec: str):
+    """Refuse, from its config alone, a model the slot cache cannot serve exactly
+    (:func:`~qstar_cli.engine.architectures.attention_layout`); the layout."""
+    from qstar_cli.engine.architectures import check_architecture
+
+    return check_architecture(read_config(spec), spec)
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -179,8 +219,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             # Straight to the device, in its dtype: no whole copy in host memory, no second copy.
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     except Exception as err:  # transformers, safetensors and torch each fail in their own way on a bad checkpoint
-        where = "" if Path(path).is_dir() else " (no such local directory; as a hub id)"
-        raise ModelLoadError(f"cannot load model {spec!r}{where}: {one_line(err)}") from err
+        raise _cannot_load(spec, path, err) from err
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 

@@ -30,6 +30,7 @@ from qstar_cli.distributions.mixture import AlphaMethod, check_alpha_method
 from qstar_cli.distributions.sampling import SamplingParams
 from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, check_draft_k, round_costs
 from qstar_cli.distributions.token_choice import TokenChoice, check_teacher_topk, choose_tokens, draw_drafts, teacher_topk
+from qstar_cli.engine.architectures import check_architecture
 from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
 from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.models import (
@@ -92,6 +93,7 @@ class DualModelSampler:
         if draft_pair is not None:
             check_draft_pair(draft_pair, (theta, target), self.vocab)
         loaded = (theta, target, *(draft_pair or ()))
+        _prepare_models(loaded)
         #: Every model in its role, in :class:`Role` order, with its compiled forward when compiled.
         self.roles = tuple(RoleModel(role, m, compiled_forward(m.model) if compile else None) for role, m in zip(Role, loaded))
         #: The drafter proposes drafts a forward at a time; the scorers score a round's pending token
@@ -99,7 +101,6 @@ class DualModelSampler:
         #: its scores; a draft pair drafts from its own mixture, and pi_theta scores.
         self.drafter = self.roles[2:] if self.pair_drafts else self.roles[:1]
         self.scorers = self.roles[:2] if self.pair_drafts else self.roles[1:]
-        _prepare_models(loaded)
         self.theta_format = PromptFormat(theta_format, theta.tokenizer)
         self.t_format = PromptFormat(t_format, target.tokenizer)
         self.alpha_method, self.alpha = alpha_method, alpha
@@ -489,10 +490,12 @@ class Drafts:
 
 
 def _prepare_models(models: tuple[LoadedModel, ...]) -> None:
-    """Changes beyond the sampler, made once it is built: every model's attention goes through its
+    """Each model refused unless the slot cache serves it exactly (:func:`check_architecture`), then
+    the changes beyond the sampler, made once it is built: every model's attention goes through its
     slot cache (the models' own attention setting changes: they are this sampler's now), and with a
     model on the CPU the process's allocator keeps freed memory for the next round (process-wide)."""
     for loaded in models:
+        check_architecture(loaded.model.config, loaded.name, type(loaded.model))
         use_slot_attention(loaded.model)
     if any(loaded.model.device.type == "cpu" for loaded in models):
         keep_freed_host_memory()

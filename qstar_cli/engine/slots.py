@@ -7,8 +7,10 @@ kv_heads, capacity, head_dim]``, the layout the attention kernels take: a forwar
 position with no per-step copy of the cache (``DynamicCache`` concatenates its whole history every
 step), a finished row's slot is reused by overwriting it, and a row is rolled back by lowering its
 length (the columns past it are masked out and overwritten later). The attention mask needs no
-history: a query at position ``p`` sees exactly the columns ``0..p`` of its own slot, which
-:meth:`SlotCache.forward` passes as a 4D additive mask (transformers uses a 4D mask as is).
+history: a query at position ``p`` sees the columns of its own slot that its layer's attention type
+sees (``0..p``; the last ``sliding_window`` of them for a sliding layer: :func:`attention_masks`),
+which :meth:`SlotCache.forward` passes as 4D additive masks, one per attention type the model
+declares (:mod:`~qstar_cli.engine.architectures`; transformers uses a 4D mask as is).
 
 A forward reads the columns up to the longest sequence among its rows (rounded up to
 :data:`WIDTH_STEP`), so attention costs what the batch needs. The capacity grows in chunks of
@@ -37,6 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from qstar_cli.engine.architectures import AttentionLayout, attention_layout
 from qstar_cli.errors import QstarInputError
 
 #: Capacity is a multiple of this many columns (growth is rare).
@@ -193,7 +196,9 @@ class SlotCache(Cache):
         self.width = 0
         self.columns: Tensor | None = None
         self._write_index: dict[int, Tensor] = {}
-        super().__init__(layers=[SlotLayer(self) for _ in range(config.num_hidden_layers)])
+        #: What each layer attends to (refused here if the slots cannot serve the model exactly).
+        self.layout = attention_layout(config)
+        super().__init__(layers=[SlotLayer(self) for _ in self.layout.layer_types])
 
     def ensure_capacity(self, length: int) -> None:
         """Make room for sequences of ``length`` tokens (plus the scratch column)."""
@@ -246,14 +251,11 @@ class SlotCache(Cache):
         pad = positions < 0
         self.columns = torch.where(pad, self.capacity - 1, positions)
         self._write_index.clear()
-        # A query at position p sees columns 0..p of its own slot; padding queries see column 0 only.
-        # Additive (0 or the dtype's min) rather than boolean: the kernels would convert it per layer.
+        # A padding query sees column 0 only.
         seen = torch.where(pad, 0, positions)
-        hidden = torch.arange(self.width, device=ids.device) > seen.unsqueeze(-1)
-        mask = torch.zeros(hidden.shape, dtype=model.dtype, device=ids.device).masked_fill_(hidden, torch.finfo(model.dtype).min)
         out = (run or model)(
             input_ids=ids,
-            attention_mask=mask.unsqueeze(1),
+            attention_mask=attention_masks(self.layout, seen, self.width, model.dtype),
             position_ids=seen,
             cache=self,
             use_cache=True,
@@ -262,6 +264,30 @@ class SlotCache(Cache):
         # Embedding rows past the shared vocabulary (padding) get probability zero.
         logits = out.logits[:n, :, :vocab] if every_query else out.logits[:n, -1, :vocab]
         return logits.float().log_softmax(-1)
+
+
+def attention_masks(layout: AttentionLayout, seen: Tensor, width: int, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+    """The additive masks ``[rows, 1, q, width]`` of queries at positions ``seen`` ``[rows, q]`` over
+    their own slots' first ``width`` columns, one per attention type of ``layout``: a query at
+    position ``p`` sees columns ``0..p`` (full), ``p - window + 1..p`` (sliding, as transformers'
+    ``sliding_window_overlay``), or ``0..p`` within its chunk (chunked). One mask, or a mapping by
+    layer type for a model with several (transformers' mixed-layer models take either). Additive (0
+    or the dtype's min) rather than boolean: the kernels would convert it per layer."""
+    columns = torch.arange(width, device=seen.device)
+    seen = seen.unsqueeze(-1)
+    future = columns > seen
+    masks = {}
+    for layer_type in layout.mask_types:
+        if layer_type == "sliding_attention":
+            hidden = future | (columns <= seen - layout.sliding_window)
+        elif layer_type == "chunked_attention":
+            hidden = future | (columns < seen - seen % layout.chunk_size)
+        else:
+            hidden = future
+        masks[layer_type] = (
+            torch.zeros(hidden.shape, dtype=dtype, device=seen.device).masked_fill_(hidden, torch.finfo(dtype).min).unsqueeze(1)
+        )
+    return masks if len(masks) > 1 else masks[layout.mask_types[0]]
 
 
 def round_capacity(length: int) -> int:

@@ -472,12 +472,11 @@ def check_output(config: GenerateConfig) -> OutputPaths:
 def check_before_loading(config: GenerateConfig) -> None:
     """Everything about the models that can be checked without loading them."""
     from qstar_cli.engine.compiled import check_compiler, use_compile
-    from qstar_cli.engine.models import check_model_spec, resolve_device, resolve_dtype
+    from qstar_cli.engine.models import check_model_architecture, resolve_device, resolve_dtype
     from qstar_cli.engine.prompts import check_format
 
-    for spec in (config.model_theta, config.model_t, config.draft_model_theta, config.draft_model_t):
-        if spec is not None:
-            check_model_spec(spec)
+    for spec in dict.fromkeys(run_models(config).values()):
+        check_model_architecture(spec)
     device = resolve_device(config.device)
     resolve_dtype(config.dtype, device)
     if use_compile(config.compile, device):

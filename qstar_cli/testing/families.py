@@ -1,0 +1,214 @@
+"""Tiny random models of the model families people pair, built from transformers' own configs.
+
+Each :class:`Family` names a transformers model type and what its attention has; :func:`build_family_model`
+makes a model of it over the tiny tokenizer, with sliding windows and chunks of :data:`WINDOW` tokens
+(shorter than a test's prompt and response, so that every layer type's mask matters). The test
+matrix (``tests/engine/test_families.py``) runs each accepted family through the sampler and checks
+every stored number against transformers' own full forward; :func:`family_table` is the docs' table
+(docs/model-families.md), whose status comes from the same check ``generate`` runs before loading.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qstar_cli.distributions.mixture import mixture_logprobs, token_diagnostics
+from qstar_cli.engine.architectures import UnsupportedModelError, check_architecture
+
+#: Sliding windows and attention chunks of the tiny models, in tokens.
+WINDOW = 8
+#: Every tiny model's sizes; a family's ``config`` adds to (or overrides) these.
+BASE_CONFIG = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    max_position_embeddings=512, tie_word_embeddings=False,
+)  # fmt: skip
+_MIXED = ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str
+    #: What its attention has beyond the layer types (which the table reads from the config).
+    features: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES = (
+    Family("Llama", "llama"),
+    Family("Qwen2", "qwen2"),
+    Family("Qwen3", "qwen3", "query and key norms"),
+    Family("Qwen3-MoE", "qwen3_moe", "MoE routing", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    Family("Phi-3", "phi3", "fused projections", dict(sliding_window=WINDOW)),
+    Family("OLMo 2", "olmo2", "query and key norms"),
+    Family(
+        "Granite",
+        "granite",
+        "attention, residual, embedding and logit multipliers",
+        dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0),
+    ),  # fmt: skip
+    Family("SmolLM3", "smollm3", "layers without rotary embeddings", dict(no_rope_layer_interval=2)),
+    Family("GLM-4", "glm4", "partial rotary embeddings"),
+    Family("Mistral", "mistral", "", dict(sliding_window=WINDOW)),
+    Family("Mixtral", "mixtral", "MoE routing", dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
+    Family("Qwen2-MoE", "qwen2_moe", "MoE routing with a shared expert",
+           dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),  # fmt: skip
+    Family("Starcoder2", "starcoder2", "biases, layer norms", dict(sliding_window=WINDOW)),
+    Family("Gemma", "gemma", "embedding scaled by the hidden size"),
+    Family(
+        "Gemma 2",
+        "gemma2",
+        "attention and final logit soft caps, query pre-attention scalar (eager attention)",
+        dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
+    ),  # fmt: skip
+    Family(
+        "Gemma 3",
+        "gemma3_text",
+        "query pre-attention scalar, local and global rotary bases",
+        dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED, query_pre_attn_scalar=24),
+    ),  # fmt: skip
+    Family(
+        "Cohere 2",
+        "cohere2",
+        "parallel attention and MLP, logit scale",
+        dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED),
+    ),
+    Family("OLMo 3", "olmo3", "query and key norms", dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED)),
+    Family("EXAONE 4", "exaone4", "query and key norms", dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED)),
+    Family(
+        "gpt-oss",
+        "gpt_oss",
+        "attention sinks, MoE routing (eager attention)",
+        dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
+    ),  # fmt: skip
+    Family(
+        "Llama 4",
+        "llama4_text",
+        "MoE routing, layers without rotary embeddings",
+        dict(
+            attention_chunk_size=WINDOW,
+            layer_types=["chunked_attention", "full_attention"],
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            intermediate_size_mlp=96,
+            interleave_moe_layer_step=1,
+        ),
+    ),  # fmt: skip
+    Family(
+        "DeepSeek-V3",
+        "deepseek_v3",
+        "latent KV (MLA: key head size 16, value head size 12), MoE routing",
+        dict(
+            num_key_value_heads=4,
+            head_dim=8,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),  # fmt: skip
+    Family(
+        "Qwen3-Next",
+        "qwen3_next",
+        "gated delta-net linear attention beside full attention, MoE",
+        dict(layer_types=["linear_attention", "full_attention"]),
+    ),  # fmt: skip
+    Family("Falcon-H1", "falcon_h1", "Mamba-2 mixers beside attention in every layer"),
+    Family("LFM2", "lfm2", "short convolutions beside attention", dict(layer_types=["conv", "full_attention"])),
+    Family("Jamba", "jamba", "Mamba layers beside attention, MoE", dict(attn_layer_period=2, attn_layer_offset=1)),
+    Family(
+        "Granite 4 hybrid", "granitemoehybrid", "Mamba-2 layers beside attention", dict(layer_types=["linear_attention", "full_attention"])
+    ),
+    Family("Nemotron-H", "nemotron_h", "Mamba-2, MLP and attention layers"),
+)
+
+
+def family_config(family: Family, vocab_size: int, eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """The tiny config of ``family`` (transformers' config class of its model type)."""
+    from transformers import CONFIG_MAPPING
+
+    values = {**BASE_CONFIG, "vocab_size": vocab_size, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": None}
+    return CONFIG_MAPPING[family.model_type](**{**values, **family.config})
+
+
+def build_family_model(family: Family, tokenizer, seed: int = 0, attn_implementation: str | None = None, sharpness: float = 4.0):
+    """A random model of ``family`` over ``tokenizer``'s vocabulary, in eval mode; ``sharpness``
+    scales the output head so that next-token distributions are peaky (responses end, alpha varies)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = family_config(family, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpness)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval().requires_grad_(False)
+
+
+def family_status(family: Family, vocab_size: int = 384) -> tuple[str, str]:
+    """``(attention, status)`` of the docs' table: the layer types and the family's features, and
+    ``exact`` or the refusal ``generate`` gives before loading."""
+    config = family_config(family, vocab_size)
+    try:
+        layout = check_architecture(config)
+    except UnsupportedModelError as err:
+        return family.features, f"refused: {err.reason}"
+    return "; ".join(filter(None, (layout.describe(), family.features))), "exact"
+
+
+def family_table() -> str:
+    """The docs' table of model families (Markdown)."""
+    rows = ["| family | model type | attention | status |", "|---|---|---|---|"]
+    for family in FAMILIES:
+        attention, status = family_status(family)
+        rows.append(f"| {family.name} | `{family.model_type}` | {attention} | {status} |")
+    return "\n".join(rows) + "\n"
+
+
+def reference_model(model):
+    """A float64 copy of ``model`` on transformers' eager attention (MoE experts eager too: grouped
+    matmuls have no float64), whose full forward is the reference for every stored number."""
+    ref = copy.deepcopy(model).double()
+    ref.set_attn_implementation("eager")
+    if type(ref)._can_set_experts_implementation():
+        ref.set_experts_implementation("eager")
+    return ref
+
+
+def _full_forward(ref, prompt_ids: list[int], token_ids: list[int], vocab: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits = ref(input_ids=torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1 : -1, :vocab]
+    return logits.log_softmax(-1)
+
+
+def stored_number_errors(refs, vocab: int, result) -> dict[str, float]:
+    """The largest difference of each stored per-token number of ``result`` (a
+    :class:`~qstar_cli.engine.samples.SampleResult`) from what the float64 full forwards of ``refs``
+    (pi_theta's and pi_t's :func:`reference_model`) give at the stored alpha; for alpha itself, the
+    float64 ``|KL(q||pi_theta) - KL(q||pi_t)|`` there, its distance from a root (near-equal models make
+    alpha ill-conditioned, not the KLs). Sampled with temperature 1 and no truncation, as ``logp_q``
+    is then the untempered q's."""
+    logp_theta = _full_forward(refs[0], result.prompt_ids_theta, result.token_ids, vocab)
+    logp_t = _full_forward(refs[1], result.prompt_ids_t, result.token_ids, vocab)
+    logp_q = mixture_logprobs(logp_theta, logp_t, torch.tensor(result.per_token["alpha"], dtype=torch.float64))
+    picked = torch.tensor(result.token_ids)[:, None]
+    expected = {name: logp.gather(-1, picked)[:, 0] for name, logp in (("logp_theta", logp_theta), ("logp_t", logp_t), ("logp_q", logp_q))}
+    expected.update(token_diagnostics(logp_theta, logp_t, logp_q))
+    if result.per_token["token_id"] != result.token_ids:
+        raise AssertionError("the stored token ids are not the response's")
+    errors = {
+        name: (torch.tensor(result.per_token[name], dtype=torch.float64) - value).abs().max().item() for name, value in expected.items()
+    }
+    return {"alpha": (expected["kl_theta"] - expected["kl_t"]).abs().max().item(), **errors}

@@ -1,0 +1,175 @@
+"""The model-family matrix: every family people pair is exact through the slot path, or refused
+before any weight loads; the docs' family table is the matrix's.
+
+Each accepted family of :data:`~qstar_cli.testing.families.FAMILIES` is a tiny random pair built from
+transformers' own config (sliding windows and chunks of 8 tokens, shorter than prompt + response):
+pi_theta on the family's default attention (SDPA where it has it), pi_t on eager attention. Every
+stored per-token number of a plain run, a ``draft_k=3`` run, K = 3 responses per prompt on fewer
+slots (rows admitted, moved and refilled) and a compiled run equals what a float64 full forward of
+transformers' own model gives (eager attention; MoE experts eager, as grouped matmuls have no float64).
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import CONFIG_MAPPING
+
+from qstar_cli.engine import sampler as sampler_module
+from qstar_cli.engine.architectures import UnsupportedModelError
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli.engine.samples import SampleRequest
+from qstar_cli.testing.families import (
+    FAMILIES,
+    build_family_model,
+    family_config,
+    family_status,
+    reference_model,
+    stored_number_errors,
+)
+from tests.helpers import (
+    CONVERSATIONS,
+    cli,
+    file_bytes,
+    kill_at_random_moments,
+    make_sampler,
+    one_line_error,
+    paths,
+    read_lines,
+    tiny_generate_args,
+)
+
+ACCEPTED = [f for f in FAMILIES if family_status(f)[1] == "exact"]
+REFUSED = [f for f in FAMILIES if f not in ACCEPTED]
+#: Families whose compiled run goes through inductor (each a distinct attention path: mixed masks by
+#: layer type on SDPA, eager attention with sinks and MoE, latent KV); the others compile with
+#: dynamo's ``aot_eager`` backend, which traces the same graph as inductor without generating code.
+INDUCTOR = ("gemma3_text", "gpt_oss", "deepseek_v3")
+
+
+def k_responses(sampler, k: int, slots: int):
+    requests = [SampleRequest(row, *sampler.encode_prompts(c), response_idx=r) for row, c in enumerate(CONVERSATIONS) for r in range(k)]
+    return [result for _, result in sampler.stream(requests, slots=slots)]
+
+
+@pytest.fixture(scope="module", params=ACCEPTED, ids=lambda f: f.model_type)
+def family_pair(request, tiny_tokenizer):
+    family = request.param
+    theta = build_family_model(family, tiny_tokenizer, seed=1)
+    target = build_family_model(family, tiny_tokenizer, seed=2, attn_implementation="eager")
+    refs = reference_model(theta), reference_model(target)
+    return family, (LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")), refs
+
+
+def test_every_stored_number_equals_transformers_full_forward(family_pair, one_torch_thread):
+    family, pair, refs = family_pair
+    runs = {
+        "plain": lambda: make_sampler(pair, max_new_tokens=24).generate(CONVERSATIONS),
+        "draft_k=3": lambda: make_sampler(pair, max_new_tokens=24, draft_k=3).generate(CONVERSATIONS),
+        "K=3 on 4 slots": lambda: k_responses(make_sampler(pair, max_new_tokens=24), 3, 4),
+    }
+    worst = {}
+    for mode, run in runs.items():
+        results = run()
+        assert max(len(r.prompt_ids_t) + len(r.token_ids) for r in results) > 4 * 8, "sequences longer than the windows"
+        sampler = make_sampler(pair)
+        for r in results:
+            for name, error in stored_number_errors(refs, sampler.vocab, r).items():
+                worst[mode, name] = max(worst.get((mode, name), 0.0), error)
+    assert max(worst.values()) < 1e-4, {key: error for key, error in worst.items() if error >= 1e-4}
+
+
+@pytest.mark.parametrize("family", ACCEPTED, ids=lambda f: f.model_type)
+def test_compiled_forwards_equal_transformers_full_forward(family, tiny_tokenizer, one_torch_thread, monkeypatch):
+    """``compile=True``: one model in both roles (pi_theta on the plain format, pi_t on the chat
+    template, as the demo pair), its decode and verify forwards compiled."""
+    if family.model_type not in INDUCTOR:
+        monkeypatch.setattr(
+            sampler_module, "compiled_forward", lambda model: torch.compile(model.forward, dynamic=True, backend="aot_eager")
+        )
+    model = build_family_model(family, tiny_tokenizer, seed=1)
+    refs = (reference_model(model),) * 2
+    loaded = LoadedModel(model, tiny_tokenizer, "model")
+    sampler = make_sampler((loaded, loaded), max_new_tokens=24, draft_k=2, compile=True)
+    worst = {}
+    for r in sampler.generate(CONVERSATIONS):
+        for name, error in stored_number_errors(refs, sampler.vocab, r).items():
+            worst[name] = max(worst.get(name, 0.0), error)
+    assert max(worst.values()) < 1e-4, worst
+
+
+# --- Refused before loading, and kill -9 on a sliding family --------------------------------------
+
+
+def config_only_dir(path, config, tokenizer):
+    """A model directory holding a config and a tokenizer but no weights: a run that tried to load
+    the weights would fail otherwise than the refusal expected."""
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", REFUSED, ids=lambda f: f.model_type)
+def test_a_state_keeping_family_is_refused_from_its_config_before_loading(family, tiny_tokenizer, prompts_file, tmp_path):
+    model = config_only_dir(tmp_path / "model", family_config(family, len(tiny_tokenizer)), tiny_tokenizer)
+    out = tmp_path / "out.jsonl"
+    line = one_line_error(cli("--model-theta", model, "--model-t", model, "--dataset", prompts_file, "--output", out, "--device", "cpu"))
+    assert f"({family.model_type}) keeps a " in line and "docs/model-families.md" in line, line
+    assert not list(tmp_path.glob("out*")), "nothing written"
+
+
+@pytest.mark.parametrize(
+    "model_type, config, refusal",
+    [
+        ("qwen3", {"layer_types": ["full_attention", "indexed_attention"]}, "has layers of type indexed_attention"),
+        ("bloom", {}, "computes its attention outside transformers' attention interface (BloomForCausalLM)"),
+    ],
+)
+def test_an_unknown_attention_pattern_is_refused_not_guessed(model_type, config, refusal, tiny_tokenizer, prompts_file, tmp_path):
+    config = CONFIG_MAPPING[model_type](vocab_size=len(tiny_tokenizer), num_hidden_layers=2, hidden_size=32, **config)
+    model = config_only_dir(tmp_path / "model", config, tiny_tokenizer)
+    theta = config_only_dir(tmp_path / "theta", family_config(FAMILIES[0], len(tiny_tokenizer)), tiny_tokenizer)
+    line = one_line_error(cli("--model-theta", theta, "--model-t", model, "--dataset", prompts_file, "--output", tmp_path / "o.jsonl"))
+    assert f"{model} ({model_type}) {refusal}" in line, line
+
+
+def test_the_python_api_refuses_what_generate_refuses(tiny_tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = LoadedModel(
+        BloomForCausalLM(BloomConfig(vocab_size=len(tiny_tokenizer), n_layer=1, hidden_size=32)), tiny_tokenizer, "my-bloom"
+    )
+    with pytest.raises(UnsupportedModelError, match=r"my-bloom \(bloom\) computes its attention outside"):
+        make_sampler((bloom, bloom))
+
+
+@pytest.fixture(scope="module")
+def sliding_model_dirs(tiny_tokenizer, tmp_path_factory):
+    """A Gemma 3 pair (sliding windows of 8 on 2 of 3 layers) saved as model directories."""
+    root = tmp_path_factory.mktemp("gemma3")
+    family = next(f for f in FAMILIES if f.model_type == "gemma3_text")
+    dirs = []
+    for seed in (1, 2):
+        build_family_model(family, tiny_tokenizer, seed=seed).save_pretrained(root / str(seed))
+        tiny_tokenizer.save_pretrained(root / str(seed))
+        dirs.append(str(root / str(seed)))
+    return dirs
+
+
+def test_kill_9_and_resume_is_byte_identical_on_a_sliding_family(sliding_model_dirs, prompts_file, tmp_path):
+    args = tiny_generate_args(sliding_model_dirs, prompts_file, max_new_tokens=60, batch_size=2)
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "k.jsonl"
+    assert subprocess.run([sys.executable, "-m", "qstar_cli", *args, "--output", ref], capture_output=True).returncode == 0
+    lengths = [r["num_tokens"] for r in read_lines(paths(ref)[1])]
+    assert max(lengths) > 3 * 8 and len(set(lengths)) > 2, lengths
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-m", "qstar_cli", *args, "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    assert kill_at_random_moments(start, out, np.random.default_rng(40), max_delay=0.8) >= 2
+    assert start().wait(timeout=300) == 0
+    assert file_bytes(out) == file_bytes(ref)
