@@ -13,7 +13,8 @@ compiled (``--compile on``: the round's mathematics and the decode forwards; CUD
 Checks, everywhere: cached logp_t = a full forward; one transfer per round; the compiled path at
 ``--draft-k`` 0 and 4 and with a draft pair (decode and verify forwards), rows shrinking as each
 stops at its own EOS over prompts of different lengths, with no recompile or CUDA-graph skip after
-warm-up, logp_t = a full forward and = eager; draws under top-k/top-p never on a zero-probability
+warm-up, logp_t = a full forward and = eager; the same at ``--draft-k`` 0 and 4 for a sliding-window
+family (Gemma 3 1B's shapes) and a MoE family with attention sinks (gpt-oss-20b's, 4 layers); draws under top-k/top-p never on a zero-probability
 token (a million on a GPU). On CUDA also: synchronisations per round while rows finish and refill
 (``set_sync_debug_mode``), ms per compiled forward just under and over bucket edges,
 ``--batch-size auto`` at 0.9 at the 8B shape with 300- and 1,500-token prompts through the first
@@ -74,6 +75,44 @@ def build(shape: str, seed: int, device, dtype, layers: int | None = None) -> Lo
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
     return LoadedModel(model, synthetic_tokenizer(vocab), f"{shape}{'' if layers is None else f'-{layers}l'}")
+
+
+#: A sliding-window family and a MoE family at their real per-layer shapes (transformers' config
+#: classes): name: (model type, config, layers kept, what --quick changes). gpt-oss keeps 4 of its
+#: 24 layers (32 experts each: the whole model at random would take minutes to build). --quick (a
+#: CPU) keeps 2 layers, a vocabulary of 32768 and windows of 8 tokens (its sequences are short), and
+#: gpt-oss 4 narrow experts.
+FAMILY_SHAPES = {
+    "gemma-3-1b": ("gemma3_text", dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                   sliding_window=512, query_pre_attn_scalar=256, vocab_size=262144), 26, {}),
+    "gpt-oss-20b": ("gpt_oss", dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                    num_local_experts=32, num_experts_per_tok=4, sliding_window=128, vocab_size=201088), 4,
+                    dict(hidden_size=576, intermediate_size=576, num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                         num_experts_per_tok=2)),
+}  # fmt: skip
+
+
+def build_family(shape: str, seed: int, device, dtype, quick: bool) -> LoadedModel:
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    model_type, values, layers, smaller = FAMILY_SHAPES[shape]
+    values = {
+        **values,
+        "num_hidden_layers": 2 if quick else layers,
+        "max_position_embeddings": 8192,
+        "bos_token_id": None,
+        "pad_token_id": 0,
+    }
+    if quick:
+        values |= {"vocab_size": 32768, "sliding_window": 8, **smaller}
+    # Every other layer slides, whatever the layer count (Gemma 3 itself has 5 sliding layers to 1 full).
+    values["layer_types"] = ["sliding_attention", "full_attention"] * (values["num_hidden_layers"] // 2)
+    config = CONFIG_MAPPING[model_type](**values, eos_token_id=values["vocab_size"] - 1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=0)
+    return LoadedModel(model, synthetic_tokenizer(config.vocab_size), f"{shape}{'-2l' if quick else ''}")
 
 
 def requests(batch: int, prompt: int, vocab: int) -> list[SampleRequest]:
@@ -204,14 +243,22 @@ def checks(sampler: DualModelSampler) -> list[tuple[str, bool, str]]:
     ]  # fmt: skip
 
 
-def compiled_checks(theta: LoadedModel, target: LoadedModel, slots: int, prompt: int, new: int) -> list[tuple[str, bool, str]]:
-    """The compiled path after warm-up, with draft-k 0 and 4 and the pair drafter: ``slots`` rows of
-    prompts of different lengths, each stopping at its own EOS (one id in 97 ends a row), so rows
-    shrink from the slots towards 1 and widths cross bucket edges. No recompile, no CUDA-graph skip;
-    logp_t equals a full forward's and eager's (over the tokens both drew alike)."""
+#: The draft settings :func:`compiled_checks` runs by default.
+DRAFT_SETTINGS = (("k=0", {}), ("k=4", {"draft_k": 4}), ("pair k=4", {"draft_k": 4, "pair": True}))
+
+
+def compiled_checks(
+    theta: LoadedModel, target: LoadedModel, slots: int, prompt: int, new: int, settings=DRAFT_SETTINGS, name: str = ""
+) -> list[tuple[str, bool, str]]:
+    """The compiled path after warm-up, with draft-k 0 and 4 and the pair drafter (``settings``):
+    ``slots`` rows of prompts of different lengths, each stopping at its own EOS (one id in 97 ends a
+    row), so rows shrink from the slots towards 1 and widths cross bucket edges. No recompile, no
+    CUDA-graph skip; logp_t equals a full forward's and eager's (over the tokens both drew alike)."""
     out, device = [], target.model.device
     bound = 1e-4 if target.model.dtype == torch.float32 else 5e-2
-    for label, kwargs in (("k=0", {}), ("k=4", {"draft_k": 4}), ("pair k=4", {"draft_k": 4, "draft_pair": (theta, target)})):
+    for label, kwargs in settings:
+        label = f"{name} {label}".strip()
+        kwargs = {k: v for k, v in kwargs.items() if k != "pair"} | ({"draft_pair": (theta, target)} if kwargs.get("pair") else {})
         samplers = [DualModelSampler(theta, target, max_new_tokens=new, compile=c, **kwargs) for c in (False, True)]
         for sampler in samplers:
             sampler.eos = set(range(1, sampler.vocab, 97))
@@ -393,6 +440,13 @@ def main() -> None:
             failed |= not ok
             print(f"check {shape}: {name}: {'ok' if ok else 'FAILED'} ({detail})", flush=True)
         del theta, target, samplers, sampler
+    for shape in FAMILY_SHAPES:  # each layer its own mask, compiled: against eager and a full forward
+        theta, target = (build_family(shape, seed, device, dtype, args.quick) for seed in (1, 2))
+        slots, prompt_len, new_len = (4, 24, 8) if args.quick else (16, 384, 192)
+        for name, ok, detail in compiled_checks(theta, target, slots, prompt_len, new_len, DRAFT_SETTINGS[:2], target.name):
+            failed |= not ok
+            print(f"check {shape}: {name}: {'ok' if ok else 'FAILED'} ({detail})", flush=True)
+        del theta, target
     small, large = ("smollm2-135m", "smollm2-135m") if args.quick else ("llama-3.2-1b", "llama-3.1-8b")
     theta = build(small, 1, device, dtype, layers=4 if args.quick else None)
     target = build(large, 2, device, dtype)

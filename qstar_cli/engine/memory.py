@@ -66,9 +66,17 @@ def size(n: float) -> str:
 
 
 def kv_bytes_per_token(model) -> int:
-    """Key and value bytes one token takes in a model's cache: layers x 2 x kv_heads x head_dim x dtype bytes."""
-    _, _, _, kv_heads, head_dim = _shape(model)
-    return model.config.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
+    """Key and value bytes one token takes in a model's slot cache, as its storage holds them: what
+    a one-token forward allocates per column (layers x (key + value heads x head sizes) x dtype
+    bytes, whatever the architecture: latent keys and values of other head sizes, layers without
+    attention)."""
+    from qstar_cli.engine.slots import SlotCache  # slots.py imports transformers' attention stack
+
+    cache = SlotCache(model.config, slots=1, capacity=1)
+    token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        cache.forward(model, token, token, start=0, longest=1, vocab=1)
+    return sum(layer.keys[0, :, 0].nbytes + layer.values[0, :, 0].nbytes for layer in cache.layers if layer.is_initialized)
 
 
 def prefill_chunk(rows: int, width: int, tokens: int = PREFILL_CHUNK_TOKENS) -> tuple[int, int]:

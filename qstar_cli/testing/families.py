@@ -55,8 +55,12 @@ FAMILIES = (
     Family("GLM-4", "glm4", "partial rotary embeddings"),
     Family("Mistral", "mistral", "", dict(sliding_window=WINDOW)),
     Family("Mixtral", "mixtral", "MoE routing", dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
-    Family("Qwen2-MoE", "qwen2_moe", "MoE routing with a shared expert",
-           dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),  # fmt: skip
+    Family(
+        "Qwen2-MoE",
+        "qwen2_moe",
+        "MoE routing with a shared expert",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),  # fmt: skip
     Family("Starcoder2", "starcoder2", "biases, layer norms", dict(sliding_window=WINDOW)),
     Family("Gemma", "gemma", "embedding scaled by the hidden size"),
     Family(
@@ -191,6 +195,44 @@ def _full_forward(ref, prompt_ids: list[int], token_ids: list[int], vocab: int) 
     with torch.no_grad():
         logits = ref(input_ids=torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1 : -1, :vocab]
     return logits.log_softmax(-1)
+
+
+#: The matrix's conversations: prompts of different lengths (a system message, several turns).
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the sum of the first ten positive integers?"}],
+    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Another one?"}],
+]
+#: The matrix's runs: plain, speculative, K = 3 responses per prompt on 4 slots (rows admitted,
+#: moved and refilled) with prompts prefilled 7 tokens at a time, and compiled (with drafts, so that
+#: decode and verify forwards are both compiled).
+MODES = ("plain", "draft_k=3", "K=3 on 4 slots, prefill chunks of 7", "compiled")
+
+
+def matrix_run(pair, mode: str, max_new_tokens: int = 24):
+    """The sampler of ``mode`` over ``pair`` (two :class:`~qstar_cli.engine.models.LoadedModel`) and
+    its results for :data:`CONVERSATIONS`."""
+    from qstar_cli.engine.sampler import DualModelSampler
+    from qstar_cli.engine.samples import SampleRequest
+
+    settings = {"draft_k=3": {"draft_k": 3}, "compiled": {"draft_k": 2, "compile": True}}.get(mode, {})
+    sampler = DualModelSampler(*pair, theta_format="plain", t_format="chat", max_new_tokens=max_new_tokens, **settings)
+    if not mode.startswith("K=3"):
+        return sampler, sampler.generate(CONVERSATIONS)
+    sampler.prefill_tokens = 7
+    requests = [SampleRequest(row, *sampler.encode_prompts(c), response_idx=k) for row, c in enumerate(CONVERSATIONS) for k in range(3)]
+    return sampler, [result for _, result in sampler.stream(requests, slots=4)]
+
+
+def worst_errors(refs, pair, mode: str) -> tuple[dict[str, float], int]:
+    """The worst :func:`stored_number_errors` of each field over a :func:`matrix_run`, and its longest
+    sequence (prompt and response, in pi_t's format)."""
+    sampler, results = matrix_run(pair, mode)
+    worst: dict[str, float] = {}
+    for result in results:
+        for name, error in stored_number_errors(refs, sampler.vocab, result).items():
+            worst[name] = max(worst.get(name, 0.0), error)
+    return worst, max(len(r.prompt_ids_t) + len(r.token_ids) for r in results)
 
 
 def stored_number_errors(refs, vocab: int, result) -> dict[str, float]:

@@ -5,8 +5,9 @@ Each accepted family of :data:`~qstar_cli.testing.families.FAMILIES` is a tiny r
 transformers' own config (sliding windows and chunks of 8 tokens, shorter than prompt + response):
 pi_theta on the family's default attention (SDPA where it has it), pi_t on eager attention. Every
 stored per-token number of a plain run, a ``draft_k=3`` run, K = 3 responses per prompt on fewer
-slots (rows admitted, moved and refilled) and a compiled run equals what a float64 full forward of
-transformers' own model gives (eager attention; MoE experts eager, as grouped matmuls have no float64).
+slots (rows admitted, moved and refilled; prompts prefilled in chunks) and a compiled run equals
+what a float64 full forward of transformers' own model gives (eager attention; MoE experts eager, as
+grouped matmuls have no float64).
 """
 
 import subprocess
@@ -14,23 +15,21 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from transformers import CONFIG_MAPPING
 
-from qstar_cli.engine import sampler as sampler_module
 from qstar_cli.engine.architectures import UnsupportedModelError
 from qstar_cli.engine.models import LoadedModel
-from qstar_cli.engine.samples import SampleRequest
 from qstar_cli.testing.families import (
     FAMILIES,
+    MODES,
+    WINDOW,
     build_family_model,
     family_config,
     family_status,
     reference_model,
-    stored_number_errors,
+    worst_errors,
 )
 from tests.helpers import (
-    CONVERSATIONS,
     cli,
     file_bytes,
     kill_at_random_moments,
@@ -43,15 +42,10 @@ from tests.helpers import (
 
 ACCEPTED = [f for f in FAMILIES if family_status(f)[1] == "exact"]
 REFUSED = [f for f in FAMILIES if f not in ACCEPTED]
-#: Families whose compiled run goes through inductor (each a distinct attention path: mixed masks by
-#: layer type on SDPA, eager attention with sinks and MoE, latent KV); the others compile with
-#: dynamo's ``aot_eager`` backend, which traces the same graph as inductor without generating code.
-INDUCTOR = ("gemma3_text", "gpt_oss", "deepseek_v3")
-
-
-def k_responses(sampler, k: int, slots: int):
-    requests = [SampleRequest(row, *sampler.encode_prompts(c), response_idx=r) for row, c in enumerate(CONVERSATIONS) for r in range(k)]
-    return [result for _, result in sampler.stream(requests, slots=slots)]
+#: Families compiled here (inductor, a minute or more each on a small CPU), each a distinct path
+#: through the slot cache: masks by layer type on SDPA; eager attention with sinks and MoE; latent
+#: KV of other head sizes; chunks. Every family is compiled by benchmarks/family_matrix.py (RESULTS.md).
+COMPILED = ("gemma3_text", "gpt_oss", "deepseek_v3", "llama4_text")
 
 
 @pytest.fixture(scope="module", params=ACCEPTED, ids=lambda f: f.model_type)
@@ -60,43 +54,24 @@ def family_pair(request, tiny_tokenizer):
     theta = build_family_model(family, tiny_tokenizer, seed=1)
     target = build_family_model(family, tiny_tokenizer, seed=2, attn_implementation="eager")
     refs = reference_model(theta), reference_model(target)
-    return family, (LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")), refs
+    return (LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")), refs
 
 
-def test_every_stored_number_equals_transformers_full_forward(family_pair, one_torch_thread):
-    family, pair, refs = family_pair
-    runs = {
-        "plain": lambda: make_sampler(pair, max_new_tokens=24).generate(CONVERSATIONS),
-        "draft_k=3": lambda: make_sampler(pair, max_new_tokens=24, draft_k=3).generate(CONVERSATIONS),
-        "K=3 on 4 slots": lambda: k_responses(make_sampler(pair, max_new_tokens=24), 3, 4),
-    }
-    worst = {}
-    for mode, run in runs.items():
-        results = run()
-        assert max(len(r.prompt_ids_t) + len(r.token_ids) for r in results) > 4 * 8, "sequences longer than the windows"
-        sampler = make_sampler(pair)
-        for r in results:
-            for name, error in stored_number_errors(refs, sampler.vocab, r).items():
-                worst[mode, name] = max(worst.get((mode, name), 0.0), error)
-    assert max(worst.values()) < 1e-4, {key: error for key, error in worst.items() if error >= 1e-4}
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "compiled"])
+def test_every_stored_number_equals_transformers_full_forward(family_pair, mode, one_torch_thread):
+    pair, refs = family_pair
+    worst, longest = worst_errors(refs, pair, mode)
+    assert max(worst.values()) < 1e-4, worst
+    assert longest > 4 * WINDOW, "sequences longer than the windows and chunks"
 
 
-@pytest.mark.parametrize("family", ACCEPTED, ids=lambda f: f.model_type)
-def test_compiled_forwards_equal_transformers_full_forward(family, tiny_tokenizer, one_torch_thread, monkeypatch):
-    """``compile=True``: one model in both roles (pi_theta on the plain format, pi_t on the chat
-    template, as the demo pair), its decode and verify forwards compiled."""
-    if family.model_type not in INDUCTOR:
-        monkeypatch.setattr(
-            sampler_module, "compiled_forward", lambda model: torch.compile(model.forward, dynamic=True, backend="aot_eager")
-        )
+@pytest.mark.parametrize("family", [f for f in ACCEPTED if f.model_type in COMPILED], ids=lambda f: f.model_type)
+def test_compiled_forwards_equal_transformers_full_forward(family, tiny_tokenizer, one_torch_thread):
+    """``compile=True`` on one model in both roles (pi_theta on the plain format, pi_t on the chat
+    template, as the demo pair): its decode and verify forwards compiled."""
     model = build_family_model(family, tiny_tokenizer, seed=1)
-    refs = (reference_model(model),) * 2
     loaded = LoadedModel(model, tiny_tokenizer, "model")
-    sampler = make_sampler((loaded, loaded), max_new_tokens=24, draft_k=2, compile=True)
-    worst = {}
-    for r in sampler.generate(CONVERSATIONS):
-        for name, error in stored_number_errors(refs, sampler.vocab, r).items():
-            worst[name] = max(worst.get(name, 0.0), error)
+    worst, _ = worst_errors((reference_model(model),) * 2, (loaded, loaded), "compiled")
     assert max(worst.values()) < 1e-4, worst
 
 

@@ -11,6 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from qstar_cli.engine.slots import SLOT_ATTENTION, SlotCache, slot_attention, use_slot_attention
 from qstar_cli.errors import QstarInputError
 from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
+from qstar_cli.testing.families import FAMILIES, build_family_model
 from qstar_cli.testing.tiny import build_tiny_model
 from tests.helpers import CONVERSATIONS, make_sampler
 
@@ -55,10 +56,12 @@ def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tok
     assert layer.keys[0].abs().sum() == 0, "slot 0 untouched by a forward on slots 1 and 2"
 
 
-def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer):
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer, family):
     """CUDA graphs' bucketed shapes (rows and width padded to buckets, the padding rows at
-    position -1 in free slots): the same log-probs as the exact shapes, and no valid column written."""
-    model = build_tiny_model(tiny_tokenizer, seed=1)
+    position -1 in free slots): the same log-probs as the exact shapes, and no valid column written;
+    for a model whose layers all attend fully, and for one with sliding windows of 8 on 2 of 3."""
+    model = build_family_model(next(f for f in FAMILIES if f.model_type == family), tiny_tokenizer, seed=1)
     use_slot_attention(model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, 50, (3, 9), generator=gen)

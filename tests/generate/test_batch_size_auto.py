@@ -4,7 +4,9 @@ import orjson
 import pytest
 
 from qstar_cli.engine import memory
-from qstar_cli.engine.slots import CAPACITY_CHUNK
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli.engine.slots import CAPACITY_CHUNK, SlotCache
+from qstar_cli.testing.families import FAMILIES, build_family_model
 from tests.helpers import CONVERSATIONS, file_bytes, invoke, make_sampler, one_line_error, run_files
 
 GIB = 1 << 30
@@ -39,6 +41,22 @@ def test_slots_follow_the_arithmetic_by_hand(pair, monkeypatch):
     assert plan.bytes_per_slot == per_slot and plan.slots == (GIB // 2 - prefill) // per_slot
     assert sampler.plan_slots(prompts, 0.5, samples=3).slots == 3, "never more slots than samples"
     assert "slots" in plan.describe() and f"{plan.slots} slots" in plan.describe()
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "gemma3_text"])
+def test_kv_bytes_per_token_are_what_the_slots_hold(model_type, tiny_tokenizer):
+    """Latent keys and values (DeepSeek: key heads of 16, value heads of 12, their config's head_dim
+    is 8) and mixed layers take what a run's storage takes, per column."""
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    loaded = LoadedModel(build_family_model(family, tiny_tokenizer, seed=1), tiny_tokenizer, model_type)
+    sampler = make_sampler((loaded, loaded), max_new_tokens=4)
+    caches = []
+    real_init = SlotCache.__init__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SlotCache, "__init__", lambda self, *a, **k: caches.append(self) or real_init(self, *a, **k))
+        sampler.generate(CONVERSATIONS[:1])
+    stored = sum(layer.keys.nbytes + layer.values.nbytes for layer in caches[0].layers) // (caches[0].slots * caches[0].capacity)
+    assert memory.kv_bytes_per_token(loaded.model) == stored > 0
 
 
 def test_auto_run_records_its_plan_and_samples_as_a_fixed_size(base_args, tmp_path):
