@@ -113,8 +113,8 @@ def dynamic(sampler: DualModelSampler, prompts, new_tokens: int) -> float:
 def qstar(sampler: DualModelSampler, convs, prompts, diagnostics: str = "full") -> float:
     """``DualModelSampler.generate``; the seconds after its first round (prefill and first token)."""
     first: list[float] = []
-    on_step = lambda _: first or first.append(time.perf_counter())  # noqa: E731
-    sampler.generate(convs, prompt_ids=prompts, on_step=on_step, diagnostics=diagnostics)
+    on_round = lambda _: first or first.append(time.perf_counter())  # noqa: E731
+    sampler.generate(convs, prompt_ids=prompts, on_round=on_round, diagnostics=diagnostics)
     return time.perf_counter() - first[0]
 
 

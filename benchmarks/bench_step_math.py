@@ -11,7 +11,8 @@ import torch
 from bench_alpha import lm_like_rows, timed
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha, token_diagnostics
-from qstar_cli.distributions.sampling import SamplingParams, draw
+from qstar_cli.distributions.sampling import SamplingParams
+from qstar_cli.distributions.token_choice import choose_tokens
 
 
 def main() -> None:
@@ -24,11 +25,12 @@ def main() -> None:
     alpha = solve_alpha(logp_theta, logp_t)
     logp_q = mixture_logprobs(logp_theta, logp_t, alpha)
     rows = torch.arange(args.batch)
+    no_drafts = rows.new_zeros(args.batch, 0), logp_q.new_empty(args.batch, 0, args.vocab), rows.new_zeros(args.batch)
     parts = {
         "solve_alpha": lambda: solve_alpha(logp_theta, logp_t),
         "mixture_logprobs": lambda: mixture_logprobs(logp_theta, logp_t, alpha),
         "token_diagnostics": lambda: token_diagnostics(logp_theta, logp_t, logp_q),
-        "draw": lambda: draw(logp_q, SamplingParams(), 0, rows, torch.zeros_like(rows)),
+        "choose_tokens": lambda: choose_tokens(logp_theta, logp_t, logp_q, *no_drafts, rows, torch.zeros_like(rows), 0, SamplingParams()),
     }
     print(f"torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} vocab={args.vocab}")
     for name, fn in parts.items():

@@ -31,7 +31,9 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny models: one thread is fastest
     tokenizer = build_tiny_tokenizer()
     families = [f for f in FAMILIES if f.model_type in args.families]
-    print(f"torch {torch.__version__}; worst |stored - float64 full forward| over every stored per-token number (alpha: float64 KL imbalance)")
+    print(
+        f"torch {torch.__version__}; worst |stored - float64 full forward| over every stored per-token number (alpha: float64 KL imbalance)"
+    )
     print("| family | " + " | ".join(args.modes) + " | seconds |")
     print("|---|" + "---|" * (len(args.modes) + 1))
     refused = []

@@ -42,6 +42,7 @@ from qstar_cli.engine import sampler as sampler_module
 from qstar_cli.engine.compiled import warm_up
 from qstar_cli.engine.memory import kv_bytes_per_token, size
 from qstar_cli.engine.models import LoadedModel
+from qstar_cli.engine.roles import Role
 from qstar_cli.engine.sampler import DualModelSampler
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from qstar_cli.engine.slots import SlotCache
@@ -164,7 +165,7 @@ def qstar_rate(sampler: DualModelSampler, batch: int, prompt: int, new: int) -> 
     list(sampler.stream(reqs, batch, stats=stats))
     sync(device)
     seconds = time.perf_counter() - started
-    return stats.tokens / seconds, stats.utilisation(batch), seconds / max(stats.steps, 1)
+    return stats.tokens / seconds, stats.utilisation(batch), seconds / max(stats.rounds, 1)
 
 
 def hf_rate(loaded: LoadedModel, batch: int, prompt: int, new: int) -> float:
@@ -238,8 +239,8 @@ def checks(sampler: DualModelSampler) -> list[tuple[str, bool, str]]:
     other_ok = counts["other"] == 0 or device.type in EARLY_EXIT_DEVICES
     return [
         ("slot cache = full forward (max |d logp_t|)", diff < bound, f"{diff:.2e} < {bound:g}"),
-        ("one transfer per round", counts["round"] == stats.steps and other_ok,
-         f"{counts['round']} transfers for {stats.steps} rounds, {counts['other']} other reads"),
+        ("one transfer per round", counts["round"] == stats.rounds and other_ok,
+         f"{counts['round']} transfers for {stats.rounds} rounds, {counts['other']} other reads"),
     ]  # fmt: skip
 
 
@@ -328,7 +329,7 @@ def auto_memory_check(shape: str, device, dtype, prompt: int, rounds: int = 3) -
 
     ok, detail = True, ""
     try:
-        list(sampler.stream(reqs[: plan.slots], plan.slots, on_step=stop))
+        list(sampler.stream(reqs[: plan.slots], plan.slots, on_round=stop))
     except _Stop:
         pass
     except torch.OutOfMemoryError as err:
@@ -353,7 +354,7 @@ def syncs_per_round(sampler: DualModelSampler, slots: int, prompt: int) -> tuple
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = sum("synchroniz" in str(w.message) for w in caught)
-    return ("synchronisations per round (finishes, refills)", syncs <= stats.steps, f"{syncs} for {stats.steps} rounds")
+    return ("synchronisations per round (finishes, refills)", syncs <= stats.rounds, f"{syncs} for {stats.rounds} rounds")
 
 
 def other_gpu_check(shape: str, dtype, new: int) -> tuple[str, bool, str]:
@@ -431,7 +432,7 @@ def main() -> None:
             print(
                 "\n".join(
                     f"compiled decode {target.name}: {line}"
-                    for line in bucket_edge_ms(target, samplers["compiled"].roles[1].compiled, samplers["compiled"].vocab)
+                    for line in bucket_edge_ms(target, samplers["compiled"].roles[Role.T].compiled, samplers["compiled"].vocab)
                 )
             )
         if shape != "llama-3.1-8b":  # the compiled path at each draft setting (the 8B shape: its throughput above)

@@ -19,7 +19,6 @@ _API = {
     "mixture_logprobs": "qstar_cli.distributions.mixture",
     "token_diagnostics": "qstar_cli.distributions.mixture",
     "SamplingParams": "qstar_cli.distributions.sampling",
-    "draw": "qstar_cli.distributions.sampling",
     "verify_drafts": "qstar_cli.distributions.speculative",
     "DualModelSampler": "qstar_cli.engine.sampler",
     "SampleRequest": "qstar_cli.engine.samples",

@@ -1,11 +1,11 @@
 """Sampling from ``log q``: temperature, top-k, top-p, greedy, and counter-based randomness.
 
-The token drawn for sample ``i`` at step ``s`` is a function of ``(seed, i, s)`` and the distribution
-only: each row's uniform number is a hash of that triple (SplitMix64, computed on the device in int64
-arithmetic), and the token is found by inverse-CDF. Batch size, batch composition, order, and the
-point at which a run was resumed therefore never change a draw. Response ``k`` of dataset row ``r``
-(``--samples-per-prompt``) is sample ``sample_key(r, k) = r + k * 2^32``, so response 0 draws
-exactly as a single response did.
+The token a sample draws at token index ``t`` (its ``t``-th token) is a function of ``(seed,
+counter_key, t)`` and the distribution only: each row's uniform number is a hash of that triple
+(SplitMix64, computed on the device in int64 arithmetic), and the token is found by inverse-CDF.
+Batch size, batch composition, order, and the point at which a run was resumed therefore never
+change a draw. Response ``k`` of dataset row ``r`` (``--samples-per-prompt``) has the counter key
+``counter_key(r, k) = r + k * 2^32``, so response 0 draws exactly as a single response did.
 """
 
 from __future__ import annotations
@@ -44,21 +44,22 @@ def _splitmix64(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
-def sample_key(sample_idx: Tensor, response_idx: Tensor) -> Tensor:
-    """The counter key of response ``response_idx`` of dataset row ``sample_idx`` (rows below 2^32)."""
+def counter_key(sample_idx, response_idx):
+    """The counter key of response ``response_idx`` of dataset row ``sample_idx`` (rows below 2^32;
+    integers or int64 tensors)."""
     return sample_idx + (response_idx << 32)
 
 
-def counter_uniform(seed: int, sample_idx: Tensor, step: Tensor, stream: int = 0) -> Tensor:
-    """One uniform float in (0, 1) per row, a pure function of ``(seed, sample_idx, step, stream)``.
+def counter_uniform(seed: int, counter_key: Tensor, token_index: Tensor, stream: int = 0) -> Tensor:
+    """One uniform float in (0, 1) per row, a pure function of ``(seed, counter_key, token_index, stream)``.
 
-    ``sample_idx`` and ``step`` are int64 tensors of the same shape; ``stream`` separates uses
+    ``counter_key`` and ``token_index`` are int64 tensors of the same shape; ``stream`` separates uses
     (token draws, speculative acceptance tests) of one counter. 24-bit resolution, float32.
     """
     # The stream's offset wraps modulo 2^64 as the tensor arithmetic does (streams 0-2 as before).
-    key = _splitmix64(torch.full_like(sample_idx, _as_int64(seed)) + _as_int64(stream * _STREAM))
-    x = _splitmix64(key ^ sample_idx)
-    x = _splitmix64(x ^ step)
+    seeded = _splitmix64(torch.full_like(counter_key, _as_int64(seed)) + _as_int64(stream * _STREAM))
+    x = _splitmix64(seeded ^ counter_key)
+    x = _splitmix64(x ^ token_index)
     return (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
@@ -119,17 +120,3 @@ def sample_tokens(logp: Tensor, uniform: Tensor) -> Tensor:
     cdf = torch.where(probs > 0, probs.cumsum(dim=-1), 0.0).cummax(dim=-1).values
     target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target).squeeze(-1)
-
-
-def draw(logp_q: Tensor, params: SamplingParams, seed: int, sample_idx: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
-    """Sample one token per row from q under ``params``.
-
-    Returns ``(token_ids, logp_sampled)``: the ids, and their log-probability under the distribution
-    actually sampled (after temperature, top-k and top-p; 0 for greedy).
-    """
-    logp = sampling_logprobs(logp_q, params)
-    if params.temperature == 0:
-        tokens = logp.argmax(dim=-1)
-    else:
-        tokens = sample_tokens(logp, counter_uniform(seed, sample_idx, step))
-    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -7,11 +7,11 @@ positions. :func:`choose_tokens` turns them into the row's tokens in four steps:
 1. temper and truncate q into the distribution tokens are drawn from, r (:func:`sampling_logprobs`);
 2. accept each row's leading drafts with probability ``min(1, r / p)`` (:func:`verify_drafts`);
 3. draw the token at the first rejected position (or after the last draft) from what
-   :func:`verify_drafts` leaves there, keyed by the row's sample and position (:func:`sample_tokens`);
+   :func:`verify_drafts` leaves there, keyed by the row's counter key and token index (:func:`sample_tokens`);
 4. pick each position's token's log-probabilities and flag rows whose emitted tokens had NaN ones.
 
 With ``k = 0`` steps 2 and 3 are plain sampling: the token is drawn from r at the one position, with
-the uniform of stream 0 at the row's step (its tokens produced), as every round's last token is.
+the uniform of stream 0 at the row's token index (its tokens produced), as every round's last token is.
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ class TokenChoice:
     nan: Tensor
 
 
-def draw_drafts(logp_drafter: Tensor, sampling: SamplingParams, seed: int, sample: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
+def draw_drafts(
+    logp_drafter: Tensor, sampling: SamplingParams, seed: int, counter_key: Tensor, token_index: Tensor
+) -> tuple[Tensor, Tensor]:
     """A draft per row from the drafter's untempered log-probs ``[n, V]``, tempered and truncated as
-    q is; ``(draft ids [n], the log p they were drawn from [n, V])``."""
+    q is, at each row's ``token_index``; ``(draft ids [n], the log p they were drawn from [n, V])``."""
     logp_p = sampling_logprobs(logp_drafter, sampling)
-    return sample_tokens(logp_p, counter_uniform(seed, sample, position, DRAFT_STREAM)), logp_p
+    return sample_tokens(logp_p, counter_uniform(seed, counter_key, token_index, DRAFT_STREAM)), logp_p
 
 
 def choose_tokens(
@@ -63,7 +65,7 @@ def choose_tokens(
     drafts: Tensor,
     logp_drafts: Tensor,
     draft_len: Tensor,
-    sample: Tensor,
+    counter_key: Tensor,
     produced: Tensor,
     seed: int,
     sampling: SamplingParams,
@@ -74,17 +76,17 @@ def choose_tokens(
     ``logp_theta``, ``logp_t``, ``logp_q``: ``[n * (k + 1), V]`` untempered log-probs at each row's
     ``k + 1`` positions (row-major). ``drafts`` ``[n, k]``, ``logp_drafts`` ``[n, k, V]`` the log p
     each was drawn from (:func:`draw_drafts`), ``draft_len`` ``[n]`` the drafts each row made.
-    ``sample`` and ``produced`` ``[n]``: each row's counter key and the tokens it emitted before the
-    round (the counter's step at the round's first position).
+    ``counter_key`` and ``produced`` ``[n]``: each row's counter key and the tokens it emitted before
+    the round (the token index of the round's first position).
     ``pair_drafts``: the drafts come from a draft pair, whose own NaN (not pi_theta's) would skew
     the residual a rejection draws from, so it is flagged too.
     """
     n, k = drafts.shape
     logp_drawn = sampling_logprobs(logp_q, sampling)
     offsets = torch.arange(k + 1, device=produced.device)
-    u_accept = counter_uniform(seed, sample.unsqueeze(-1).expand(n, k), produced.unsqueeze(-1) + offsets[:k], ACCEPT_STREAM)
+    u_accept = counter_uniform(seed, counter_key.unsqueeze(-1).expand(n, k), produced.unsqueeze(-1) + offsets[:k], ACCEPT_STREAM)
     accepted, logp_last = verify_drafts(logp_drawn.view(n, k + 1, -1), logp_drafts, drafts, draft_len, u_accept)
-    last = sample_tokens(logp_last, counter_uniform(seed, sample, produced + accepted, TOKEN_STREAM))
+    last = sample_tokens(logp_last, counter_uniform(seed, counter_key, produced + accepted, TOKEN_STREAM))
     token_ids = torch.cat([drafts, last.unsqueeze(-1)], dim=1).scatter_(1, accepted.unsqueeze(-1), last.unsqueeze(-1))
     picked = token_ids.view(-1, 1)
     theta, t, drawn = (logp.gather(-1, picked).squeeze(-1) for logp in (logp_theta, logp_t, logp_drawn))
@@ -97,19 +99,19 @@ def choose_tokens(
 
 
 def teacher_topk(logp_t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """pi_t's ``k`` most likely ids per row of ``logp_t`` ``[n, V]`` (as float32 columns ``[n, k]``),
-    their log-probabilities ``[n, k]``, and the log of the mass outside them ``[n, 1]`` (-inf when
-    they hold it all; float rounding past 1 counts as all)."""
+    """pi_t's ``k`` most likely ids per row of ``logp_t`` ``[n, V]`` (int32 ``[n, k]``), their
+    log-probabilities ``[n, k]``, and the log of the mass outside them ``[n, 1]`` (-inf when they
+    hold it all; float rounding past 1 counts as all)."""
     top = logp_t.topk(k, dim=-1)
     tail = log1mexp(top.values.logsumexp(-1, keepdim=True).clamp(max=0.0))
-    return top.indices.to(logp_t.dtype), top.values, tail
+    return top.indices.to(torch.int32), top.values, tail
 
 
 def check_teacher_topk(k: int, vocab: int) -> int:
     """``teacher_topk``: an integer from 0 (off) to :data:`MAX_TEACHER_TOPK`, and no more than the
-    shared vocabulary, whose ids float32 must hold exactly."""
+    shared vocabulary."""
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TEACHER_TOPK:
         raise ValueError(f"teacher_topk must be an integer from 0 (off) to {MAX_TEACHER_TOPK}, got {k!r}")
-    if k > vocab or (k and vocab > 1 << 24):
-        raise ValueError(f"teacher_topk {k} needs a shared vocabulary of at least {k} and at most 2^24 ids, not {vocab}")
+    if k > vocab:
+        raise ValueError(f"teacher_topk {k} needs a shared vocabulary of at least {k} ids, not {vocab}")
     return k

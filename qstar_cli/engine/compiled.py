@@ -139,6 +139,6 @@ def warm_up(sampler) -> float:
     models' decode forwards before a run, so that the cost shows up front; seconds taken."""
     started = time.perf_counter()
     warm_up_math(sampler.math, sampler.vocab, sampler.theta.model.device, sampler.alpha_method, sampler.alpha)
-    for role in sampler.roles:
+    for role in sampler.roles.values():
         warm_up_forward(role.model, role.compiled, sampler.vocab, sampler.draft_k + 1)
     return time.perf_counter() - started

@@ -4,6 +4,7 @@ model (or a few, each of at most a chunk's tokens), before their first round."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ def pad_id(loaded: LoadedModel) -> int:
 
 def prefill(
     caches: dict[Role, SlotCache],
-    roles: tuple[RoleModel, ...],
+    roles: Iterable[RoleModel],
     rows: list[Row],
     group: list[Row],
     vocab: int,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qstar_cli.distributions.sampling import sample_key
+from qstar_cli.distributions.sampling import counter_key
 from qstar_cli.runfiles.format import PER_TOKEN_FIELDS, SUMMARY_FIELDS, TeacherTopK
 
 #: Columns of the block :meth:`DeviceRows.advance` returns after the ``k + 1`` token ids.
@@ -40,11 +40,18 @@ def emitted_tokens(token_ids: Tensor, accepted: Tensor, eos: Tensor, counts_eos:
     return torch.where(stopped, is_eos.long().argmax(-1) + 1, accepted + 1), stopped
 
 
+#: The rows of :attr:`DeviceRows.table`: each field's name and how many rows it takes (a per-side
+#: field one per :class:`~qstar_cli.engine.roles.Side`). Declared once: the views and what
+#: :meth:`DeviceRows.admit` writes follow from it.
+DEVICE_FIELDS = {"counter_key": 1, "produced": 1, "limit": 1, "new": 1, "cached": 2, "pending": 2}
+
+
 @dataclass
 class AdmittedRows:
-    """The device state of rows entering the slots (:meth:`HostRows.place`), host arrays per row."""
+    """The device state of rows entering the slots (:meth:`HostRows.place`), host arrays per row,
+    one per :data:`DEVICE_FIELDS` field but ``produced`` (0: none of their tokens is emitted yet)."""
 
-    key: np.ndarray  # the counter key (sample_key of sample and response)
+    counter_key: np.ndarray  # the key of the rows' counter-based draws (:func:`counter_key`)
     limit: np.ndarray  # the token budget, or the length a replayed row was written with
     new: np.ndarray  # 1: sampled now; 0: replayed
     cached: np.ndarray  # [2, rows]: tokens cached per side (the prompt but its last token)
@@ -55,34 +62,46 @@ class DeviceRows:
     """What the rounds read and update in place, per slot. Side-indexed fields have one row per
     side (:class:`~qstar_cli.engine.roles.Side`). With ``fields`` per-token values, ``values``
     ``[slots, columns, fields]`` holds each emitted token's (:data:`SUMMARY_FIELDS` order), then
-    with ``teacher_topk`` K its pi_t top-K: K ids (float32 holds ids below 2^24 exactly), K
-    log-probabilities and the tail's."""
+    with ``teacher_topk`` K the log-probabilities of pi_t's top K and of the mass outside them,
+    whose ids are ``topk_ids`` ``[slots, columns, K]`` (int32)."""
 
     def __init__(self, slots: int, device: torch.device, eos: set[int], fields: int, teacher_topk: int = 0):
-        # One table, so that admitting or moving rows is one copy; each field is a named view of it,
-        # in the order :meth:`admit` writes them.
-        self.table = torch.zeros(8, slots, dtype=torch.long, device=device)
-        self.key = self.table[0]  # the counter key
-        self.produced = self.table[1]  # tokens emitted so far: the counter's step
-        self.limit = self.table[2]  # the token budget, or the length a replayed row was written with
-        self.new = self.table[3]  # 1: sampled now; 0: replayed
-        self.cached = self.table[4:6]  # per side: tokens in the KV cache
-        self.pending = self.table[6:8]  # per side: the token the next round feeds
+        # One table, so that admitting or moving rows is one copy; each field of DEVICE_FIELDS is a
+        # named view of its rows (per-side fields [2, slots], the others [slots]).
+        self.table = torch.zeros(sum(DEVICE_FIELDS.values()), slots, dtype=torch.long, device=device)
+        ends = np.cumsum([0, *DEVICE_FIELDS.values()])
+        self.rows_of = {name: slice(int(a), int(b)) for name, a, b in zip(DEVICE_FIELDS, ends, ends[1:])}
+        self.counter_key = self._view("counter_key")  # the key of the rows' draws
+        self.produced = self._view("produced")  # tokens emitted so far: the counter's token index
+        self.limit = self._view("limit")  # the token budget, or the length a replayed row was written with
+        self.new = self._view("new")  # 1: sampled now; 0: replayed
+        self.cached = self._view("cached")  # per side: tokens in the KV cache
+        self.pending = self._view("pending")  # per side: the token the next round feeds
         self.eos = to_device(np.array(sorted(eos), np.int64), device)
-        self.teacher_topk = teacher_topk
-        fields += 2 * teacher_topk + 1 if teacher_topk else 0
-        self.values = torch.zeros(slots, 0, fields, device=device) if fields else None
+        self.fields, self.teacher_topk = fields, teacher_topk
+        topk_columns = teacher_topk + 1 if teacher_topk else 0
+        self.values = torch.zeros(slots, 0, fields + topk_columns, device=device) if fields else None
+        self.topk_ids = torch.zeros(slots, 0, teacher_topk, dtype=torch.int32, device=device) if teacher_topk else None
+
+    def _view(self, name: str) -> Tensor:
+        """A field's rows of the table: ``[slots]``, or ``[2, slots]`` for a per-side field."""
+        rows = self.rows_of[name]
+        return self.table[rows] if DEVICE_FIELDS[name] > 1 else self.table[rows.start]
+
+    def _per_token(self) -> list[Tensor]:
+        """The per-token tensors ``[slots, columns, ...]``, which move with their rows."""
+        return [t for t in (self.values, self.topk_ids) if t is not None]
 
     def ensure_columns(self, columns: int) -> None:
         if self.values is not None and columns > self.values.shape[1]:
-            grown = self.values.new_zeros(self.values.shape[0], columns, self.values.shape[2])
-            grown[:, : self.values.shape[1]] = self.values
-            self.values = grown
+            self.values, self.topk_ids = (_widened(t, columns) if t is not None else None for t in (self.values, self.topk_ids))
 
     def admit(self, start: int, rows: AdmittedRows) -> None:
-        """Rows ``start ..`` take ``rows``, none of whose tokens are emitted yet."""
-        produced = np.zeros_like(rows.key)
-        table = np.concatenate([np.stack([rows.key, produced, rows.limit, rows.new]), rows.cached, rows.pending])
+        """Rows ``start ..`` take ``rows``, none of whose tokens are emitted yet (one copy)."""
+        table = np.zeros((self.table.shape[0], len(rows.counter_key)), np.int64)
+        for name, at in self.rows_of.items():
+            if name != "produced":
+                table[at] = getattr(rows, name)
         self.table[:, start : start + table.shape[1]] = to_device(table, self.table.device)
 
     def set_produced(self, host: HostRows, n: int) -> None:
@@ -93,8 +112,8 @@ class DeviceRows:
     def move(self, src: list[int], dst: list[int]) -> None:
         src_t, dst_t = to_device(np.array([src, dst], np.int64), self.table.device)
         self.table[:, dst_t] = self.table[:, src_t]
-        if self.values is not None:
-            self.values[dst_t] = self.values[src_t]
+        for per_token in self._per_token():
+            per_token[dst_t] = per_token[src_t]
 
     def feed(self, n: int, draft_len: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         """The leading ``n`` rows' pending tokens ``[2, n]`` and the positions of their ``k + 1``
@@ -120,9 +139,14 @@ class DeviceRows:
         flags = torch.stack([accepted, emitted, finished.long(), stopped.long()], dim=-1)
         return torch.cat([token_ids, flags, nan.long()], dim=1).to(torch.int32)
 
-    def record(self, destinations: Tensor, values: Tensor) -> None:
-        """Write per-token ``values`` ``[tokens, fields]`` at ``destinations``, flat indices into
-        ``values`` seen as ``[slots * columns, fields]`` (:meth:`HostRows.advance`)."""
+    def record(self, destinations: Tensor, values: Tensor, topk: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """Write per-token ``values`` ``[tokens, fields]`` and pi_t's top-K (ids, log-probabilities and
+        tail, :func:`~qstar_cli.distributions.token_choice.teacher_topk`) at ``destinations``, flat
+        indices into ``[slots * columns]`` (:meth:`HostRows.advance`)."""
+        if topk is not None:
+            ids, logprobs, tail = topk
+            values = torch.cat([values, logprobs, tail], dim=-1)
+            self.topk_ids.view(-1, self.teacher_topk).index_copy_(0, destinations, ids)
         self.values.view(-1, self.values.shape[2]).index_copy_(0, destinations, values)
 
 
@@ -147,9 +171,9 @@ class HostRows:
         self.round_drafts = np.zeros((slots, 0), np.int64)
         self.round_tokens = np.zeros((slots, 0), np.int64)
 
-    def _per_slot(self) -> tuple[np.ndarray, ...]:
-        return (self.produced, self.rounds, self.tested, self.accepted, self.budget, self.limit, self.new, self.scripted,
-                self.stopped, self.prompt_lengths, self.token_ids, self.round_drafts, self.round_tokens)  # fmt: skip
+    def _per_slot(self) -> list[np.ndarray]:
+        """Every array declared in ``__init__``: each has a slot's entry first."""
+        return [array for array in vars(self).values() if isinstance(array, np.ndarray)]
 
     @property
     def columns(self) -> int:
@@ -178,7 +202,7 @@ class HostRows:
                 self.round_drafts[slot, : len(row.script[0])] = row.script[0]
                 self.round_tokens[slot, : len(row.script[1])] = row.script[1]
         return AdmittedRows(
-            key=np.array([sample_key(r.request.sample_idx, r.request.response_idx) for r in rows], np.int64),
+            counter_key=np.array([counter_key(r.request.sample_idx, r.request.response_idx) for r in rows], np.int64),
             limit=self.limit[slots].copy(),
             new=self.new[slots].astype(np.int64),
             cached=self.prompt_lengths[slots].T - 1,
@@ -274,8 +298,8 @@ class FinishedRows:
     """A round's finished new rows: their results, complete but for the per-token values, which are
     on their way to the host (one copy for all of them)."""
 
-    def __init__(self, finished: list[tuple[int, object]], values: HostCopy | None, teacher_topk: int = 0):
-        self.finished, self.values, self.teacher_topk = finished, values, teacher_topk
+    def __init__(self, finished: list[tuple[int, object]], values: HostCopy | None, topk_ids: HostCopy | None = None):
+        self.finished, self.values, self.topk_ids = finished, values, topk_ids
 
     @classmethod
     def collect(cls, state: DeviceRows, schedule, finished: list[int]) -> list[FinishedRows]:
@@ -291,25 +315,26 @@ class FinishedRows:
             result.finish_reason = "stop" if host.stopped[i] else "length"
             if result.draft_lengths is not None:
                 result.draft_lengths, result.round_tokens = host.round_drafts[i, :rounds].tolist(), host.round_tokens[i, :rounds].tolist()
-        values = None
+        copies = [None, None]
         if state.values is not None:
-            rows_done = to_device(np.array(done, np.int64), state.values.device)
-            values = copy_to_host(state.values[rows_done, : int(host.produced[done].max())])
-        return [cls([(rows[i].position, rows[i].result) for i in done], values, state.teacher_topk)]
+            rows_done, columns = to_device(np.array(done, np.int64), state.values.device), int(host.produced[done].max())
+            copies = [copy_to_host(t[rows_done, :columns]) if t is not None else None for t in (state.values, state.topk_ids)]
+        return [cls([(rows[i].position, rows[i].result) for i in done], *copies)]
 
     def results(self):
         """``(position, result)`` of each row, its per-token values in (float64, as the sidecar has
         them) and its teacher top-K."""
         values = self.values.numpy() if self.values is not None else None
-        fields, k = len(SUMMARY_FIELDS), self.teacher_topk
+        topk_ids = self.topk_ids.numpy() if self.topk_ids is not None else None
+        fields = len(SUMMARY_FIELDS)
         for j, (position, result) in enumerate(self.finished):
             result.per_token = {PER_TOKEN_FIELDS[0]: result.token_ids}
             if values is not None:
                 mine = values[j, : len(result.token_ids)]
                 result.per_token.update(zip(SUMMARY_FIELDS, mine[:, :fields].astype(np.float64).T.tolist()))
-                if k:
-                    top = mine[:, fields:]
-                    result.teacher_topk = TeacherTopK(top[:, :k].astype(np.int32), top[:, k : 2 * k].copy(), top[:, 2 * k].copy())
+                if topk_ids is not None:
+                    ids = topk_ids[j, : len(result.token_ids)]
+                    result.teacher_topk = TeacherTopK(ids.copy(), mine[:, fields:-1].copy(), mine[:, -1].copy())
             yield position, result
 
 
@@ -335,6 +360,13 @@ class HostCopy:
 def copy_to_host(tensor: Tensor) -> HostCopy:
     """Start copying ``tensor`` to the host without waiting (pinned memory, non-blocking on CUDA)."""
     return HostCopy(tensor)
+
+
+def _widened(tensor: Tensor, columns: int) -> Tensor:
+    """``tensor`` ``[slots, columns, ...]`` with room for ``columns`` columns, the new ones zero."""
+    grown = tensor.new_zeros(tensor.shape[0], columns, *tensor.shape[2:])
+    grown[:, : tensor.shape[1]] = tensor
+    return grown
 
 
 def to_device(array: np.ndarray, device: torch.device) -> Tensor:

@@ -45,7 +45,7 @@ from qstar_cli.engine.models import (
 )
 from qstar_cli.engine.prefill import prefill
 from qstar_cli.engine.prompts import Messages, PromptFormat
-from qstar_cli.engine.roles import Role, RoleModel, Side
+from qstar_cli.engine.roles import DRAFT_PAIR, PLAIN_SCORERS, Role, RoleModel, Side, run_roles
 from qstar_cli.engine.rows import DeviceRows, FinishedRows, HostRows, RoundOutcome, to_device, to_host
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.engine.scheduler import Row, SlotScheduler
@@ -92,15 +92,15 @@ class DualModelSampler:
         self.pair_drafts = draft_pair is not None
         if draft_pair is not None:
             check_draft_pair(draft_pair, (theta, target), self.vocab)
-        loaded = (theta, target, *(draft_pair or ()))
-        _prepare_models(loaded)
-        #: Every model in its role, in :class:`Role` order, with its compiled forward when compiled.
-        self.roles = tuple(RoleModel(role, m, compiled_forward(m.model) if compile else None) for role, m in zip(Role, loaded))
-        #: The drafter proposes drafts a forward at a time; the scorers score a round's pending token
+        models = dict(zip(run_roles(self.pair_drafts), (theta, target, *(draft_pair or ()))))
+        _prepare_models(tuple(models.values()))
+        #: Every model by its role, with its compiled forward when compiled.
+        self.roles = {role: RoleModel(role, m, compiled_forward(m.model) if compile else None) for role, m in models.items()}
+        #: The drafters propose drafts a forward at a time; the scorers score a round's pending token
         #: and drafts in one forward each. pi_theta drafts for itself, so its drafting forwards are
         #: its scores; a draft pair drafts from its own mixture, and pi_theta scores.
-        self.drafter = self.roles[2:] if self.pair_drafts else self.roles[:1]
-        self.scorers = self.roles[:2] if self.pair_drafts else self.roles[1:]
+        self.drafters: tuple[Role, ...] = DRAFT_PAIR if self.pair_drafts else (Role.THETA,)
+        self.scorers: tuple[Role, ...] = PLAIN_SCORERS if self.pair_drafts else (Role.T,)
         self.theta_format = PromptFormat(theta_format, theta.tokenizer)
         self.t_format = PromptFormat(t_format, target.tokenizer)
         self.alpha_method, self.alpha = alpha_method, alpha
@@ -121,7 +121,7 @@ class DualModelSampler:
         #: Per side: the most tokens, prompt and response, the models reading it take, draft models
         #: included (None: no limit known).
         self.context_limits = tuple(
-            min((limit for r in self.roles if r.side == side if (limit := context_limit(r.loaded)) is not None), default=None)
+            min((limit for r in self.roles.values() if r.side == side if (limit := context_limit(r.loaded)) is not None), default=None)
             for side in Side
         )
 
@@ -165,7 +165,7 @@ class DualModelSampler:
         conversations: list[Messages],
         sample_indices: list[int] | None = None,
         prompt_ids: list[tuple[list[int], list[int]]] | None = None,
-        on_step: Callable[[int], None] | None = None,
+        on_round: Callable[[int], None] | None = None,
         batch_size: int | None = None,
         scheduler: str = "continuous",
         diagnostics: str = "full",
@@ -184,7 +184,7 @@ class DualModelSampler:
         prompts = prompt_ids if prompt_ids is not None else [self.encode_prompts(c) for c in conversations]
         requests = [SampleRequest(i, p_theta, p_t) for i, (p_theta, p_t) in zip(sample_indices, prompts)]
         results: list[SampleResult | None] = [None] * len(requests)
-        for position, result in self.stream(requests, batch_size or max(len(requests), 1), scheduler, on_step, diagnostics=diagnostics):
+        for position, result in self.stream(requests, batch_size or max(len(requests), 1), scheduler, on_round, diagnostics=diagnostics):
             results[position] = result
         return results
 
@@ -194,15 +194,15 @@ class DualModelSampler:
         requests: Iterable[SampleRequest],
         slots: int = 8,
         scheduler: str = "continuous",
-        on_step: Callable[[int], None] | None = None,
+        on_round: Callable[[int], None] | None = None,
         max_waiting: int | None = None,
         stats: StreamStats | None = None,
         diagnostics: str = "full",
     ) -> Iterator[tuple[int, SampleResult]]:
         """Generate the requests on ``slots`` slots; yield ``(position, result)`` as samples finish.
 
-        ``position`` is the request's index in ``requests``, which is read lazily. Each step is one
-        round (one token per row, or with ``draft_k`` a row's drafts and the tokens accepted of
+        ``position`` is the request's index in ``requests``, which is read lazily. The stream goes
+        in rounds (one token per row, or with ``draft_k`` a row's drafts and the tokens accepted of
         them). After a round, :class:`~qstar_cli.engine.scheduler.SlotScheduler` (``scheduler``
         ``continuous`` or ``static``; ``max_waiting``, default ``32 * slots``) says which requests
         join; they are prefilled together, one forward per model.
@@ -210,7 +210,7 @@ class DualModelSampler:
         The schedule depends on the requests and the sampled rounds alone, never on timing, so a
         run that replays its already-written samples (``SampleRequest.replay_tokens`` and
         ``replay_rounds``) gives every other sample exactly the batches, slots and floats it had in
-        the uninterrupted run. ``on_step(n)`` is called after each round with the tokens it
+        the uninterrupted run. ``on_round(n)`` is called after each round with the tokens it
         produced; an exception it raises ends the stream.
 
         ``diagnostics`` (a level of :data:`~qstar_cli.runfiles.format.DIAGNOSTICS_LEVELS`) is the
@@ -223,7 +223,7 @@ class DualModelSampler:
             r.role: SlotCache(
                 r.model.config, slots, 1, compiled=r.compiled is not None, bucketed=r.compiled is not None and graphed(r.model)
             )
-            for r in self.roles
+            for r in self.roles.values()
         }
         if self.teacher_topk and diagnostics != "full":
             raise ValueError(f"teacher_topk is kept in the sidecar's per-token arrays: it needs diagnostics full, not {diagnostics}")
@@ -243,8 +243,8 @@ class DualModelSampler:
                 ready, outbox = outbox, []  # the round's transfer waited for their copies
                 yield from self._deliver(ready)
                 outbox = FinishedRows.collect(state, schedule, finished)
-                if on_step is not None and new_tokens is not None:
-                    on_step(new_tokens)
+                if on_round is not None and new_tokens is not None:
+                    on_round(new_tokens)
                 self._free_slots(caches, state, schedule, finished)
         except (Exception, KeyboardInterrupt):
             ready, outbox = outbox, []
@@ -257,7 +257,8 @@ class DualModelSampler:
     ) -> None:
         """Prefill ``group`` into the slots after the running rows and start their state."""
         start = len(schedule.rows)
-        state.admit(start, schedule.place(prefill(caches, self.roles, schedule.rows, group, self.vocab, self.prefill_tokens, stats)))
+        rows = prefill(caches, self.roles.values(), schedule.rows, group, self.vocab, self.prefill_tokens, stats)
+        state.admit(start, schedule.place(rows))
         state.ensure_columns(schedule.host.columns)
 
     def _free_slots(self, caches: dict[Role, SlotCache], state: DeviceRows, schedule: SlotScheduler, finished: list[int]) -> None:
@@ -265,7 +266,7 @@ class DualModelSampler:
         their caches and state with them."""
         src, dst = schedule.remove(finished)
         for s_, d_, cached in zip(src, dst, schedule.host.cached(len(schedule.rows))[dst]):
-            for r in self.roles:
+            for r in self.roles.values():
                 caches[r.role].move(s_, d_, int(cached[r.side]))
         if src:
             state.move(src, dst)
@@ -273,11 +274,11 @@ class DualModelSampler:
     def plan_slots(self, prompt_ids: list[tuple[list[int], list[int]]], memory_fraction: float, samples: int) -> SlotPlan:
         """The slots that fit the free memory beside the loaded models (``--batch-size auto``,
         :func:`~qstar_cli.engine.memory.plan_slots`) for these prompts' sequences."""
-        longest = tuple(max(len(ids[side]) + self.token_budget(*ids) for ids in prompt_ids) for side in (0, 1))
-        prompts = tuple(max(len(ids[side]) for ids in prompt_ids) for side in (0, 1))
+        longest = tuple(max(len(ids[side]) + self.token_budget(*ids) for ids in prompt_ids) for side in Side)
+        prompts = tuple(max(len(ids[side]) for ids in prompt_ids) for side in Side)
         return plan_slots(
-            [r.model for r in self.roles],
-            [r.side for r in self.roles],
+            [r.model for r in self.roles.values()],
+            [r.side for r in self.roles.values()],
             longest,
             prompts,
             self.vocab,
@@ -293,8 +294,10 @@ class DualModelSampler:
         rounds (and the samples) do not depend on timing. Kept per sampler (a cache on the method
         would keep every sampler, and its models, alive)."""
         if rows not in self._round_costs:
-            drafter, scorers = (sum(p.numel() for r in roles for p in r.model.parameters()) for roles in (self.drafter, self.scorers))
-            self._round_costs[rows] = round_costs(drafter, scorers, rows, self.theta.model.device.type)
+            drafters, scorers = (
+                sum(p.numel() for r in roles for p in self.roles[r].model.parameters()) for roles in (self.drafters, self.scorers)
+            )
+            self._round_costs[rows] = round_costs(drafters, scorers, rows, self.theta.model.device.type)
         return self._round_costs[rows]
 
     def _draft_lengths(self, host: HostRows, n: int) -> np.ndarray:
@@ -344,7 +347,7 @@ class DualModelSampler:
         logp_theta, logp_t = self._score(caches, feed, drafts)
         alpha, logp_q = self._mixture(logp_theta, logp_t)
         choice = choose_tokens(
-            logp_theta, logp_t, logp_q, drafts.token_ids, drafts.logp, feed.draft_len, feed.sample, feed.produced, self.seed, self.sampling,
+            logp_theta, logp_t, logp_q, drafts.token_ids, drafts.logp, feed.draft_len, feed.counter_key, feed.produced, self.seed, self.sampling,
             pair_drafts=self.pair_drafts,
         )  # fmt: skip
         block = state.advance(choice.token_ids, choice.accepted, feed.forced, choice.nan)
@@ -358,16 +361,25 @@ class DualModelSampler:
 
     def _feed(self, state: DeviceRows, host: HostRows, n: int) -> RoundFeed:
         """Step 1: the round's draft lengths and each side's queries."""
-        draft_len = self._draft_lengths(host, n)
-        k = int(draft_len.max())
+        draft_len_host = self._draft_lengths(host, n)
+        k = int(draft_len_host.max())
         device = state.table.device
         if k:  # a replayed row's rounds are forced to go as they went
-            lengths, forced = to_device(np.stack([draft_len, host.script(n)[1]]), device)
+            draft_len, forced = to_device(np.stack([draft_len_host, host.script(n)[1]]), device)
         else:
-            lengths, forced = torch.zeros(n, dtype=torch.long, device=device), None
-        pending, positions = state.feed(n, lengths if k else None, k)
-        longest = (host.cached(n).max(0) + k + 1).tolist()
-        return RoundFeed(k, draft_len, lengths, forced, pending, positions, longest, state.key[:n], state.produced[:n])
+            draft_len, forced = torch.zeros(n, dtype=torch.long, device=device), None
+        pending, positions = state.feed(n, draft_len if k else None, k)
+        return RoundFeed(
+            k=k,
+            draft_len_host=draft_len_host,
+            draft_len=draft_len,
+            forced=forced,
+            pending=pending,
+            positions=positions,
+            longest=(host.cached(n).max(0) + k + 1).tolist(),
+            counter_key=state.counter_key[:n],
+            produced=state.produced[:n],
+        )
 
     def _forward(self, caches: dict[Role, SlotCache], role: RoleModel, feed: RoundFeed, token_ids: Tensor, queries: slice) -> Tensor:
         """``role``'s forward over ``token_ids`` ``[n, q]`` at the feed's ``queries``; log-probs ``[n, q, V]``."""
@@ -382,17 +394,17 @@ class DualModelSampler:
         the draft pair's mixture q'), tempered and truncated as q is. The last forward caches the
         last draft. A plain round (no drafts, pi_theta drafting) has no drafter forward: pi_theta
         scores."""
-        n, k = len(feed.sample), feed.k
-        no_drafts = feed.sample.new_zeros(n, 0), torch.empty(n, 0, self.vocab, device=feed.sample.device)
+        n, k = len(feed.counter_key), feed.k
+        no_drafts = feed.counter_key.new_zeros(n, 0), torch.empty(n, 0, self.vocab, device=feed.counter_key.device)
         if not k and not self.pair_drafts:
             return Drafts(*no_drafts, None)
         drafts, logp_drafts, drafter_logps = [], [], []
         fed = feed.pending
         for j in range(k + 1):
-            out = [self._forward(caches, role, feed, fed[role.side].unsqueeze(-1), slice(j, j + 1))[:, 0] for role in self.drafter]
+            out = [self._forward(caches, self.roles[r], feed, fed[r.side].unsqueeze(-1), slice(j, j + 1))[:, 0] for r in self.drafters]
             drafter_logps.append(out[0] if len(out) == 1 else self._mixture(*out)[1])
             if j < k:
-                draft, logp_p = draw_drafts(drafter_logps[-1], self.sampling, self.seed, feed.sample, feed.produced + j)
+                draft, logp_p = draw_drafts(drafter_logps[-1], self.sampling, self.seed, feed.counter_key, feed.produced + j)
                 drafts.append(draft)
                 logp_drafts.append(logp_p)
                 fed = draft.expand(2, n)  # both sides take the draft
@@ -403,10 +415,10 @@ class DualModelSampler:
         """Step 3: each scorer takes the pending token and the drafts in one forward; pi_theta's and
         pi_t's log-probs at every position of the round, ``[n * (k + 1), V]`` each (pi_theta's are
         its drafting forwards' when it drafts)."""
-        scorers = self.scorers if drafts.drafter_logps is not None else self.roles[:2]  # a plain round: both score
+        scorers = self.scorers if drafts.drafter_logps is not None else PLAIN_SCORERS
         scores = {
-            role.role: self._forward(
-                caches, role, feed, torch.cat([feed.pending[role.side].unsqueeze(-1), drafts.token_ids], dim=1), slice(None)
+            role: self._forward(
+                caches, self.roles[role], feed, torch.cat([feed.pending[role.side].unsqueeze(-1), drafts.token_ids], dim=1), slice(None)
             )
             for role in scorers
         }
@@ -439,17 +451,16 @@ class DualModelSampler:
         values = {name: value[query] for name, value in values.items()}
         values.update(self.math.token_diagnostics(logp_theta[query], logp_t[query], logp_q[query]))
         columns = torch.stack([values[name] for name in SUMMARY_FIELDS], dim=-1)
-        if self.teacher_topk:
-            columns = torch.cat([columns, *teacher_topk(logp_t[query], self.teacher_topk)], dim=-1)
-        state.record(destinations, columns)
+        state.record(destinations, columns, teacher_topk(logp_t[query], self.teacher_topk) if self.teacher_topk else None)
 
     def _nan_message(self, rows: list[Row], outcome: RoundOutcome, host: HostRows) -> str:
         """Which model gave NaN log-probabilities, for which samples of the round."""
         bad = np.nonzero(outcome.nan.any(-1))[0]
-        theta = "pi_theta or the draft pair" if self.pair_drafts else "pi_theta"
-        roles = " and ".join(
-            f"{role} ({model.name})" for role, model, j in ((theta, self.theta, 0), ("pi_t", self.target, 1)) if outcome.nan[:, j].any()
-        )
+        names = {
+            Side.THETA: f"pi_theta{' or the draft pair' if self.pair_drafts else ''} ({self.theta.name})",
+            Side.T: f"pi_t ({self.target.name})",
+        }
+        roles = " and ".join(name for side, name in names.items() if outcome.nan[:, side].any())
         row = rows[bad[0]]
         return (
             f"{roles} gave NaN log-probabilities in {len(bad)} of the round's {len(rows)} rows (first: sample "
@@ -476,8 +487,8 @@ class RoundFeed:
     pending: Tensor  # [2, n] the pending tokens
     positions: Tensor  # [2, n, k + 1] the queries' positions (-1 past a row's drafts)
     longest: list[int]  # per side, the forwards' attention width
-    sample: Tensor  # [n] the rows' counter keys
-    produced: Tensor  # [n] tokens each row emitted before the round (its counter's step)
+    counter_key: Tensor  # [n] the keys of the rows' draws
+    produced: Tensor  # [n] tokens each row emitted before the round (the token index of its first draw)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class SampleResult:
 class StreamStats:
     """What :meth:`DualModelSampler.stream` did: rounds computed, slot occupancy, tokens, prefills, drafts."""
 
-    steps: int = 0  # rounds computed (a stretch of replayed samples alone is skipped)
+    rounds: int = 0  # rounds computed (a stretch of replayed samples alone is skipped)
     tokens: int = 0  # tokens of new (not replayed) samples
     prefills: int = 0  # prefill forwards, per model
     prompts_prefilled: int = 0  # prompts those forwards ran over (each prompt's responses share one)
@@ -77,7 +77,7 @@ class StreamStats:
 
     def count_round(self, outcome) -> None:
         """Count a computed round (a :class:`~qstar_cli.engine.rows.RoundOutcome`): its new rows' work."""
-        self.steps += 1
+        self.rounds += 1
         self.tokens += outcome.new_tokens
         self.row_rounds += outcome.row_rounds
         self.drafted += outcome.drafted
@@ -91,7 +91,7 @@ class StreamStats:
 
     def utilisation(self, slots: int) -> float:
         """Rows running per round / slots (new samples' rounds; 1 when every slot always ran)."""
-        return self.row_rounds / (self.steps * slots) if self.steps else 0.0
+        return self.row_rounds / (self.rounds * slots) if self.rounds else 0.0
 
     def speculative(self) -> dict[str, float]:
         """Acceptance rate (per draft tested: an estimate of 1 - TV(p, q)), mean drafts accepted per

@@ -13,9 +13,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
-from qstar_cli.engine.rows import HostRows
+from qstar_cli.engine.roles import Side
+from qstar_cli.engine.rows import AdmittedRows, HostRows
 from qstar_cli.engine.samples import SampleRequest, SampleResult
 
 SCHEDULERS: tuple[str, ...] = ("continuous", "static")
@@ -73,7 +72,7 @@ class SlotScheduler:
             group.extend(self.admit(*next(pending)) for _ in range(same))
         return group
 
-    def place(self, group: list[Row]) -> np.ndarray:
+    def place(self, group: list[Row]) -> AdmittedRows:
         """Put ``group`` (prefilled) into the slots after the running rows; the device's state for
         them (:meth:`~qstar_cli.engine.rows.HostRows.place`)."""
         table = self.host.place(len(self.rows), group)
@@ -117,10 +116,11 @@ class Row:
 
     @property
     def prompt_lengths(self) -> tuple[int, int]:
+        """Per :class:`~qstar_cli.engine.roles.Side`."""
         return len(self.request.prompt_ids_theta), len(self.request.prompt_ids_t)
 
-    def prompt_ids(self, side: int) -> list[int]:
-        return self.request.prompt_ids_t if side else self.request.prompt_ids_theta
+    def prompt_ids(self, side: Side) -> list[int]:
+        return (self.request.prompt_ids_theta, self.request.prompt_ids_t)[side]
 
 
 class Lookahead:

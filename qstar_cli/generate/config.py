@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 import pydantic
 
+from qstar_cli.engine.roles import ROLES
 from qstar_cli.errors import QstarInputError
 from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS
 from qstar_cli.paths import DEMO, check_output_file, check_writable, local_path, resolved_spec
@@ -231,7 +232,7 @@ class GenerateConfig:
         from qstar_cli.engine.compiled import COMPILE_MODES
         from qstar_cli.engine.scheduler import SCHEDULERS
 
-        for name in ("model_theta", "model_t", "dataset"):
+        for name in (*(info.setting for info in ROLES.values() if not info.draft), "dataset"):
             if not getattr(self, name):
                 raise ConfigError(f"{flag(name)} is required (on the command line or in --config)")
         self._lower_keywords()
@@ -328,7 +329,7 @@ class GenerateConfig:
             raise ConfigError(f"--draft-k must be an integer from 0 (off) to {MAX_DRAFT_K}, or auto, got {self.draft_k}") from None
         if self.draft not in DRAFTERS:
             raise ConfigError(f"--draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
-        pair = [flag(name) for name in ("draft_model_theta", "draft_model_t") if getattr(self, name)]
+        pair = [flag(info.setting) for info in ROLES.values() if info.draft and getattr(self, info.setting)]
         if self.draft == "pair" and len(pair) < 2:
             raise ConfigError("--draft pair needs both --draft-model-theta and --draft-model-t")
         if self.draft == "theta" and pair:
@@ -450,8 +451,10 @@ def _type_name(annotation: Any) -> str:
 
 def run_models(config: GenerateConfig) -> dict[str, str]:
     """The models this run loads, by setting (the draft pair only when it drafts)."""
-    names = ("model_theta", "model_t") + (("draft_model_theta", "draft_model_t") if config.draft_k and config.draft == "pair" else ())
-    return {name: getattr(config, name) for name in names}
+    from qstar_cli.engine.roles import run_roles
+
+    settings = (ROLES[role].setting for role in run_roles(pair_drafts=bool(config.draft_k) and config.draft == "pair"))
+    return {name: getattr(config, name) for name in settings}
 
 
 def check_output(config: GenerateConfig) -> OutputPaths:

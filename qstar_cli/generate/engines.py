@@ -36,10 +36,10 @@ class Engine(Protocol):
         """``(device, dtype)`` for the manifest."""
 
     def stream(
-        self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
+        self, requests: Iterable[SampleRequest], on_round: Callable[[int], None], stats: StreamStats
     ) -> Iterator[tuple[int, SampleResult]]:
         """``(position, result)`` of every request that is not a replay, as samples finish.
-        ``on_step(tokens)`` follows each step (an exception it raises ends the stream); ``stats``
+        ``on_round(tokens)`` follows each round (an exception it raises ends the stream); ``stats``
         counts the work."""
 
 
@@ -73,9 +73,9 @@ class LocalEngine:
         return str(model.device), str(model.dtype).removeprefix("torch.")
 
     def stream(
-        self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
+        self, requests: Iterable[SampleRequest], on_round: Callable[[int], None], stats: StreamStats
     ) -> Iterator[tuple[int, SampleResult]]:
-        return self.load().stream(requests, self.slots, self.config.scheduler, on_step, stats=stats, diagnostics=self.config.diagnostics)
+        return self.load().stream(requests, self.slots, self.config.scheduler, on_round, stats=stats, diagnostics=self.config.diagnostics)
 
 
 def make_engine(config: GenerateConfig, sampler: DualModelSampler | None = None) -> Engine:

@@ -157,11 +157,11 @@ class RayEngine:
         return [g for g in groups if any(r.replay_tokens is None for r in g.requests)]
 
     def stream(
-        self, requests: Iterable[SampleRequest], on_step: Callable[[int], None], stats: StreamStats
+        self, requests: Iterable[SampleRequest], on_round: Callable[[int], None], stats: StreamStats
     ) -> Iterator[tuple[int, SampleResult]]:
         """Yield ``(position, result)`` of every request not replayed, group by group in schedule order.
 
-        ``on_step(tokens)`` follows each group (an exception it raises ends the run); ``stats`` sums
+        ``on_round(tokens)`` follows each group (an exception it raises ends the run); ``stats`` sums
         the replicas' own.
         """
         import ray
@@ -210,7 +210,7 @@ class RayEngine:
                     yield from group.results
                     stats.add(group.stats)
                     self._account(group)
-                    on_step(group.stats.tokens)
+                    on_round(group.stats.tokens)
         finally:
             data_logger.setLevel(log_level)
             if started_here:

@@ -38,6 +38,7 @@ import torch
 import qstar_cli
 from qstar_cli.engine.memory import free_memory
 from qstar_cli.engine.models import model_digests, model_identity
+from qstar_cli.engine.roles import ROLES
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from qstar_cli.errors import QstarRunError
 from qstar_cli.generate.adapters import adapt_rows, load_source, resolve_adapter
@@ -65,16 +66,12 @@ if TYPE_CHECKING:
 #: What a resumed run says when content, not a setting, differs.
 CONTENT_CHANGES = {
     "prompt_ids": "the prompt ids of the schedule changed (a dataset row, a prompt format or a tokenizer)",
-    "model_theta_identity": "the files of pi_theta changed (hub revision, configs or weights)",
-    "model_t_identity": "the files of pi_t changed (hub revision, configs or weights)",
-    "draft_model_theta_identity": "the files of the draft model for pi_theta changed",
-    "draft_model_t_identity": "the files of the draft model for pi_t changed",
+    **{info.identity: f"the files of {info.description} changed (hub revision, configs or weights)" for info in ROLES.values()},
 }
 #: The draft models' content, fingerprinted (like the draft settings) only when the pair drafts.
-DRAFT_CONTENT = {"draft_model_theta_identity": None, "draft_model_t_identity": None}
-#: The models of a run, by setting, and what a message calls them.
-MODEL_ROLES = {"model_theta": "pi_theta", "model_t": "pi_t", "draft_model_theta": "the draft model for pi_theta",
-               "draft_model_t": "the draft model for pi_t"}  # fmt: skip
+DRAFT_CONTENT = {info.identity: None for info in ROLES.values() if info.draft}
+#: What a message calls the model of each setting.
+MODEL_DESCRIPTIONS = {info.setting: info.description for info in ROLES.values()}
 
 
 class ProgressSink(Protocol):
@@ -160,7 +157,7 @@ def check_model_digests(writer: CheckpointedWriter, config: GenerateConfig) -> d
         if isinstance(old, dict) and old != files:
             changed = sorted(f for f in set(old) | set(files) if old.get(f) != files.get(f))
             raise ResumeError(
-                f"the files of {MODEL_ROLES[name]} changed since {writer.paths.main} began ({getattr(config, name)}: "
+                f"the files of {MODEL_DESCRIPTIONS[name]} changed since {writer.paths.main} began ({getattr(config, name)}: "
                 f"{', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} in content); "
                 "resume with the model it began with, or add --overwrite to start afresh"
             )
@@ -181,7 +178,7 @@ def run_generate(
     """Generate (or finish generating) the output of ``config``: check, load, schedule, resume,
     stream, commit.
 
-    ``stop``, once set, ends the run after the current step; the batch in progress is dropped and
+    ``stop``, once set, ends the run after the current round; the batch in progress is dropped and
     regenerated on resume. ``sampler`` reuses already loaded models (it must match ``config``).
     """
     progress = progress or _NoProgress()
@@ -382,7 +379,7 @@ def _requests(writer: CheckpointedWriter, config: GenerateConfig, schedule: list
 
 
 class _Commits:
-    """The samples of the stream written in schedule order and committed after each step, the
+    """The samples of the stream written in schedule order and committed after each round, the
     manifest following; what a failure of the disk or a model leaves is said in one line."""
 
     def __init__(self, writer, config, meta, engine, progress, stop, done: int, fresh: bool, grades=None):
@@ -404,7 +401,7 @@ class _Commits:
         self.waiting: dict[int, Any] = {}  # finished samples not yet written, by position
         try:
             try:
-                for position, result in self.engine.stream(requests, self._step, self.stats):
+                for position, result in self.engine.stream(requests, self._round, self.stats):
                     self.waiting[position + first] = result
                     if self.grades is not None:
                         self.grades.submit(position + first, result.text, row_of(schedule[position + first][0].metadata))
@@ -447,7 +444,7 @@ class _Commits:
             self.done += 1
             self.unwritten += 1
 
-    def _step(self, tokens: int) -> None:
+    def _round(self, tokens: int) -> None:
         self.new_tokens += tokens
         self.progress.tokens(tokens)
         if self.grades is not None:
@@ -481,7 +478,7 @@ def _record_session(meta: dict, session: dict, done: int, tokens: int, seconds: 
         seconds=round(seconds, 3),
         tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
         slot_utilisation=round(stats.utilisation(slots), 4),
-        steps=stats.steps,
+        rounds=stats.rounds,
         prefills=stats.prefills,
         prompts_prefilled=stats.prompts_prefilled,
     )

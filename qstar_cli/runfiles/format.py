@@ -107,7 +107,7 @@ def per_token_fields(level: str) -> tuple[str, ...]:
 SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 
 
-def sample_key(record: dict[str, Any]) -> tuple[int, int]:
+def sample_id(record: dict[str, Any]) -> tuple[int, int]:
     """``(sample_idx, response_idx)`` of a main-file or sidecar line (``response_idx`` 0 when absent)."""
     return record["sample_idx"], record.get("response_idx", 0)
 
@@ -120,7 +120,7 @@ def describe_sample(key: tuple[int, int]) -> str:
 class LineFacts:
     """What a main-file or sidecar line says of its sample, compared between the two files."""
 
-    key: tuple[int, int]
+    key: tuple[int, int]  # (sample_idx, response_idx): sample_id
     finish_reason: Any
     num_tokens: Any = None  # a sidecar's token count
     token_ids: int | None = None  # how many token ids a sidecar line at level full holds
@@ -129,7 +129,7 @@ class LineFacts:
     def of(cls, record: dict[str, Any]) -> LineFacts:
         per_token = record.get("per_token")
         token_ids = per_token.get("token_id") if isinstance(per_token, dict) else None
-        return cls(sample_key(record), record.get("finish_reason"), record.get("num_tokens"),
+        return cls(sample_id(record), record.get("finish_reason"), record.get("num_tokens"),
                    len(token_ids) if isinstance(token_ids, list) else None)  # fmt: skip
 
 

@@ -5,15 +5,20 @@ import math
 import pytest
 import torch
 
-from qstar_cli.distributions.sampling import (
-    SamplingParams,
-    counter_uniform,
-    draw,
-    sampling_logprobs,
-)
+from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sampling_logprobs
+from qstar_cli.distributions.token_choice import choose_tokens
 from tests.helpers import chi_square_pvalue
 
 N_DRAWS = 20000
+
+
+def draw(logp_q, params, seed, counter_key, token_index):
+    """One token per row from q as a plain round draws it (:func:`choose_tokens` without drafts);
+    the ids and their log-probabilities under the distribution sampled."""
+    n = len(logp_q)
+    no_drafts = counter_key.new_zeros(n, 0), logp_q.new_empty(n, 0, logp_q.shape[-1]), counter_key.new_zeros(n)
+    choice = choose_tokens(logp_q, logp_q, logp_q, *no_drafts, counter_key, token_index, seed, params)
+    return choice.token_ids[:, 0], choice.logp_drawn
 
 
 def draw_counts(logp_q, params, seed=0):
@@ -89,16 +94,16 @@ def test_logp_of_the_drawn_token_under_the_sampled_distribution():
 def test_draws_do_not_depend_on_batch_composition_or_order():
     gen = torch.Generator().manual_seed(3)
     logp_q = torch.randn(50, 300, generator=gen).log_softmax(-1)
-    sample_idx = torch.arange(100, 150)
-    step = torch.arange(50) % 7
+    keys = torch.arange(100, 150)
+    token_index = torch.arange(50) % 7
     params = SamplingParams(temperature=0.9, top_p=0.95)
-    together, _ = draw(logp_q, params, 11, sample_idx, step)
-    alone = torch.stack([draw(logp_q[i : i + 1], params, 11, sample_idx[i : i + 1], step[i : i + 1])[0][0] for i in range(50)])
+    together, _ = draw(logp_q, params, 11, keys, token_index)
+    alone = torch.stack([draw(logp_q[i : i + 1], params, 11, keys[i : i + 1], token_index[i : i + 1])[0][0] for i in range(50)])
     perm = torch.randperm(50, generator=gen)
-    shuffled, _ = draw(logp_q[perm], params, 11, sample_idx[perm], step[perm])
+    shuffled, _ = draw(logp_q[perm], params, 11, keys[perm], token_index[perm])
     assert torch.equal(together, alone)
     assert torch.equal(shuffled, together[perm])
-    other_seed, _ = draw(logp_q, params, 12, sample_idx, step)
+    other_seed, _ = draw(logp_q, params, 12, keys, token_index)
     assert not torch.equal(other_seed, together)
 
 

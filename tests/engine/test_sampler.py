@@ -164,11 +164,10 @@ def test_compiled_round_equals_eager(pair, draft_k):
     eager = make_sampler(pair, max_new_tokens=12, sampling=greedy, draft_k=draft_k).generate(CONVERSATIONS)
     sampler = make_sampler(pair, max_new_tokens=12, sampling=greedy, draft_k=draft_k, compile=True)
     calls = []
-    sampler.roles = tuple(
-        dataclasses.replace(r, compiled=lambda run=r.compiled, **inputs: calls.append(inputs["input_ids"].shape) or run(**inputs))
-        for r in sampler.roles
-    )
-    sampler.drafter, sampler.scorers = sampler.roles[:1], sampler.roles[1:]
+    sampler.roles = {
+        role: dataclasses.replace(r, compiled=lambda run=r.compiled, **inputs: calls.append(inputs["input_ids"].shape) or run(**inputs))
+        for role, r in sampler.roles.items()
+    }
     warm_up(sampler)
     graphs, calls[:] = counters["stats"]["unique_graphs"], []
     compiled = sampler.generate(CONVERSATIONS)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qstar_cli.distributions.mixture import mixture_logprobs, solve_alpha
-from qstar_cli.distributions.sampling import counter_uniform, sample_key, sample_tokens
+from qstar_cli.distributions.sampling import counter_key, counter_uniform, sample_tokens
 from qstar_cli.engine.samples import SampleRequest, StreamStats
 from tests.helpers import (
     CONVERSATIONS,
@@ -74,7 +74,7 @@ def test_the_first_tokens_of_many_responses_follow_q(sharp_pair):
 
 def test_one_response_draws_with_the_keys_of_before(pair):
     """K = 1 (response 0) keys each draw by (seed, row, step) exactly as the release before K existed."""
-    assert sample_key(torch.tensor([5]), torch.tensor([0])).item() == 5
+    assert counter_key(torch.tensor([5]), torch.tensor([0])).item() == 5
     sampler = make_sampler(pair, max_new_tokens=10, seed=3)
     results = sampler.generate(CONVERSATIONS, sample_indices=[7, 8, 9])
     for r in results:

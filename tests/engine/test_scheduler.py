@@ -49,7 +49,7 @@ def test_static_runs_fixed_batches_and_continuous_keeps_slots_busy(spread_pair):
     list(sampler.stream(requests, slots=4, scheduler="static", stats=fixed))
     assert busy.tokens == fixed.tokens
     assert fixed.prefills == 4  # one per batch of 4
-    assert busy.steps < fixed.steps and busy.utilisation(4) > fixed.utilisation(4)
+    assert busy.rounds < fixed.rounds and busy.utilisation(4) > fixed.utilisation(4)
 
 
 def test_replayed_samples_leave_the_others_bit_identical(spread_pair):
