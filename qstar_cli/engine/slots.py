@@ -182,7 +182,8 @@ class SlotCache(Cache):
     """KV storage for ``slots`` sequences of one model, each written at its own positions.
 
     >>> cache = SlotCache(model.config, slots=8, capacity=1024)
-    >>> logp = cache.forward(model, ids, positions, start=0)   # ids, positions: [rows, q]
+    >>> ids, positions = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]])   # [rows, q]: slot 0's first 3 tokens
+    >>> logp = cache.forward(model, ids, positions, start=0, longest=3, vocab=model.config.vocab_size)   # [rows, vocab]
     """
 
     def __init__(self, config, slots: int, capacity: int, compiled: bool = False, bucketed: bool = False):

@@ -7,7 +7,7 @@ the YAML config (:meth:`GenerateConfig.from_dict`), the fingerprint, the manifes
 docs' flag table (:func:`flag_table`) are all derived from these fields.
 
 >>> from qstar_cli.generate.config import GenerateConfig
->>> config = GenerateConfig(model_theta="demo", model_t="demo", dataset="data/demo_prompts.jsonl")
+>>> config = GenerateConfig(model_theta="demo", model_t="demo", dataset="data/demo_chat.jsonl")
 """
 
 from __future__ import annotations

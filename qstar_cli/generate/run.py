@@ -2,7 +2,7 @@
 
 >>> from qstar_cli import GenerateConfig, run_generate
 >>> summary = run_generate(GenerateConfig(model_theta="demo", model_t="demo", theta_format="plain",
-...                                       dataset="data/demo_prompts.jsonl", num_samples=4))
+...                                       dataset="data/demo_chat.jsonl", num_samples=4))
 
 The schedule is the usable rows in row order, each ``samples_per_prompt`` times (row-major: row 0's
 responses, then row 1's ...), fed to ``batch_size`` slots (``scheduler``
