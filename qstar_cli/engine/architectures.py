@@ -103,12 +103,12 @@ def attention_layout(config: Any, name: str | None = None) -> AttentionLayout:
         )
     if not any(t in MASKED_TYPES for t in types):
         raise UnsupportedModelError(who, "has no attention layers", ": qstar's slot cache has nothing to serve")
-    return AttentionLayout(
-        model_type,
-        tuple(types),
-        getattr(text, "sliding_window", None) if "sliding_attention" in counts else None,
-        getattr(text, "attention_chunk_size", None) if "chunked_attention" in counts else None,
-    )
+    sizes = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+    span = {t: getattr(text, name, None) for t, name in sizes.items() if t in counts}
+    for layer_type, value in span.items():
+        if not isinstance(value, int) or value < 1:
+            raise UnsupportedModelError(who, f"has {layer_type} layers", f" but its config's {sizes[layer_type]} is {value!r}, not a size")
+    return AttentionLayout(model_type, tuple(types), span.get("sliding_attention"), span.get("chunked_attention"))
 
 
 def _named(name: str | None, model_type: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from transformers import CONFIG_MAPPING
 
-from qstar_cli.engine.architectures import UnsupportedModelError
+from qstar_cli.engine.architectures import UnsupportedModelError, attention_layout
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.testing.families import (
     FAMILIES,
@@ -109,6 +109,19 @@ def test_an_unknown_attention_pattern_is_refused_not_guessed(model_type, config,
     theta = config_only_dir(tmp_path / "theta", family_config(FAMILIES[0], len(tiny_tokenizer)), tiny_tokenizer)
     line = one_line_error(cli("--model-theta", theta, "--model-t", model, "--dataset", prompts_file, "--output", tmp_path / "o.jsonl"))
     assert f"{model} ({model_type}) {refusal}" in line, line
+
+
+def test_a_layout_reads_windows_and_chunks_and_refuses_a_sliding_layer_without_a_window():
+    config = CONFIG_MAPPING["gemma3_text"](
+        num_hidden_layers=3, sliding_window=5, layer_types=["sliding_attention"] * 2 + ["full_attention"]
+    )
+    layout = attention_layout(config)
+    assert (layout.mask_types, layout.sliding_window, layout.chunk_size) == (("sliding_attention", "full_attention"), 5, None)
+    assert layout.describe() == "sliding window 5 (2 of 3 layers), full (1 of 3 layers)"
+    assert attention_layout(CONFIG_MAPPING["mistral"](num_hidden_layers=2, sliding_window=7)).describe() == "sliding window 7"
+    config = CONFIG_MAPPING["qwen3"](num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=None)
+    with pytest.raises(UnsupportedModelError, match=r"m \(qwen3\) has sliding_attention layers but its config's sliding_window is None"):
+        attention_layout(config, "m")
 
 
 def test_the_python_api_refuses_what_generate_refuses(tiny_tokenizer):
