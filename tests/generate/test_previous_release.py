@@ -6,7 +6,6 @@ The previous release's package is taken from git (``git archive``), so this need
 history, as a clone has it."""
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,16 +13,11 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.helpers import run_files, write_prompts
+from tests.helpers import run_files, spawn, write_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 #: The last commit of the previous release (before the reliability work of issues 21 and 25).
 PREVIOUS_RELEASE = "8a5728c"
-#: Runs ``qstar`` from the directory given first, not from the installed (editable) package.
-LAUNCH = (
-    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in type(f).__module__]; "
-    "sys.path.insert(0, sys.argv.pop(1)); from qstar_cli.cli import app; app(prog_name='qstar')"
-)
 PROMPTS = [{"prompt": f"Count to {i} and then stop. " * (1 + i % 3)} for i in range(8)]
 
 
@@ -42,19 +36,14 @@ def committed_samples(out: Path) -> int:
         return 0
 
 
-def spawn(package: Path | None, args: list[str], out: Path) -> subprocess.Popen:
-    launch = [sys.executable, "-c", LAUNCH, str(package)] if package else [sys.executable, "-m", "qstar_cli"]
-    return subprocess.Popen([*launch, "generate", *args, "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_a_run_of_the_previous_release_resumes_byte_identical(previous_release, spread_model_dirs, tmp_path):
     theta, target = spread_model_dirs
     args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", write_prompts(tmp_path, PROMPTS),
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
     reference, out = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
-    assert spawn(None, args, reference).wait(timeout=300) == 0
+    assert spawn(args, reference).wait(timeout=300) == 0
 
-    old = spawn(previous_release, args, out)
+    old = spawn(args, out, previous_release)
     while committed_samples(out) < 2 and old.poll() is None:  # killed once its manifest counts two
         time.sleep(0.01)
     old.kill()
@@ -63,7 +52,7 @@ def test_a_run_of_the_previous_release_resumes_byte_identical(previous_release, 
     assert 2 <= committed < len(PROMPTS), "the previous release must be killed mid-run"
     assert b"weights_sha256" not in run_files(out)[2].read_bytes()  # written by the previous release
 
-    new = spawn(None, args, out)
+    new = spawn(args, out)
     assert new.wait(timeout=300) == 0, new.stderr.read().decode()
     assert "resuming: " in new.stdout.read().decode()
     # The samples, byte for byte; the per-token numbers to float rounding: this release attends
