@@ -25,6 +25,13 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def analysis(sidecar) -> dict:
+    """What ``qstar analyze SIDECAR --json`` prints, but the file's name."""
+    result = invoke("analyze", sidecar, "--json")
+    assert result.exit_code == 0, result.output
+    return {k: v for k, v in json.loads(result.stdout).items() if k != "file"}
+
+
 def one_line_error(result, *fragments, code: int = 2) -> str:
     """The command failed with ``code`` and one ``error:`` line on stderr holding every fragment, no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output)
@@ -53,6 +60,12 @@ def copy_run(src, directory: Path, name: str = "run.jsonl") -> Path:
     for path, target in zip(run_files(src), run_files(directory / name)):
         shutil.copy(path, target)
     return directory / name
+
+
+def as_previous_release(sidecar: bytes) -> bytes:
+    """Sidecar lines as the release before ``format_version`` wrote them: without the field, their first
+    key, and otherwise the same bytes (tests/generate/test_previous_release.py checks it)."""
+    return sidecar.replace(b'{"format_version":2,', b"{")
 
 
 CONVERSATIONS = [

@@ -31,7 +31,7 @@ import orjson
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
-from qstar_cli.runfiles.format import read_manifest
+from qstar_cli.runfiles.format import FORMAT_VERSION, read_manifest
 from qstar_cli.runfiles.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, config_differences
 
 _SIDECAR_KEY = re.compile(rb'"sample_idx":(\d+),"response_idx":(\d+)')
@@ -157,8 +157,9 @@ def _main_idx(line: bytes) -> tuple[int, int] | None:
 
 
 def _sidecar_idx(line: bytes) -> tuple[int, int] | None:
-    # The key order is fixed: sample_idx and response_idx are the sidecar line's first keys.
-    found = _SIDECAR_KEY.search(line, 0, 80)
+    # The key order is fixed: sample_idx and response_idx are the sidecar line's first keys, after
+    # format_version in the lines that have one.
+    found = _SIDECAR_KEY.search(line, 0, 128)
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
@@ -212,6 +213,7 @@ def _merged_meta(paths: OutputPaths, shards: list[OutputPaths], metas: list[dict
     config = {**first["config"], "output": str(paths.main)}
     config.pop("shard_index", None)
     return {
+        "format_version": FORMAT_VERSION,
         "qstar_version": qstar_cli.__version__,
         "status": "complete",
         "fingerprint": first["fingerprint"],
