@@ -93,12 +93,6 @@ def test_the_api_is_importable_from_the_package():
     assert qstar_cli.GenerateConfig is GenerateConfig
     for name in qstar_cli.__all__:
         assert getattr(qstar_cli, name) is not None
-    from qstar_cli.adapters import (  # users' adapters import these
-        DatasetAdapter,
-        SkipRow,
-    )
-
-    assert DatasetAdapter is qstar_cli.DatasetAdapter and SkipRow is qstar_cli.SkipRow
 
 
 def test_every_setting_is_one_option_and_one_table_row():
