@@ -142,6 +142,17 @@ def test_a_shard_of_the_previous_release_merges_with_shards_of_this_one(shard_ar
     assert analysis(OutputPaths(out).diagnostics) == analysis(OutputPaths(single).diagnostics)
 
 
+def test_merge_refuses_a_shard_of_a_newer_format(runs, tmp_path):
+    out = copy_runs(runs, tmp_path)
+    side = OutputPaths(shard_file(out, 1)).diagnostics
+    side.write_bytes(side.read_bytes().replace(b'{"format_version":2,', b'{"format_version":3,', 1))
+    one_line_error(merge(out), f"{side} line 1 is in run-file format 3", "upgrade qstar")
+    assert not out.exists() and not list(tmp_path.glob("*.merging"))
+    meta = OutputPaths(shard_file(out, 2)).meta
+    meta.write_text(json.dumps({**manifest(shard_file(out, 2)), "format_version": 3}))
+    one_line_error(merge(out), f"the manifest {meta} is in run-file format 3", "upgrade qstar")
+
+
 def test_merge_refuses_a_missing_shard(runs, tmp_path):
     out = copy_runs(runs, tmp_path)
     shard = OutputPaths(shard_file(out, 2))
