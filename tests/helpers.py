@@ -2,7 +2,11 @@
 
 import hashlib
 import json
+import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -19,6 +23,13 @@ from qstar_cli.engine.sampler import DualModelSampler
 def invoke(*args):
     """``qstar ARGS`` in this process."""
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def analysis(sidecar) -> dict:
+    """What ``qstar analyze SIDECAR --json`` prints, but the file's name."""
+    result = invoke("analyze", sidecar, "--json")
+    assert result.exit_code == 0, result.output
+    return {k: v for k, v in json.loads(result.stdout).items() if k != "file"}
 
 
 def one_line_error(result, *fragments, code: int = 2) -> str:
@@ -42,6 +53,19 @@ def run_files(out) -> list[Path]:
     """The main file, sidecar and manifest of the run ``out``."""
     stem = str(out).removesuffix(".jsonl")
     return [Path(out), Path(f"{stem}.diagnostics.jsonl"), Path(f"{stem}.meta.json")]
+
+
+def copy_run(src, directory: Path, name: str = "run.jsonl") -> Path:
+    """A copy of the run ``src`` (main file, sidecar, manifest) as ``directory/name``; its main file."""
+    for path, target in zip(run_files(src), run_files(directory / name)):
+        shutil.copy(path, target)
+    return directory / name
+
+
+def as_previous_release(sidecar: bytes) -> bytes:
+    """Sidecar lines as the release before ``format_version`` wrote them: without the field, their first
+    key, and otherwise the same bytes (tests/generate/test_previous_release.py checks it)."""
+    return sidecar.replace(b'{"format_version":2,', b"{")
 
 
 CONVERSATIONS = [
@@ -177,6 +201,22 @@ def write_prompts(root, prompts) -> str:
     return str(write_jsonl(root / "prompts.jsonl", prompts))
 
 
+#: Runs ``qstar`` from the directory given first, not from the installed (editable) package.
+LAUNCH_FROM = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in type(f).__module__]; "
+    "sys.path.insert(0, sys.argv.pop(1)); from qstar_cli.cli import app; app(prog_name='qstar')"
+)
+
+
+def spawn(args, out, package: Path | None = None, **popen) -> subprocess.Popen:
+    """``qstar generate ARGS --output OUT`` in a process of its own, of this qstar or of the
+    ``qstar_cli`` under ``package`` (a previous release); its output piped unless ``popen`` (the
+    keywords of :class:`subprocess.Popen`) says otherwise."""
+    launch = [sys.executable, "-c", LAUNCH_FROM, str(package)] if package else [sys.executable, "-m", "qstar_cli"]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([*launch, "generate", *map(str, args), "--output", str(out)], **popen)
+
+
 def as_if_killed_after(out, done: int) -> None:
     """Make the manifest of the run ``out`` say what a kill after the commit of ``done`` samples
     leaves: status running, ``done`` samples durable (the files may hold more, or torn lines)."""
@@ -220,3 +260,16 @@ def tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]
 def tiny_generate_args(model_dirs, dataset, max_new_tokens, batch_size) -> list[str]:
     """The whole ``qstar generate`` command line of :func:`tiny_run_flags`."""
     return ["generate", *tiny_run_flags(model_dirs, dataset, max_new_tokens, batch_size)]
+
+
+def bucket_kl(p_theta, ids, teacher_logprobs, teacher_tail):
+    """KL(pi_t || pi_theta) over the K ids and the rest, one position, in plain Python floats."""
+    p_t = [math.exp(lp) for lp in teacher_logprobs] + [math.exp(teacher_tail)]
+    q = [p_theta[i] for i in ids] + [1.0 - sum(p_theta[i] for i in ids)]
+    return sum(p * math.log(p / q_) for p, q_ in zip(p_t, q) if p > 0)
+
+
+def teacher_topk(teacher_logp, k):
+    """pi_t's top-K ids, their log-probs, and the log of the mass outside them, as an export would hold them."""
+    top = teacher_logp.topk(k, -1)
+    return top.indices, top.values, teacher_logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)

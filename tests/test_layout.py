@@ -83,16 +83,16 @@ def test_reading_commands_import_neither_torch_nor_datasets(module):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
+def test_the_loss_maths_is_tested_without_trl():
+    """The losses' tests need torch, not the ``train`` extra; the trainer's are in test_weighted_sft.py."""
+    code = "import sys, tests.training.test_losses; print('trl' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_the_api_is_importable_from_the_package():
     assert qstar_cli.GenerateConfig is GenerateConfig
     for name in qstar_cli.__all__:
         assert getattr(qstar_cli, name) is not None
-    from qstar_cli.adapters import (  # users' adapters import these
-        DatasetAdapter,
-        SkipRow,
-    )
-
-    assert DatasetAdapter is qstar_cli.DatasetAdapter and SkipRow is qstar_cli.SkipRow
 
 
 def test_every_setting_is_one_option_and_one_table_row():

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from qstar_cli.analysis.statistics import ESS_FLOOR, REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
 from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import check_output_file, check_writable
-from qstar_cli.runfiles.format import LineFacts, OutputPaths, TeacherTopK, not_one_run, pair_mismatch
+from qstar_cli.runfiles.format import LineFacts, OutputPaths, TeacherTopK, not_one_run, pair_mismatch, read_line, sidecar_record
 
 FORMATS = (".parquet", ".jsonl")
 #: ``--keep``: every sample, or those graded right (rejection-sampling fine-tuning).
@@ -143,10 +143,12 @@ class _LockstepReader:
                 if self.progress and done - reported >= PROGRESS_BYTES:
                     self.progress(phase, done, total)
                     reported = done
-                main, record = _load(main_line, ("messages", "sample_idx")), _load(sidecar_line, REQUIRED_KEYS)
+                main = _load(main_line, ("messages", "sample_idx"), main_path, number)
+                record = _load(sidecar_line, REQUIRED_KEYS, sidecar, number)
                 if main is None or record is None:
                     self.skipped.append(number)
                     continue
+                record = sidecar_record(record)
                 if "per_token" not in record or "prompt_ids_theta" not in record:
                     raise QstarInputError(
                         f"{sidecar} holds no token ids (diagnostics level summary); export needs level full: "
@@ -175,15 +177,11 @@ class _LockstepReader:
             self.progress(phase, total, total)
 
 
-def _load(line: bytes | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
-    """A line as a dict holding ``keys``, or None (absent, torn or not a sample)."""
-    if line is None:
-        return None
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and all(k in record for k in keys) else None
+def _load(line: bytes | None, keys: tuple[str, ...], path: Path, number: int) -> dict[str, Any] | None:
+    """Line ``number`` of ``path`` as a dict holding ``keys``, or None (absent, torn or not a sample);
+    a line of a newer format than this qstar reads is refused."""
+    record = read_line(line, path, number)
+    return record if record is not None and all(k in record for k in keys) else None
 
 
 def kept_grade(main: dict[str, Any]) -> str | None:
@@ -195,7 +193,7 @@ def kept_grade(main: dict[str, Any]) -> str | None:
 def check_graded(run: Path) -> None:
     """``--keep correct`` needs grades: refuse a run whose first sample has none."""
     with run.open("rb") as f:
-        first = _load(f.readline(), ("messages", "sample_idx"))
+        first = _load(f.readline(), ("messages", "sample_idx"), run, 1)
     if first is not None and "grade" not in first:
         raise QstarInputError(
             f"--keep correct keeps the responses graded right, but {run} is not graded; "
@@ -228,7 +226,7 @@ def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) ->
         "input_ids": prompt + response,
         "completion_mask": [0] * len(prompt) + [1] * len(response),
         "sample_idx": record["sample_idx"],
-        "response_idx": record.get("response_idx", 0),
+        "response_idx": record["response_idx"],
         "finish_reason": record["finish_reason"],
         "weight": weight,
         "logp_theta": record["per_token"]["logp_theta"],

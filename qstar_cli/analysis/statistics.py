@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from qstar_cli.analysis import ESS_FLOOR
 from qstar_cli.grading.statistics import run_grades
-from qstar_cli.runfiles.format import SUMMARY_FIELDS
+from qstar_cli.runfiles.format import SUMMARY_FIELDS, read_line, sidecar_record
 
 PERCENTILES = (5, 25, 50, 75, 95)
 RESERVOIR_SIZE = 1 << 20
@@ -121,18 +120,16 @@ def sequence_log_weight(record: dict[str, Any]) -> float:
 
 
 def iter_sidecar(path: Path, corrupt: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` of a sidecar; the numbers of unreadable or incomplete lines go to ``corrupt``."""
+    """``(line number, record)`` of a sidecar, each line of any earlier format version read in this
+    one's shape (:func:`~qstar_cli.runfiles.format.sidecar_record`); the numbers of unreadable or
+    incomplete lines go to ``corrupt``, and a line of a newer format is refused."""
     with Path(path).open("rb") as f:
         for number, line in enumerate(f, start=1):
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
+            record = read_line(line, path, number)
+            if record is None or any(k not in record for k in REQUIRED_KEYS):
                 corrupt.append(number)
                 continue
-            if not isinstance(record, dict) or any(k not in record for k in REQUIRED_KEYS):
-                corrupt.append(number)
-                continue
-            yield number, record
+            yield number, sidecar_record(record)
 
 
 class TokenReservoir:
@@ -239,7 +236,7 @@ def _parse(record: dict[str, Any]) -> _Sample:
         rows = np.array([arrays[name] for name in SUMMARY_FIELDS], dtype=np.float64).T
         if rows.ndim != 2 or len(rows) != record["num_tokens"]:
             raise ValueError("per_token arrays do not match num_tokens")
-    identity = int(record["sample_idx"]), int(record.get("response_idx", 0)), int(record["num_tokens"]), str(record["finish_reason"])
+    identity = int(record["sample_idx"]), int(record["response_idx"]), int(record["num_tokens"]), str(record["finish_reason"])
     rounds = None
     if "draft_lengths" in record:
         rounds = speculative_counts(record["draft_lengths"], record["round_tokens"])

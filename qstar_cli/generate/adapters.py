@@ -8,7 +8,10 @@ is counted, never fatal; a consumed column that the dataset lacks altogether is 
 :class:`DatasetError` listing the columns there are.
 
 A user adapter is a subclass of :class:`DatasetAdapter` (set ``fields``, implement ``messages``),
-named as ``package.module:Class`` or ``path/to/file.py:Class``::
+named as ``package.module:Class`` or ``path/to/file.py:Class``; it imports ``DatasetAdapter`` and
+``SkipRow`` from ``qstar_cli``, their one public path::
+
+    from qstar_cli import DatasetAdapter, SkipRow
 
     class TitleAndBody(DatasetAdapter):
         fields = ("title", "body")
@@ -239,14 +242,16 @@ def load_user_adapter(spec: str) -> DatasetAdapter:
         else:
             module = importlib.import_module(target)
     except ImportError as err:
-        raise DatasetError(f"cannot import adapter module {target!r}: {err}") from err
+        # An adapter written for an earlier qstar may import the module qstar_cli.adapters, since removed.
+        fix = "; an adapter imports DatasetAdapter and SkipRow from qstar_cli" if (err.name or "").startswith("qstar_cli") else ""
+        raise DatasetError(f"cannot import adapter module {target!r}: {err}{fix}") from err
     except SyntaxError as err:
         raise DatasetError(f"adapter {spec!r}: syntax error in {err.filename} line {err.lineno}: {err.msg}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise DatasetError(f"adapter {spec!r}: {target} has no {class_name}")
     if not (isinstance(cls, type) and issubclass(cls, DatasetAdapter)):
-        raise DatasetError(f"adapter {spec!r} must be a subclass of qstar_cli.generate.adapters.DatasetAdapter")
+        raise DatasetError(f"adapter {spec!r} must be a subclass of qstar_cli.DatasetAdapter")
     return cls()
 
 

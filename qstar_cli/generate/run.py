@@ -55,13 +55,13 @@ from qstar_cli.generate.schedule import (
 )
 from qstar_cli.grading.graders import row_of
 from qstar_cli.grading.pool import grading_pool, run_grader
+from qstar_cli.runfiles.format import FORMAT_VERSION, Manifest
 from qstar_cli.runfiles.writer import CheckpointedWriter, OutputPaths, ResumeError, fingerprint
 
 if TYPE_CHECKING:
     from qstar_cli.engine.sampler import DualModelSampler
     from qstar_cli.generate.adapters import AdaptedDataset, DatasetAdapter
     from qstar_cli.generate.engines import Engine
-    from qstar_cli.runfiles.format import Manifest
 
 #: What a resumed run says when content, not a setting, differs.
 CONTENT_CHANGES = {
@@ -311,6 +311,7 @@ def new_manifest(
     """The manifest a session starts with (status running): the settings, fingerprint, placement,
     versions, model digests, counts and the sessions before this one."""
     return {
+        "format_version": FORMAT_VERSION,
         "qstar_version": qstar_cli.__version__,
         "status": "running",
         "fingerprint": fingerprint(fp_config),

@@ -4,6 +4,10 @@ the sidecar, the diagnostics levels. Pure data: reading it imports neither torch
 For an output ``OUT.jsonl`` the files are ``OUT.jsonl`` (conversations, OpenAI chat format),
 ``OUT.diagnostics.jsonl`` (per-sample diagnostics, same order), ``OUT.meta.json`` (the manifest:
 configuration, fingerprint, counts, sessions) and ``OUT.jsonl.lock`` (held while a process writes).
+
+The manifest and every sidecar line say their ``format_version`` (:data:`FORMAT_VERSION`); the
+readers take lines and manifests through :func:`read_line`, :func:`sidecar_record` and
+:func:`read_manifest`, which read every earlier version and refuse a newer one.
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ from typing import Any, TypedDict
 import numpy as np
 import orjson
 
+import qstar_cli
 from qstar_cli.errors import QstarInputError
 
+#: The run-file format this qstar writes: the manifest's ``format_version`` and every sidecar line's
+#: (a line travels alone: in a shard, a merge, a copy). 1 is the format of the qstar releases before
+#: the field, read where it is absent. Each line keeps the version it was written in: a run begun
+#: by an earlier qstar and resumed by this one holds its earlier lines as they were, its new ones
+#: in this version, and the manifest says the version of the qstar that wrote it last.
+FORMAT_VERSION = 2
 MAIN_SUFFIX = ".jsonl"
 SIDECAR_SUFFIX = ".diagnostics.jsonl"
 META_SUFFIX = ".meta.json"
@@ -33,6 +44,8 @@ DIAGNOSTIC_FIELDS = ("kl_theta", "kl_t", "ess_theta", "ess_t", "ess_ratio", "ent
 SUMMARY_FIELDS = ROUND_FIELDS + DIAGNOSTIC_FIELDS
 #: Per-token arrays of a sample, in the sidecar's order: the token id, then its values.
 PER_TOKEN_FIELDS: tuple[str, ...] = ("token_id", *SUMMARY_FIELDS)
+#: Per-token fields whose sums over a response the sidecar keeps (the sequence log-probabilities).
+SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 
 
 #: ``--teacher-topk``: the most ids of pi_t's top-K kept per token.
@@ -97,14 +110,56 @@ class TeacherTopK:
         return cls(ids, logprobs, tail)
 
 
+def format_version(record: dict[str, Any], where: str) -> int | None:
+    """The format version of a manifest or sidecar line (``where`` names it): 1 where it has none,
+    None where its ``format_version`` is no version (damage). A newer format than this qstar reads
+    is refused in one line asking for a newer qstar."""
+    version = record.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return None
+    if version > FORMAT_VERSION:
+        raise QstarInputError(
+            f"{where} is in run-file format {version}, newer than qstar {qstar_cli.__version__} reads "
+            f"(format {FORMAT_VERSION} and earlier): upgrade qstar to read it"
+        )
+    return version
+
+
+def read_line(raw: bytes | None, path: Path, number: int) -> dict[str, Any] | None:
+    """Line ``number`` of the data file ``path`` as a JSON object, or None where there is none (no
+    line, a torn or edited one, a damaged ``format_version``); a line of a newer format is refused
+    (:func:`format_version`)."""
+    try:
+        record = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or format_version(record, f"{path} line {number}") is None:
+        return None
+    return record
+
+
+def sidecar_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar line of any format version up to :data:`FORMAT_VERSION`, with the fields of this
+    version that it lacks filled in as absent, so that every reader reads one shape: ``response_idx``
+    0 (a line from before ``--samples-per-prompt``), the statistics of a per-token field ``None``
+    and, at level full, its array ``null`` at every token (a field added after the line's writer)."""
+    record.setdefault("response_idx", 0)
+    for name in SUMMARY_FIELDS:
+        for statistic in ("mean", "std", "min", "max"):
+            record.setdefault(f"{name}_{statistic}", None)
+    for name in SEQUENCE_SUMS:
+        record.setdefault(f"{name}_sum", None)
+    arrays = record.get("per_token")
+    if isinstance(arrays, dict) and isinstance(arrays.get("token_id"), list):
+        for name in SUMMARY_FIELDS:
+            arrays.setdefault(name, [None] * len(arrays["token_id"]))
+    return record
+
+
 def per_token_fields(level: str) -> tuple[str, ...]:
     """The per-token fields a run at diagnostics ``level`` keeps: all of them for the sidecar's
     ``full`` arrays and ``summary`` statistics, the token ids alone without a sidecar (``none``)."""
     return PER_TOKEN_FIELDS if level != "none" else PER_TOKEN_FIELDS[:1]
-
-
-#: Per-token fields whose sums over a response the sidecar keeps (the sequence log-probabilities).
-SEQUENCE_SUMS = ("logp_theta", "logp_t", "logp_q")
 
 
 def sample_id(record: dict[str, Any]) -> tuple[int, int]:
@@ -154,13 +209,13 @@ def not_one_run(line: int, main: Path, sidecar: Path, mismatch: str) -> str:
 
 def check_one_run(main: Path, sidecar: Path, advice: str) -> None:
     """Refuse (one line ending in ``advice``) a main file and sidecar whose lines are not the samples
-    of one run (:func:`pair_mismatch`); torn or unreadable lines, which a crash leaves, are passed over.
-    Both files are streamed."""
+    of one run (:func:`pair_mismatch`), or a line of a newer format; torn or unreadable lines, which a
+    crash leaves, are passed over. Both files are streamed."""
     with main.open("rb") as main_file, sidecar.open("rb") as sidecar_file:
         for number, (main_line, sidecar_line) in enumerate(zip(main_file, sidecar_file), start=1):
             try:
-                facts = LineFacts.of(orjson.loads(main_line)), LineFacts.of(orjson.loads(sidecar_line))
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+                facts = LineFacts.of(read_line(main_line, main, number)), LineFacts.of(read_line(sidecar_line, sidecar, number))
+            except (AttributeError, KeyError, TypeError):  # None, or a line without its sample
                 continue
             if (mismatch := pair_mismatch(*facts)) is not None:
                 raise QstarInputError(f"{not_one_run(number, main, sidecar, mismatch)}; {advice}")
@@ -205,6 +260,7 @@ class Manifest(TypedDict, total=False):
     """``OUT.meta.json``: what ``generate`` (and ``merge``) write, and every reader reads through
     :func:`read_manifest`."""
 
+    format_version: int  # absent (1) in the manifests of the qstar releases before it
     qstar_version: str
     status: str  # running, complete, interrupted or failed
     fingerprint: str
@@ -231,7 +287,8 @@ _COUNT_TYPES: dict[str, type] = {"rows": int, "samples": int, "done": int, "skip
 def read_manifest(path: Path, required: tuple[str, ...], hint: str, error: type[QstarInputError] = QstarInputError) -> Manifest:
     """The manifest at ``path``, refused with ``error`` in one line (ending in ``hint``) when it cannot be
     read, is not JSON, or lacks one of the ``required`` fields with its type (``counts`` also checks
-    that each count is a count: an integer, not a boolean, not negative)."""
+    that each count is a count: an integer, not a boolean, not negative); one of a newer format than
+    this qstar reads is refused asking for a newer qstar (:func:`format_version`)."""
     try:
         meta = orjson.loads(path.read_bytes())
     except OSError as err:
@@ -240,6 +297,8 @@ def read_manifest(path: Path, required: tuple[str, ...], hint: str, error: type[
         raise error(f"the manifest {path} is damaged (not valid JSON: {err}); {hint}") from err
     if not isinstance(meta, dict):
         raise error(f"the manifest {path} is damaged (not a JSON object); {hint}")
+    if format_version(meta, f"the manifest {path}") is None:
+        raise error(f"the manifest {path} is damaged (format_version is {meta['format_version']!r:.40}, not a version); {hint}")
     checks = [(name, meta.get(name), _TYPES[name]) for name in required]
     if "counts" in required and isinstance(meta.get("counts"), dict):
         checks += [(f"counts.{name}", meta["counts"].get(name), kind) for name, kind in _COUNT_TYPES.items()]

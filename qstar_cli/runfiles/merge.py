@@ -31,10 +31,11 @@ import orjson
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
-from qstar_cli.runfiles.format import read_manifest
+from qstar_cli.runfiles.format import FORMAT_VERSION, format_version, read_manifest
 from qstar_cli.runfiles.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, config_differences
 
-_SIDECAR_KEY = re.compile(rb'"sample_idx":(\d+),"response_idx":(\d+)')
+#: A sidecar line's first keys (their order is fixed): format_version in the lines that have it, the sample, the response.
+_SIDECAR_KEY = re.compile(rb'\{(?:"format_version":(\d+),)?"sample_idx":(\d+),"response_idx":(\d+)')
 
 
 #: What merging reads of each shard's manifest.
@@ -137,7 +138,10 @@ def _shard_lines(shard: OutputPaths, index: int, samples: int, sidecar: bool) ->
         for line in main:
             sample_idx = _main_idx(line)
             side_line = next(side, b"") if side is not None else None
-            if sample_idx is None or (side is not None and not (side_line.endswith(b"\n") and _sidecar_idx(side_line) == sample_idx)):
+            paired = side is None or (
+                side_line.endswith(b"\n") and _sidecar_idx(side_line, f"{shard.diagnostics} line {count + 1}") == sample_idx
+            )
+            if sample_idx is None or not paired:
                 raise MergeError(
                     f"shard {shard.main} line {count + 1} is torn, deleted or edited, or its sidecar does not match: re-run its generate "
                     "command, which repairs what a crash tore and names what it cannot repair"
@@ -156,10 +160,13 @@ def _main_idx(line: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _sidecar_idx(line: bytes) -> tuple[int, int] | None:
-    # The key order is fixed: sample_idx and response_idx are the sidecar line's first keys.
-    found = _SIDECAR_KEY.search(line, 0, 80)
-    return (int(found.group(1)), int(found.group(2))) if found else None
+def _sidecar_idx(line: bytes, where: str) -> tuple[int, int] | None:
+    """``(sample_idx, response_idx)`` of a sidecar line (``where`` names it), read from its first keys
+    without parsing the line; None where they are not there. A line of a newer format is refused."""
+    found = _SIDECAR_KEY.match(line)
+    if found is None or (found.group(1) and format_version({"format_version": int(found.group(1))}, where) is None):
+        return None
+    return int(found.group(2)), int(found.group(3))
 
 
 def merge_shards(output: Path) -> MergeSummary:
@@ -212,6 +219,7 @@ def _merged_meta(paths: OutputPaths, shards: list[OutputPaths], metas: list[dict
     config = {**first["config"], "output": str(paths.main)}
     config.pop("shard_index", None)
     return {
+        "format_version": FORMAT_VERSION,
         "qstar_version": qstar_cli.__version__,
         "status": "complete",
         "fingerprint": first["fingerprint"],

@@ -27,6 +27,7 @@ from qstar_cli.errors import QstarInputError
 from qstar_cli.paths import missing_parents, remove_empty, replace_atomically
 from qstar_cli.runfiles.format import (
     DIAGNOSTICS_LEVELS,
+    FORMAT_VERSION,
     PER_TOKEN_FIELDS,
     SEQUENCE_SUMS,
     SUMMARY_FIELDS,
@@ -36,6 +37,7 @@ from qstar_cli.runfiles.format import (
     describe_sample,
     not_one_run,
     pair_mismatch,
+    read_line,
     read_manifest,
 )
 
@@ -94,9 +96,11 @@ def main_record(prompt: Prompt, result: SampleResult, grade: dict[str, Any] | No
 
 
 def diagnostics_record(result: SampleResult, level: str) -> dict[str, Any]:
-    """One line of the sidecar: statistics and sequence sums, plus the exact ids and arrays at ``full``."""
+    """One line of the sidecar: its format version, statistics and sequence sums, plus the exact ids and
+    arrays at ``full``."""
     arrays = {name: np.asarray(result.per_token[name], dtype=np.float64) for name in SUMMARY_FIELDS}
     record: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
         "sample_idx": result.sample_idx,
         "response_idx": result.response_idx,
         "num_tokens": len(result.token_ids),
@@ -165,12 +169,9 @@ class _Line:
         return self.rounds is not None
 
 
-def _read_line(end: int, raw: bytes) -> _Line:
-    try:
-        record = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("sample_idx"), int):
+def _read_line(end: int, raw: bytes, path: Path, number: int) -> _Line:
+    record = read_line(raw, path, number)  # a line of any earlier format version; a newer one is refused
+    if record is None or not isinstance(record.get("sample_idx"), int):
         return _Line(end, None)
     rounds = record.get("draft_lengths"), record.get("round_tokens")
     full = isinstance(record.get("per_token"), dict) and isinstance(record.get("prompt_ids_theta"), list)
@@ -187,11 +188,11 @@ def _read_lines(path: Path) -> list[_Line]:
     """Every complete line of a data file (streamed; the file may be large); a torn last line is left out."""
     lines, offset = [], 0
     with path.open("rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, start=1):
             offset += len(raw)
             if not raw.endswith(b"\n"):
                 break
-            lines.append(_read_line(offset, raw))
+            lines.append(_read_line(offset, raw, path, number))
     return lines
 
 

@@ -1,6 +1,7 @@
 """Dataset adapters and sources: every format, bad rows counted, clear errors."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -108,37 +109,37 @@ def test_missing_field_lists_columns():
         resolve_adapter("auto", ["prompt"], prompt_field="body")
 
 
-USER_ADAPTER = """
-from qstar_cli.generate.adapters import DatasetAdapter, SkipRow
-
-class TitleBody(DatasetAdapter):
-    name = "title-body"
-    fields = ("title", "body")
-
-    def messages(self, row):
-        if not row["body"]:
-            raise SkipRow("no body")
-        return [{"role": "user", "content": row["title"] + ": " + row["body"]}]
-"""
+def documented_adapter() -> str:
+    """The user adapter of docs/generate.md, as a user copies it."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "generate.md").read_text()
+    return "# my_adapter.py" + docs.split("```python\n# my_adapter.py", 1)[1].split("```", 1)[0]
 
 
 def test_user_adapter_from_file_and_module(tmp_path, monkeypatch):
     path = tmp_path / "my_adapter.py"
-    path.write_text(USER_ADAPTER)
+    path.write_text(documented_adapter())
     rows = [{"title": "T", "body": "B", "n": 1}, {"title": "U", "body": "", "n": 2}]
-    for spec in (f"{path}:TitleBody", "my_adapter:TitleBody"):
+    for spec in (f"{path}:TitleAndBody", "my_adapter:TitleAndBody"):
         monkeypatch.syspath_prepend(str(tmp_path))
         out = run(rows, spec)
-        assert out.adapter == "title-body"
-        assert out.prompts[0].messages == [{"role": "user", "content": "T: B"}]
+        assert out.adapter == "title-and-body"
+        assert out.prompts[0].messages == [{"role": "user", "content": "T\n\nB"}]
         assert out.prompts[0].metadata == {"original_n": 1}
-        assert out.skipped == {"no body": 1}
+        assert out.skipped == {"empty body": 1}
     with pytest.raises(DatasetError, match="has no Nope"):
         resolve_adapter(f"{path}:Nope", ["title", "body"])
     with pytest.raises(DatasetError, match="adapter file not found"):
         resolve_adapter(f"{tmp_path}/missing.py:X", ["title"])
     with pytest.raises(DatasetError, match="unknown adapter 'bogus'"):
         resolve_adapter("bogus", ["title"])
+
+
+def test_an_adapter_importing_the_removed_module_is_told_the_public_path(tmp_path):
+    path = tmp_path / "old_adapter.py"
+    path.write_text(documented_adapter().replace("from qstar_cli import", "from qstar_cli.adapters import"))
+    fix = "No module named 'qstar_cli.adapters'; an adapter imports DatasetAdapter and SkipRow from qstar_cli"
+    with pytest.raises(DatasetError, match=fix):
+        resolve_adapter(f"{path}:TitleAndBody", ["title", "body"])
 
 
 ROWS = [{"problem": "p0", "answer": "a0"}, {"problem": "p1", "answer": "a1"}]

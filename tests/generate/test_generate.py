@@ -2,8 +2,6 @@
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import datasets
@@ -26,6 +24,7 @@ from tests.helpers import (
     one_line_error,
     paths,
     read_lines,
+    spawn,
     swapped_tokenizer,
 )
 
@@ -183,14 +182,6 @@ def slow_args(spread_model_dirs, prompts_file, request):
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu", *drafting]  # fmt: skip
 
 
-def spawn(args, out):
-    return subprocess.Popen(
-        [sys.executable, "-m", "qstar_cli", "generate", *args, "--output", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
 @pytest.fixture(scope="module")
 def reference(slow_args, tmp_path_factory):
     """The files of an uninterrupted run in a separate process, and its samples' lengths."""
@@ -215,6 +206,11 @@ def test_kill_9_and_resume_is_byte_identical(slow_args, reference, tmp_path):
     assert file_bytes(out) == reference
 
 
+#: Stopping and locking do not depend on how tokens are drawn: those tests run with plain sampling alone.
+plain_sampling_only = pytest.mark.parametrize("slow_args", ["plain"], indirect=True)
+
+
+@plain_sampling_only
 def test_sigterm_stops_cleanly_and_resumes(slow_args, reference, tmp_path):
     out = tmp_path / "s.jsonl"
     proc = spawn(slow_args, out)
@@ -231,6 +227,7 @@ def test_sigterm_stops_cleanly_and_resumes(slow_args, reference, tmp_path):
     assert file_bytes(out) == reference
 
 
+@plain_sampling_only
 def test_second_writer_refused(slow_args, tmp_path):
     out = tmp_path / "l.jsonl"
     proc = spawn(slow_args, out)

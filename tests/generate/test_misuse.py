@@ -58,13 +58,13 @@ def w(tmp_path_factory, tiny_model_dirs, tiny_tokenizer):
     (root / "empty.jsonl").write_text("")
     (root / "syntax.py").write_text("class Mine(:\n")
     (root / "text.py").write_text(
-        "from qstar_cli.generate.adapters import DatasetAdapter\n\n"
+        "from qstar_cli import DatasetAdapter\n\n"
         "class Mine(DatasetAdapter):\n    fields = ('prompt',)\n\n    def messages(self, row):\n        return 'oops'\n"
     )
     (root / "header.csv").write_text("prompt,id\n")
     (root / "empty.jinja").write_text("")  # renders every prompt to no tokens
     (root / "boom.py").write_text(
-        "from qstar_cli.generate.adapters import DatasetAdapter\n\n"
+        "from qstar_cli import DatasetAdapter\n\n"
         "class Boom(DatasetAdapter):\n    fields = ('prompt',)\n\n    def messages(self, row):\n        return row['boom']\n"
     )
     write_jsonl(root / "blank_prompts.jsonl", [{"prompt": " "}, {"prompt": ""}, {"prompt": "\n"}])

@@ -1,29 +1,24 @@
-"""A run begun by the previous release, killed, and resumed by this one ends as an uninterrupted run
-of this one: the same samples byte for byte, the per-token numbers to float rounding (the attention
-kernels changed); the fingerprint, the files and the schedule are compatible across the release.
+"""A run begun by the previous release, killed, and resumed by this one: the lines that release
+committed are kept as it wrote them (without ``format_version``), the new ones carry it, and the files
+are otherwise an uninterrupted run's of this release, byte for byte. ``analyze`` and ``export`` read
+the previous release's files, and the resumed ones, as they read this release's.
 
 The previous release's package is taken from git (``git archive``), so this needs the repository's
 history, as a clone has it."""
 
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pytest
 
-from tests.helpers import run_files, write_prompts
+from tests.helpers import analysis, as_previous_release, invoke, run_files, spawn, write_prompts
 
 REPO = Path(__file__).resolve().parents[2]
-#: The last commit of the previous release (before the reliability work of issues 21 and 25).
-PREVIOUS_RELEASE = "8a5728c"
-#: Runs ``qstar`` from the directory given first, not from the installed (editable) package.
-LAUNCH = (
-    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in type(f).__module__]; "
-    "sys.path.insert(0, sys.argv.pop(1)); from qstar_cli.cli import app; app(prog_name='qstar')"
-)
+#: The last commit of the previous release: the last before run files said their format version.
+PREVIOUS_RELEASE = "dc96799269cf5e91cd4d2ad142d5070007f51789"
 PROMPTS = [{"prompt": f"Count to {i} and then stop. " * (1 + i % 3)} for i in range(8)]
 
 
@@ -42,37 +37,46 @@ def committed_samples(out: Path) -> int:
         return 0
 
 
-def spawn(package: Path | None, args: list[str], out: Path) -> subprocess.Popen:
-    launch = [sys.executable, "-c", LAUNCH, str(package)] if package else [sys.executable, "-m", "qstar_cli"]
-    return subprocess.Popen([*launch, "generate", *args, "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def cut_copy(out: Path, samples: int, directory: Path) -> Path:
+    """A copy of the run ``out`` in ``directory`` with its first ``samples`` samples alone; its main file."""
+    directory.mkdir()
+    for path, target in zip(run_files(out), run_files(directory / "run.jsonl")):
+        shutil.copy(path, target)
+    for path in run_files(directory / "run.jsonl")[:2]:
+        path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:samples]))
+    return directory / "run.jsonl"
 
 
-def test_a_run_of_the_previous_release_resumes_byte_identical(previous_release, spread_model_dirs, tmp_path):
+def exported(out: Path) -> bytes:
+    train = out.with_name(out.stem + ".train.jsonl")
+    assert invoke("export", out, "--output", train, "--include-truncated").exit_code == 0
+    return train.read_bytes()
+
+
+def test_a_run_of_the_previous_release_is_resumed_analysed_and_exported(previous_release, spread_model_dirs, tmp_path):
     theta, target = spread_model_dirs
     args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", write_prompts(tmp_path, PROMPTS),
             "--max-new-tokens", "120", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
     reference, out = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
-    assert spawn(None, args, reference).wait(timeout=300) == 0
+    assert spawn(args, reference).wait(timeout=300) == 0
 
-    old = spawn(previous_release, args, out)
+    old = spawn(args, out, previous_release)
     while committed_samples(out) < 2 and old.poll() is None:  # killed once its manifest counts two
         time.sleep(0.01)
     old.kill()
     old.wait()
-    committed = out.read_bytes().count(b"\n")
+    committed = committed_samples(out)
     assert 2 <= committed < len(PROMPTS), "the previous release must be killed mid-run"
-    assert b"weights_sha256" not in run_files(out)[2].read_bytes()  # written by the previous release
+    assert all(b"format_version" not in path.read_bytes() for path in run_files(out))  # written by the previous release
+    as_left = cut_copy(out, committed, tmp_path / "previous")  # what that release committed
 
-    new = spawn(None, args, out)
+    new = spawn(args, out)
     assert new.wait(timeout=300) == 0, new.stderr.read().decode()
-    assert "resuming: " in new.stdout.read().decode()
-    # The samples, byte for byte; the per-token numbers to float rounding: this release attends
-    # through another kernel path (packed grouped-query heads, an additive mask), which moves them
-    # in the last bits (the samples the previous release wrote carry its rounding).
+    assert f"resuming: {committed} of {len(PROMPTS)}" in new.stdout.read().decode()
     assert run_files(out)[0].read_bytes() == run_files(reference)[0].read_bytes()
-    resumed, fresh = ([orjson.loads(line) for line in run_files(path)[1].open("rb")] for path in (out, reference))
-    assert len(resumed) == len(fresh) == len(PROMPTS)
-    for got, want in zip(resumed, fresh):
-        assert got.keys() == want.keys() and got["per_token"]["token_id"] == want["per_token"]["token_id"]
-        for name, values in want["per_token"].items():
-            np.testing.assert_allclose(got["per_token"][name], values, rtol=1e-5, atol=1e-5, err_msg=name)
+    lines = run_files(reference)[1].read_bytes().splitlines(keepends=True)
+    assert run_files(out)[1].read_bytes() == as_previous_release(b"".join(lines[:committed])) + b"".join(lines[committed:])
+
+    for run, like in ((as_left, cut_copy(reference, committed, tmp_path / "reference")), (out, reference)):
+        assert analysis(run_files(run)[1]) == analysis(run_files(like)[1])
+        assert exported(run) == exported(like)

@@ -21,6 +21,7 @@ from tests.helpers import (
     file_bytes,
     one_line_error,
     read_lines,
+    spawn,
     swapped_tokenizer,
     tiny_run_flags,
     write_prompts,
@@ -90,12 +91,12 @@ def test_replicas_give_the_samples_of_one_process(ray_args, reference, tmp_path)
     assert file_bytes(one) == file_bytes(reference)
 
 
-def spawn(args, out, ray_address):
-    """The CLI in a process of its own that joins the module's Ray; its output goes to ``OUT.log``
-    (a pipe nobody reads would block it once full)."""
+def spawn_on_ray(args, out, ray_address):
+    """The CLI on 2 replicas in a process of its own that joins the module's Ray; its output goes to
+    ``OUT.log`` (a pipe nobody reads would block it once full)."""
     log = open(f"{out}.log", "wb")
-    command = [sys.executable, "-m", "qstar_cli", "generate", *args, "--engine", "ray", "--replicas", "2", "--output", str(out)]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ray_address})
+    return spawn([*args, "--engine", "ray", "--replicas", "2"], out, stdout=log, stderr=subprocess.STDOUT,
+                 env={**os.environ, "RAY_ADDRESS": ray_address})  # fmt: skip
 
 
 def log_of(out):
@@ -112,7 +113,7 @@ def wait_for(condition, proc, out, timeout=120):
 
 def test_a_replica_killed_mid_run_costs_nothing(ray_address, ray_args, reference, tmp_path):
     out = tmp_path / "k.jsonl"
-    proc = spawn(ray_args, out, ray_address)
+    proc = spawn_on_ray(ray_args, out, ray_address)
     meta_path = OutputPaths(out).meta
 
     def a_replica_reported():
@@ -134,7 +135,7 @@ def test_a_replica_killed_mid_run_costs_nothing(ray_address, ray_args, reference
 
 def test_a_stopped_or_killed_driver_resumes(ray_address, ray_args, reference, tmp_path):
     out = tmp_path / "d.jsonl"
-    proc = spawn(ray_args, out, ray_address)
+    proc = spawn_on_ray(ray_args, out, ray_address)
     wait_for(lambda: count_lines(out) >= 8, proc, out)
     proc.send_signal(signal.SIGTERM)  # Ray's own SIGTERM handler would abort; the run's stops it after saving
     assert proc.wait(timeout=120) == 130, log_of(out)
@@ -142,7 +143,7 @@ def test_a_stopped_or_killed_driver_resumes(ray_address, ray_args, reference, tm
     stopped = manifest(out)
     assert stopped["status"] == "interrupted" and stopped["counts"]["done"] == count_lines(out) < 48
 
-    proc = spawn(ray_args, out, ray_address)
+    proc = spawn_on_ray(ray_args, out, ray_address)
     wait_for(lambda: manifest(out)["counts"]["done"] > stopped["counts"]["done"], proc, out)  # a commit of its own
     proc.kill()
     proc.wait()

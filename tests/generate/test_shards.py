@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 from qstar_cli import GenerateConfig, run_generate
 from qstar_cli.cli import app
 from qstar_cli.generate.schedule import shard_positions, snake_shard_positions
+from qstar_cli.runfiles.format import FORMAT_VERSION
 from qstar_cli.runfiles.writer import OutputPaths
 from tests.helpers import (
+    analysis,
+    as_previous_release,
     file_bytes,
     one_line_error,
     read_lines,
@@ -117,6 +120,37 @@ def test_three_shards_then_merge_equal_one_process(shard_args, runs, tmp_path):
     assert file_bytes(out) == file_bytes(single)
     # Merging again gives the same files.
     assert merge(out).exit_code == 0 and file_bytes(out) == file_bytes(single)
+
+
+def test_a_shard_of_the_previous_release_merges_with_shards_of_this_one(shard_args, runs, tmp_path):
+    """Shard 0 as the release before ``format_version`` wrote it (its sidecar lines and manifest
+    without the field), the others by this release: the merged sidecar holds each line as its shard
+    does, and the merged run is the one-process run to analyze and generate."""
+    out = copy_runs(runs, tmp_path)
+    old = OutputPaths(shard_file(out, 0))
+    old.diagnostics.write_bytes(as_previous_release(old.diagnostics.read_bytes()))
+    old.meta.write_text(json.dumps({k: v for k, v in manifest(old.main).items() if k != "format_version"}))
+    assert merge(out).exit_code == 0
+    single = tmp_path / "single.jsonl"
+    of_old = {r["sample_idx"] for r in read_lines(old.main)}
+    lines = OutputPaths(single).diagnostics.read_bytes().splitlines(keepends=True)
+    expected = b"".join(as_previous_release(line) if orjson.loads(line)["sample_idx"] in of_old else line for line in lines)
+    assert file_bytes(out) == [file_bytes(single)[0], expected] and as_previous_release(expected) != expected
+    assert manifest(out)["format_version"] == FORMAT_VERSION
+    result = generate(*shard_args, "--output", str(out))
+    assert result.exit_code == 0 and "resuming: 13 of 13" in result.output
+    assert analysis(OutputPaths(out).diagnostics) == analysis(OutputPaths(single).diagnostics)
+
+
+def test_merge_refuses_a_shard_of_a_newer_format(runs, tmp_path):
+    out = copy_runs(runs, tmp_path)
+    side = OutputPaths(shard_file(out, 1)).diagnostics
+    side.write_bytes(side.read_bytes().replace(b'{"format_version":2,', b'{"format_version":3,', 1))
+    one_line_error(merge(out), f"{side} line 1 is in run-file format 3", "upgrade qstar")
+    assert not out.exists() and not list(tmp_path.glob("*.merging"))
+    meta = OutputPaths(shard_file(out, 2)).meta
+    meta.write_text(json.dumps({**manifest(shard_file(out, 2)), "format_version": 3}))
+    one_line_error(merge(out), f"the manifest {meta} is in run-file format 3", "upgrade qstar")
 
 
 def test_merge_refuses_a_missing_shard(runs, tmp_path):

@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from qstar_cli.analysis.statistics import logsumexp
-from tests.generate.test_generate import spawn
-from tests.helpers import cli, file_bytes, invoke, kill_at_random_moments, one_line_error, paths, read_lines, write_jsonl
+from tests.helpers import cli, file_bytes, invoke, kill_at_random_moments, one_line_error, paths, read_lines, spawn, write_jsonl
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(8)]
 LOADING = "loading models"  # what generate prints just before the models load

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from tests.helpers import as_if_killed_after, invoke, one_line_error, run_files, tiny_run_flags, write_prompts
+from tests.helpers import as_if_killed_after, copy_run, invoke, one_line_error, run_files, tiny_run_flags, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,12 +30,6 @@ def runs(spread_model_dirs, tmp_path_factory):
         result = invoke("generate", *w.flags, *extra, "--output", getattr(w, name))
         assert result.exit_code == 0, result.output
     return w
-
-
-def copy_run(src: Path, directory: Path) -> Path:
-    for path, target in zip(run_files(src), run_files(directory / "run.jsonl")):
-        shutil.copy(path, target)
-    return directory / "run.jsonl"
 
 
 def records(path: Path) -> list[dict]:

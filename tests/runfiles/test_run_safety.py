@@ -8,7 +8,6 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,10 +27,12 @@ from qstar_cli.testing.tiny import (
     save_tiny_model,
 )
 from tests.helpers import (
+    copy_run,
     invoke,
     one_line_error,
     run_files,
     snapshot,
+    spawn,
     tiny_run_flags,
     write_prompts,
 )
@@ -51,12 +52,6 @@ def w(tiny_model_dirs, tmp_path_factory):
     w.ref = root / "ref.jsonl"  # a complete run of 6 samples
     assert invoke("generate", *w.flags, "--output", w.ref).exit_code == 0
     return w
-
-
-def copy_run(src: Path, directory: Path, name: str = "run.jsonl") -> Path:
-    for path, target in zip(run_files(src), run_files(directory / name)):
-        shutil.copy(path, target)
-    return directory / name
 
 
 def lines(path: Path) -> list[bytes]:
@@ -231,27 +226,21 @@ def test_an_unreadable_model_is_one_line(w, tmp_path):
 # --- The machine fails: one line, what is saved, the same command resumes --------------------------
 
 
-def spawn(args, out, file_size_limit=None):
-    limit = None if file_size_limit is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2))
-    return subprocess.run(
-        [sys.executable, "-m", "qstar_cli", "generate", *map(str, args), "--output", str(out)],
-        capture_output=True, text=True, timeout=300, preexec_fn=limit,
-    )  # fmt: skip
-
-
 def test_a_full_disk_is_one_line_and_the_same_command_resumes(w, tmp_path):
     flags = [*tiny_run_flags(w.models, w.data, 24, 2), "--num-samples", "10"]
     reference, out = tmp_path / "ref.jsonl", tmp_path / "full.jsonl"
-    assert spawn(flags, reference).returncode == 0
+    assert spawn(flags, reference).wait(timeout=300) == 0
     # A file may not grow past half the reference sidecar (EFBIG, as ENOSPC would be): the run fails mid-way.
-    failed = spawn(flags, out, file_size_limit=run_files(reference)[1].stat().st_size // 2)
-    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
-    [line] = [ln for ln in failed.stderr.splitlines() if ln.strip()]
+    limit = run_files(reference)[1].stat().st_size // 2
+    failed = spawn(flags, out, text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    stderr = failed.communicate(timeout=300)[1]
+    assert failed.returncode == 1 and "Traceback" not in stderr, stderr
+    [line] = [ln for ln in stderr.splitlines() if ln.strip()]
     saved = json.loads(run_files(out)[2].read_text())["counts"]["done"]
     assert line.startswith("error: cannot write the run files") and f"{saved} of 10 samples are saved" in line
     assert "run the same command to resume" in line and 0 < saved < 10
     assert json.loads(run_files(out)[2].read_text())["status"] == "failed"
-    assert spawn(flags, out).returncode == 0
+    assert spawn(flags, out).wait(timeout=300) == 0
     assert [p.read_bytes() for p in run_files(out)[:2]] == [p.read_bytes() for p in run_files(reference)[:2]]
 
 
