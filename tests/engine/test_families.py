@@ -150,10 +150,10 @@ def sliding_model_dirs(tiny_tokenizer, tmp_path_factory):
 def test_kill_9_and_resume_is_byte_identical_on_a_sliding_family(sliding_model_dirs, prompts_file, tmp_path):
     args = tiny_run_flags(sliding_model_dirs, prompts_file, max_new_tokens=60, batch_size=2)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "k.jsonl"
-    assert spawn(args, ref).wait(timeout=300) == 0
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    assert spawn(args, ref, **quiet).wait(timeout=300) == 0
     lengths = [r["num_tokens"] for r in read_lines(paths(ref)[1])]
     assert max(lengths) > 3 * WINDOW and len(set(lengths)) > 2, lengths
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     assert kill_at_random_moments(lambda: spawn(args, out, **quiet), out, np.random.default_rng(40), max_delay=0.8) >= 2
     assert spawn(args, out, **quiet).wait(timeout=300) == 0
     assert file_bytes(out) == file_bytes(ref)
