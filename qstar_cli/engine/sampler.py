@@ -32,6 +32,7 @@ from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, 
 from qstar_cli.distributions.token_choice import TokenChoice, check_teacher_topk, choose_tokens, draw_drafts, teacher_topk
 from qstar_cli.engine.architectures import check_architecture
 from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
+from qstar_cli.engine.cpu_linears import prepack_linears
 from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.models import (
     LoadedModel,
@@ -503,10 +504,13 @@ class Drafts:
 def _prepare_models(models: tuple[LoadedModel, ...]) -> None:
     """Each model refused unless the slot cache serves it exactly (:func:`check_architecture`), then
     the changes beyond the sampler, made once it is built: every model's attention goes through its
-    slot cache (the models' own attention setting changes: they are this sampler's now), and with a
-    model on the CPU the process's allocator keeps freed memory for the next round (process-wide)."""
+    slot cache and, on a CPU, its linear layers through oneDNN with packed weights
+    (:func:`prepack_linears`; the models' own modules change: they are this sampler's now), and with
+    a model on the CPU the process's allocator keeps freed memory for the next round (process-wide)."""
     for loaded in models:
         check_architecture(loaded.model.config, loaded.name, type(loaded.model))
         use_slot_attention(loaded.model)
+        if loaded.model.device.type == "cpu":
+            prepack_linears(loaded.model)
     if any(loaded.model.device.type == "cpu" for loaded in models):
         keep_freed_host_memory()
