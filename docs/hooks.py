@@ -1,7 +1,9 @@
-"""The flag table of ``qstar generate`` in ``docs/generate.md``, generated from the settings'
-declaration (``qstar_cli.generate.config.flag_table``) and written into the page, so that it reads
-complete where users read it (the repository's page as well as the site). A test checks that the page
-holds the current table; after a change of the settings, rewrite it:
+"""The tables of ``docs/generate.md`` generated from their declarations: the flags of ``qstar
+generate`` (``qstar_cli.generate.config.flag_table``), the graders (``qstar_cli.grading.graders.GRADERS``)
+and the alpha methods (``qstar_cli.distributions.alpha_methods.ALPHA_METHODS``), each written into
+the page between its markers, so that it reads complete where users read it (the repository's page
+as well as the site). A test checks that the page holds the current tables; after a change of the
+settings, graders or alpha methods, rewrite it:
 
     .venv/bin/python docs/hooks.py
 """
@@ -11,17 +13,28 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from qstar_cli.distributions.alpha_methods import alpha_method_table
 from qstar_cli.generate.config import flag_table
+from qstar_cli.grading.graders import grader_table
 
 PAGE = Path(__file__).with_name("generate.md")
-BEGIN, END = "<!-- qstar:flags -->", "<!-- /qstar:flags -->"
-_TABLE = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
+#: Each table by the name of its markers, ``<!-- qstar:NAME -->`` and ``<!-- /qstar:NAME -->``.
+TABLES = {"flags": flag_table, "graders": grader_table, "alpha-methods": alpha_method_table}
 
 
-def with_flag_table(markdown: str) -> str:
-    """``markdown`` with the current flag table between the markers."""
-    return _TABLE.sub(lambda _: f"{BEGIN}\n{flag_table()}{END}", markdown)
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- qstar:{name} -->", f"<!-- /qstar:{name} -->"
+
+
+def with_tables(markdown: str) -> str:
+    """``markdown`` with the current tables between their markers."""
+    for name, table in TABLES.items():
+        begin, end = markers(name)
+        found = re.search(re.escape(begin) + r"\n.*?" + re.escape(end), markdown, flags=re.S)
+        if found is not None:
+            markdown = markdown[: found.start()] + f"{begin}\n{table()}{end}" + markdown[found.end() :]
+    return markdown
 
 
 if __name__ == "__main__":
-    PAGE.write_text(with_flag_table(PAGE.read_text()))
+    PAGE.write_text(with_tables(PAGE.read_text()))

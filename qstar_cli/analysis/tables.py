@@ -11,25 +11,24 @@ from rich import box
 from rich.table import Table
 
 from qstar_cli.analysis.statistics import CHECKS, PERCENTILES, RunAnalysis
-from qstar_cli.runfiles.format import SIDECAR_SUFFIX, SUMMARY_FIELDS, OutputPaths
+from qstar_cli.runfiles.format import SUMMARY_FIELDS, OutputPaths
 
 
 def run_label(sidecar: Path) -> str:
     """The run's alpha method (``fixed=0.3`` for fixed) from its manifest, else the file's stem."""
-    name = sidecar.name.removesuffix(SIDECAR_SUFFIX)
-    meta_path = OutputPaths(sidecar.with_name(name + ".jsonl")).meta
+    run = OutputPaths.of(sidecar)
     try:
-        config = orjson.loads(meta_path.read_bytes())["config"]
+        config = orjson.loads(run.meta.read_bytes())["config"]
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return name
-    method = config.get("alpha_method", name)
+        return run.stem.name
+    method = config.get("alpha_method", run.stem.name)
     return f"fixed={config.get('alpha')}" if method == "fixed" else method
 
 
 def run_labels(sidecars: list[Path]) -> list[str]:
     """Labels for several runs; a label shared by two runs gets the file stem added."""
     labels = [run_label(p) for p in sidecars]
-    return [f"{label} ({p.name.removesuffix(SIDECAR_SUFFIX)})" if labels.count(label) > 1 else label for label, p in zip(labels, sidecars)]
+    return [f"{label} ({OutputPaths.of(p).stem.name})" if labels.count(label) > 1 else label for label, p in zip(labels, sidecars)]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
