@@ -67,6 +67,17 @@ class OneLineUsageErrors(TyperGroup):
         with _usage_errors_on_one_line():
             return super().invoke(ctx)
 
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple:
+        """The command, refusing both spellings of one of its on/off flags (``--overwrite --no-overwrite``):
+        click would keep the last silently."""
+        name, command, rest = super().resolve_command(ctx, args)
+        given = set(rest[: rest.index("--")] if "--" in rest else rest)
+        for param in command.params if command is not None else ():
+            spellings = [[opt for opt in opts if opt in given] for opts in (param.opts, getattr(param, "secondary_opts", []))]
+            if all(spellings):
+                raise UsageError(f"{spellings[0][0]} and {spellings[1][0]} contradict each other; give one of them")
+        return name, command, rest
+
 
 app = typer.Typer(
     cls=OneLineUsageErrors,

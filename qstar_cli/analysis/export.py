@@ -222,7 +222,7 @@ def check_graded(run: Path) -> None:
     if first is not None and "grade" not in first:
         raise QstarInputError(
             f"--keep correct keeps the responses graded right, but {run} is not graded; "
-            f"grade it first (qstar grade {run} --grader math --output GRADED.jsonl) or generate with --grader"
+            f"grade it in place first (qstar grade {run} --in-place --grader math) or generate with --grader"
         )
 
 

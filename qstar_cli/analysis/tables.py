@@ -98,11 +98,20 @@ def grade_rows(row: Callable[[str, list[str]], None], grades: list[dict[str, Any
     """Accuracy, failures, pass@k and majority vote of graded runs, and accuracy beside the weight."""
     row("graded (of samples)", [f"{g['graded']} of {g['samples']}" if g else "-" for g in grades])
     row("accuracy", [fmt(g.get("accuracy"), 3) for g in grades])
+    if any(g.get("truncated") for g in grades):
+        row("graded wrong: truncated", [str(g.get("truncated", 0)) for g in grades])
     for reason in sorted({r for g in grades for r in g.get("failures", {})}):
         row(f"ungraded: {reason}", [str(g.get("failures", {}).get(reason, 0)) for g in grades])
+    if any(g.get("not_graded") for g in grades):
+        row("not graded (no grade in the line)", [str(g.get("not_graded", 0)) for g in grades])
+    row("prompts all graded (pass@k, vote)", [f"{g['prompts_all_graded']} of {g['prompts']}" if g else "-" for g in grades])
     for k in sorted({k for g in grades for k in g.get("pass_at_k", {})}, key=int):
         row(f"pass@{k}", [fmt(g.get("pass_at_k", {}).get(k), 3) for g in grades])
-    row("majority-vote accuracy", [fmt(g.get("majority_accuracy"), 3) for g in grades])
+    # A graded run without extracted answers (a custom grader's grades) has no vote to take: n/a.
+    row(
+        "majority-vote accuracy",
+        [fmt(g["majority_accuracy"], 3) if g.get("majority_accuracy") is not None else "n/a" if g else "-" for g in grades],
+    )
     weights = [g.get("by_weight") or {} for g in grades]
     row(
         "log w mean, right / wrong",
