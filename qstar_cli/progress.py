@@ -1,8 +1,9 @@
 """What long commands show as they go: ``generate``'s samples, tokens/s and ETA, ``export``'s passes.
 
-On a terminal ``generate`` draws a bar; elsewhere (a pipe, a log file) it writes a line to standard
-error at least every :data:`PLAIN_INTERVAL` seconds (``QSTAR_PROGRESS_SECONDS`` sets another): the
-samples done, tokens/s and the ETA, or, before the first sample, how long it has been preparing.
+On a terminal ``generate`` draws a bar; elsewhere (a pipe, a log file) it writes the samples done,
+tokens/s and the ETA as a line on standard output at each commit, and on standard error at least
+every :data:`PLAIN_INTERVAL` seconds (``QSTAR_PROGRESS_SECONDS`` sets another), with how long it has
+been preparing before the first sample: a sign of life while models load and a first long batch decodes.
 Progress never ends a run: a closed standard output (``qstar generate ... | head``) stops a run as
 Ctrl-C does, its samples saved (:class:`StdoutConsole`).
 """
@@ -130,6 +131,8 @@ class GenerateProgress:
     def samples(self, count: int) -> None:
         self.done += count
         self.bar.update(self.task, advance=count, rate=self.rate())
+        if not self.live:  # on standard output too, where a closed pipe (| head) is noticed at once
+            self.print(self.status())
 
 
 class ExportProgress:

@@ -15,7 +15,7 @@ import pytest
 
 from qstar_cli.grading.graders import GraderSpec, grade
 from tests.generate.test_generate import spawn
-from tests.helpers import cli, invoke, one_line_error, paths, read_lines, write_jsonl
+from tests.helpers import cli, invoke, one_line_error, paths, read_lines, tiny_run_flags, write_jsonl
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(8)]
 LOADING = "loading models"
@@ -32,9 +32,7 @@ GRADER = (
 def setup(tiny_model_dirs, tmp_path_factory):
     """Generate flags, a finished ungraded run of 8 samples, and a maker of grader files."""
     root = tmp_path_factory.mktemp("grade_safety")
-    theta, target = tiny_model_dirs
-    args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(write_jsonl(root / "rows.jsonl", ROWS)),
-            "--max-new-tokens", "16", "--batch-size", "3", "--device", "cpu", "--grade-truncated"]  # fmt: skip
+    args = [*tiny_run_flags(tiny_model_dirs, write_jsonl(root / "rows.jsonl", ROWS), 16, 3), "--grade-truncated"]
     run = root / "runs" / "run.jsonl"
     assert cli(*args, "--output", run).exit_code == 0  # most responses run to the budget: graded too (--grade-truncated)
 
@@ -60,13 +58,11 @@ def test_a_live_run_is_never_written_over_and_shows_progress_under_a_pipe(setup,
     grade may not write its main file or sidecar, nor regrade it in place; the run then ends whole.
     Its standard error, a pipe, carries a progress line at least every QSTAR_PROGRESS_SECONDS."""
     args, run, grader = setup
-    theta, target = spread_model_dirs
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"Count to {i}.", "answer": str(i), "id": i} for i in range(12)])
     name, marks = grader(tmp_path, delay=0.2)
     live = tmp_path / "live" / "run.jsonl"
     monkeypatch.setenv("QSTAR_PROGRESS_SECONDS", "0.3")
-    proc = spawn(["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(rows), "--max-new-tokens", "40",
-                  "--batch-size", "2", "--device", "cpu", "--grader", name, "--grader-workers", "1"], live)  # fmt: skip
+    proc = spawn([*tiny_run_flags(spread_model_dirs, rows, 40, 2), "--grader", name, "--grader-workers", "1"], live)
     wait_for(lambda: marks.exists(), proc)  # sampling and grading under way
     for target_file in (live, paths(live)[1]):
         line = one_line_error(invoke("grade", run, "--grader", name, "--output", target_file), f"--output {target_file}")
