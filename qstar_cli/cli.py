@@ -347,7 +347,6 @@ def _export(run, path: Path, ess_floor: float) -> None:
     from qstar_cli.runfiles.output import atomic_output
 
     records, chosen = weight_records(run, ess_floor)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as out:
         out.write(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
     err_console.print(

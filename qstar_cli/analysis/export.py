@@ -309,7 +309,6 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
     dropped = dict(sorted(reader.dropped.items()))
     metadata = {"keep": config.keep, "exported": len(log_w), "dropped": dropped, "truncated_left_out": reader.truncated}
 
-    config.output.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.unify_schemas([SCHEMA, TEACHER_TOPK_SCHEMA]) if config.teacher_topk else SCHEMA
     sink_type = _ParquetSink if config.output.suffix == ".parquet" else _JsonlSink
     with atomic_output(config.output) as out, sink_type(out, metadata, schema) as sink:

@@ -103,8 +103,7 @@ USER_CODE = {"grader": "grader_sha256", "adapter": "adapter_sha256"}
 
 
 def grading_settings(config_class: type | None = None) -> dict[str, Any]:
-    """The grading settings with the values a manifest without them had: ``grader`` none, truncated
-    responses graded as any other, the others their defaults."""
+    """The grading settings with the values a manifest without them had (:data:`_GRADED_BEFORE`, else the defaults)."""
     return {f.name: _GRADED_BEFORE.get(f.name, f.default) for f, info in settings(config_class) if info.grading}
 
 
@@ -238,10 +237,8 @@ class GenerateConfig:
         grading=True, since="0.2.0",
     )  # fmt: skip
     grader_workers: int = setting(DEFAULT_WORKERS, "Worker processes that grade beside the decode.", fingerprinted=False, since="0.2.0")
-    grade_truncated: bool = setting(
-        False, "Grade responses cut off by --max-new-tokens as any other; by default they have no final answer: graded wrong "
-        "(reason truncated).", grading=True, since="0.3.0",
-    )  # fmt: skip
+    grade_truncated: bool = setting(False, "Grade responses cut off by --max-new-tokens as any other; by default they have no "
+                                    "final answer: graded wrong (reason truncated).", grading=True, since="0.3.0")  # fmt: skip
 
     def __post_init__(self) -> None:
         # Imported here: the command line derives its options from this module without loading torch.
@@ -291,6 +288,8 @@ class GenerateConfig:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
         try:
             check_teacher_topk_k(self.teacher_topk, "--teacher-topk")
+            self.sampling_params()
+            check_alpha_method(self.alpha_method, self.alpha)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.teacher_topk and self.diagnostics != "full":
@@ -298,11 +297,6 @@ class GenerateConfig:
                 f"--teacher-topk keeps pi_t's top-K in the sidecar's per-token arrays, which --diagnostics {self.diagnostics} does not "
                 "write: add --diagnostics full, or drop --teacher-topk"
             )
-        try:
-            self.sampling_params()
-            check_alpha_method(self.alpha_method, self.alpha)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
         if not ALPHA_METHODS[self.alpha_method].uses_alpha and self.alpha != GenerateConfig.alpha:
             raise ConfigError(
                 f"--alpha {self.alpha} is for --alpha-method fixed (--alpha-method {self.alpha_method} chooses alpha itself); "
@@ -444,7 +438,7 @@ class GenerateConfig:
     def user_code_changes(self) -> dict[str, str]:
         """What a resume refused for changed user code says, by digest."""
         files = {name: (getattr(self, name) or "").rpartition(":")[0] for name in USER_CODE}
-        return {USER_CODE[name]: f"the {name} {file} changed in content since the run began" for name, file in files.items() if file}
+        return {USER_CODE[name]: f"the {name} {file} changed in content since the run began" for name, file in files.items()}
 
     def local_inputs(self) -> list[Path]:
         """The local files and directories this run reads (an output may replace none of them)."""

@@ -145,6 +145,8 @@ def grade_file(request: GradeRequest, progress: Callable[[str, int, int], None] 
     lock.acquire(f"a qstar process is writing the run {source} (lock {lock.path}); grade it once that has ended")
     try:
         meta = read_manifest(run.meta, ("fingerprint_config", "config"), "restore it, or grade a copy with --output")
+        if "shard" in meta:  # the shards of a run share its fingerprint, which a regrade changes
+            raise QstarInputError(f"{source} is a shard of a run: join the shards with qstar merge, then grade the merged run in place")
         summary = _grade_lines(source, source, spec, request, progress, locked=True)
         _record_grader(run.meta, meta, spec, request.timeout, summary.record)
     finally:

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import filelock
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.paths import check_output_file, check_writable
+from qstar_cli.paths import check_output_file, check_writable, missing_parents, remove_empty
 from qstar_cli.runfiles.format import LOCK_SUFFIX, META_SUFFIX, SIDECAR_SUFFIX, OutputPaths
 
 PARTIAL_SUFFIX = ".partial"
@@ -103,6 +103,8 @@ def atomic_output(path: Path, locked: bool = False) -> Iterator[BinaryIO]:
     vanish if it raises: ``path`` is never seen half written. The output's lock is taken for the
     block, unless ``locked`` (the caller holds it: a run's writer)."""
     path = Path(path)
+    created = missing_parents(path)  # made for the output, removed again if it is not written
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(path)
     if not locked:
         lock.acquire(f"{path} is being written by another qstar process (lock {lock.path}); wait for it or choose another path")
@@ -129,6 +131,7 @@ def atomic_output(path: Path, locked: bool = False) -> Iterator[BinaryIO]:
             os.close(fd)
     finally:
         lock.release()
+        remove_empty(created)
 
 
 def _temporary(path: Path) -> tuple[int, Path | None]:
