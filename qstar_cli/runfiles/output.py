@@ -98,23 +98,26 @@ def check_output(path: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, locked: bool = False) -> Iterator[BinaryIO]:
-    """A binary file whose bytes replace ``path`` when the block ends (flushed and fsynced first), or
-    vanish if it raises: ``path`` is never seen half written. The output's lock is taken for the
-    block, unless ``locked`` (the caller holds it: a run's writer)."""
+def atomic_output(path: Path, locked: bool = False, sync: bool = True) -> Iterator[BinaryIO]:
+    """A binary file whose bytes replace ``path`` when the block ends, or vanish if it raises: ``path``
+    is never seen half written. The output's lock is taken for the block, and what a killed writer
+    left is removed, unless ``locked`` (the caller holds the lock: a run's writer). ``sync``: the bytes
+    are on disk before the rename (not for a manifest rewritten at every commit, whose data files
+    were synced before it)."""
     path = Path(path)
     created = missing_parents(path)  # made for the output, removed again if it is not written
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(path)
     if not locked:
         lock.acquire(f"{path} is being written by another qstar process (lock {lock.path}); wait for it or choose another path")
-    try:
         _remove_partials(path)
+    try:
         fd, named = _temporary(path)
         try:
             with os.fdopen(os.dup(fd), "wb") as out:
                 yield out
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
             if named is None:  # an unnamed file: given a name in the output's folder, then renamed over the output
                 named = _partial(path)
                 folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

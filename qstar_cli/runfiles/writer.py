@@ -432,6 +432,6 @@ class CheckpointedWriter:
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Replace the manifest atomically (a crash leaves the old one or the new one, never half);
         ``meta`` is then the writer's copy of it (:meth:`previous_meta`)."""
-        with atomic_output(self.paths.meta, locked=True) as out:
+        with atomic_output(self.paths.meta, locked=True, sync=False) as out:
             out.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))
         self._manifest = meta

@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 import time
+from hashlib import sha256
 
 import filelock
 import pyarrow.parquet as pq
 import pytest
 
+from qstar_cli.generate.config import GenerateConfig
 from qstar_cli.grading.graders import GraderSpec, grade
 from tests.generate.test_generate import spawn
 from tests.helpers import cli, invoke, one_line_error, paths, read_lines, tiny_run_flags, write_jsonl
@@ -134,6 +136,15 @@ def test_a_grader_edited_before_a_resume_is_refused(setup, tmp_path):
     one_line_error(result, f"the grader {file} changed in content since the run began")
     assert LOADING not in result.stdout and len(read_lines(out)) == 4
     assert cli(*args, "--grader", name, "--overwrite", "--output", out).exit_code == 0
+    # An adapter's file is fingerprinted by its content the same way.
+    adapter = tmp_path / "adapter.py"
+    adapter.write_text("from qstar_cli.adapters import DatasetAdapter\n")
+    config = GenerateConfig(model_theta="demo", model_t="demo", dataset="d.jsonl", adapter=f"{adapter}:Mine", grader=name)
+    digests = {k: config.fingerprint_config()[k] for k in ("grader_sha256", "adapter_sha256")}
+    assert digests == {
+        "grader_sha256": sha256(open(file, "rb").read()).hexdigest(),
+        "adapter_sha256": sha256(adapter.read_bytes()).hexdigest(),
+    }
 
 
 def test_system_exit_from_a_grader_at_import_is_one_line_and_while_grading_a_failure(setup, tmp_path):
