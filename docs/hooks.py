@@ -1,9 +1,10 @@
-"""The docs' generated tables, written into their pages so that they read complete where users read
-them (the repository's pages as well as the site): the flag table of ``qstar generate`` in
-``docs/generate.md`` (from the settings' declaration, ``qstar_cli.generate.config.flag_table``) and
-the model families in ``docs/model-families.md`` (from the family matrix,
-``qstar_cli.testing.families.family_table``). A test checks that each page holds its current table;
-after a change of what a table is made from, rewrite them:
+"""The docs' tables generated from their declarations, each written into its page between its markers
+so that it reads complete where users read it (the repository's pages as well as the site): in
+``docs/generate.md`` the flags of ``qstar generate`` (``qstar_cli.generate.config.flag_table``), the
+graders (``qstar_cli.grading.graders.GRADERS``) and the alpha methods
+(``qstar_cli.distributions.alpha_methods.ALPHA_METHODS``); in ``docs/model-families.md`` the model
+families (the family matrix, ``qstar_cli.testing.families.family_table``). A test checks that each
+page holds its current tables; after a change of what a table is made from, rewrite them:
 
     .venv/bin/python docs/hooks.py
 """
@@ -14,15 +15,19 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from qstar_cli.distributions.alpha_methods import alpha_method_table
 from qstar_cli.generate.config import flag_table
+from qstar_cli.grading.graders import grader_table
 from qstar_cli.testing.families import family_table
 
 #: Each generated table: its page, the name in its markers (``<!-- qstar:NAME -->`` ...
 #: ``<!-- /qstar:NAME -->``) and what makes it.
-TABLES: dict[str, tuple[str, Callable[[], str]]] = {
-    "generate.md": ("flags", flag_table),
-    "model-families.md": ("families", family_table),
-}
+TABLES: list[tuple[str, str, Callable[[], str]]] = [
+    ("generate.md", "flags", flag_table),
+    ("generate.md", "graders", grader_table),
+    ("generate.md", "alpha-methods", alpha_method_table),
+    ("model-families.md", "families", family_table),
+]
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -36,6 +41,6 @@ def with_table(markdown: str, name: str, make: Callable[[], str]) -> str:
 
 
 if __name__ == "__main__":
-    for page, (name, make) in TABLES.items():
+    for page, name, make in TABLES:
         path = Path(__file__).with_name(page)
         path.write_text(with_table(path.read_text(), name, make))

@@ -29,7 +29,7 @@ from typer.core import TyperGroup
 import qstar_cli
 from qstar_cli.analysis import ESS_FLOOR
 from qstar_cli.errors import QstarInputError, QstarRunError
-from qstar_cli.paths import check_output_dir, check_output_file, check_writable, replace_atomically
+from qstar_cli.paths import check_output_dir
 from qstar_cli.progress import ExportProgress, GenerateProgress
 
 err_console = Console(stderr=True)
@@ -66,6 +66,17 @@ class OneLineUsageErrors(TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         with _usage_errors_on_one_line():
             return super().invoke(ctx)
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple:
+        """The command, refusing both spellings of one of its on/off flags (``--overwrite --no-overwrite``):
+        click would keep the last silently."""
+        name, command, rest = super().resolve_command(ctx, args)
+        given = set(rest[: rest.index("--")] if "--" in rest else rest)
+        for param in command.params if command is not None else ():
+            spellings = [[opt for opt in opts if opt in given] for opts in (param.opts, getattr(param, "secondary_opts", []))]
+            if all(spellings):
+                raise UsageError(f"{spellings[0][0]} and {spellings[1][0]} contradict each other; give one of them")
+        return name, command, rest
 
 
 app = typer.Typer(
@@ -176,7 +187,7 @@ def generate_options(config_class: type | None = None) -> list[inspect.Parameter
     params = []
     for f, info in settings(config_class):
         default = shown_default(f, info)
-        text = escape(info.help) + (f" (default: {escape(default)})" if default and hints[f.name] is not bool else "")
+        text = escape(info.text) + (f" (default: {escape(default)})" if default and hints[f.name] is not bool else "")
         if hints[f.name] is bool:
             # Both spellings, so that a YAML config's ``overwrite: true`` can be turned off here.
             option = typer.Option(None, f"{flag(f.name)}/--no-{flag(f.name)[2:]}", metavar="", help=text)
@@ -235,7 +246,7 @@ def _quiet_libraries() -> None:
 
 def _load_runs(sidecars: list[Path]):
     from qstar_cli.analysis.statistics import analyze_sidecar
-    from qstar_cli.runfiles.format import SIDECAR_SUFFIX
+    from qstar_cli.runfiles.format import SIDECAR_SUFFIX, OutputPaths
 
     runs = []
     for path in sidecars:
@@ -245,7 +256,7 @@ def _load_runs(sidecars: list[Path]):
             raise QstarInputError(f"diagnostics file not found: {path}")
         run = analyze_sidecar(path)
         if not run.samples:
-            sidecar = path.with_name(path.name.removesuffix(".jsonl") + SIDECAR_SUFFIX)
+            sidecar = OutputPaths(path).diagnostics
             hint = f"; its sidecar is {sidecar}" if sidecar.is_file() and not path.name.endswith(SIDECAR_SUFFIX) else ""
             unreadable = f" ({len(run.corrupt_lines)} unreadable lines)" if run.corrupt_lines else ""
             raise QstarInputError(f"{path} holds no readable samples{unreadable}{hint}")
@@ -294,11 +305,11 @@ def analyze(
         if plots is not None:
             check_output_dir(plots, "--plots")
         if export_weights is not None:
-            from qstar_cli.runfiles.format import SIDECAR_SUFFIX, OutputPaths, check_one_run
+            from qstar_cli.runfiles.format import OutputPaths, check_one_run
+            from qstar_cli.runfiles.output import check_output
 
-            run = OutputPaths(sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".jsonl"))
-            check_output_file(export_weights, "--export-weights", [p.resolve() for p in (sidecar, run.main, run.meta)])
-            check_writable(export_weights, "--export-weights")
+            run = OutputPaths.of(sidecar)
+            check_output(export_weights, "--export-weights", [sidecar, run.main, run.meta])
         if export_weights is not None and run.main.is_file():  # the weights go with the main file's samples
             check_one_run(run.main, sidecar, "give the sidecar of the run beside it")
         runs = _load_runs([sidecar])
@@ -333,10 +344,11 @@ def _export(run, path: Path, ess_floor: float) -> None:
     import orjson
 
     from qstar_cli.analysis.statistics import weight_records
+    from qstar_cli.runfiles.output import atomic_output
 
     records, chosen = weight_records(run, ess_floor)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
+    with atomic_output(path) as out:
+        out.write(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
     err_console.print(
         f"weights: {path} ({len(records)} samples, gamma {chosen.gamma:.4f}, ESS/n {chosen.ess_ratio:.3f})",
         highlight=False,

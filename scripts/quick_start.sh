@@ -45,11 +45,13 @@ echo "== generate ($config)"
 "$qstar" generate --config "$config" "${extra[@]}" "$@"
 echo "== analyze"
 "$qstar" analyze "$stem.diagnostics.jsonl" --plots "$stem-plots" --export-weights "$stem.weights.jsonl"
-# The deepscaler adapter's runs grade every response against the dataset's answer (math-verify).
+# The deepscaler adapter's runs grade every response against the dataset's answer (math-verify). A
+# response cut off by --max-new-tokens has no final answer: it counts as wrong, never as right.
 "$qstar" analyze "$stem.diagnostics.jsonl" --json | .venv/bin/python -c "
 import json, sys
 g = json.load(sys.stdin)['grades']
-print(f\"== accuracy: {g['accuracy']:.3f} ({g['correct']} of {g['graded']} responses right, {g['failed']} ungraded)\" if g and g['graded'] else '== not graded')"
+print(f\"== accuracy: {g['accuracy']:.3f} ({g['correct']} of {g['graded']} responses right; {g['truncated']} cut off by the token \"
+      f\"budget count as wrong; {g['failed']} ungraded)\" if g and g['graded'] else '== not graded')"
 echo "== done
   responses (OpenAI chat JSONL): $output
   per-token diagnostics:         $stem.diagnostics.jsonl

@@ -1,6 +1,6 @@
 """A real headless Chromium driven by Selenium, for the tests of ``qstar report`` pages.
 
-Debian's ``chromium`` and ``chromium-driver`` (scripts/setup.sh installs them when run as root) are
+Debian's ``chromium`` and ``chromium-driver`` (``scripts/setup.sh --tests`` installs them when run as root) are
 a matched pair; the driver is named explicitly so that Selenium never tries to download one.
 
 Also a command, used for the README's screenshot::

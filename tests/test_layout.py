@@ -5,21 +5,28 @@ fingerprint and the docs derived from the declaration)."""
 import ast
 import dataclasses
 import importlib.util
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import qstar_cli
 from qstar_cli.cli import generate_options
+from qstar_cli.distributions.alpha_methods import ALPHA_METHODS, AlphaMethodInfo
+from qstar_cli.distributions.mixture import solve_alpha
 from qstar_cli.generate.config import (
+    ConfigError,
     GenerateConfig,
     flag,
     flag_table,
     setting,
     settings,
 )
+from qstar_cli.grading.command import grade_command
+from qstar_cli.grading.graders import GRADERS, Grader, GraderError, GraderSpec, grade, resolve_grader
 
 PACKAGE = Path(qstar_cli.__file__).parent
 REPO = PACKAGE.parent
@@ -65,7 +72,9 @@ def test_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
-    assert graph["qstar_cli.distributions.mixture"] == set()  # the maths imports nothing of ours
+    # The maths imports nothing of ours but the table of its alpha methods, which imports nothing of ours.
+    assert graph["qstar_cli.distributions.mixture"] == {"qstar_cli.distributions.alpha_methods"}
+    assert graph["qstar_cli.distributions.alpha_methods"] == set()
 
 
 def test_no_module_is_over_500_lines():
@@ -123,13 +132,51 @@ def test_a_setting_declared_once_reaches_the_cli_the_config_the_fingerprint_and_
     assert dataclasses.asdict(config)["beam_width"] == 5  # what the manifest's config records
 
 
-@pytest.mark.parametrize("page", ["generate.md", "model-families.md"])
-def test_the_docs_generated_tables_are_current(page):
-    """docs/generate.md holds the flag table as flag_table() makes it, docs/model-families.md the
-    family table as the family matrix makes it (rewrite them with docs/hooks.py)."""
+def docs_hooks():
     spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "hooks.py")
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
-    name, make = hooks.TABLES[page]
+    return hooks
+
+
+def test_the_docs_tables_are_the_declarations():
+    """docs/generate.md holds the flag, grader and alpha-method tables as their declarations make
+    them, docs/model-families.md the family table as the family matrix makes it (rewrite them with
+    docs/hooks.py)."""
+    hooks = docs_hooks()
+    for page, name, make in hooks.TABLES:
+        text = (REPO / "docs" / page).read_text()
+        assert hooks.markers(name)[0] in text and hooks.with_table(text, name, make) == text, f"{page}: run .venv/bin/python docs/hooks.py"
+
+
+def generated_page(hooks, page: str) -> str:
+    """``docs/PAGE`` with every table of it made afresh."""
     text = (REPO / "docs" / page).read_text()
-    assert hooks.markers(name)[0] in text and hooks.with_table(text, name, make) == text, "run .venv/bin/python docs/hooks.py"
+    for table_page, name, make in hooks.TABLES:
+        text = hooks.with_table(text, name, make) if table_page == page else text
+    return text
+
+
+def test_a_grader_and_an_alpha_method_added_to_their_registries_reach_the_cli_the_checks_and_the_docs(monkeypatch):
+    """One entry in each table is all it takes: the command line's choices and help, the config and
+    grader checks, and the docs' tables show it; an unknown name stays an error."""
+    monkeypatch.setitem(GRADERS, "length", Grader(lambda response, reference: {"correct": len(response) < 9}, "under nine characters",
+                                                  needs_reference=False))  # fmt: skip
+    monkeypatch.setitem(ALPHA_METHODS, "half", AlphaMethodInfo("one half", lambda logp_theta, logp_t, **_: logp_theta[..., 0] * 0 + 0.5))
+    generate_help = {p.name: p.default.help for p in generate_options()}
+    assert "length (under nine characters)" in generate_help["grader"] and "half: one half" in generate_help["alpha_method"]
+    grade_help = {name: p.default.help for name, p in inspect.signature(grade_command(None, None)).parameters.items()}
+    assert "length (under nine characters)" in grade_help["grader"]
+    page = generated_page(docs_hooks(), "generate.md")
+    assert "| `length` | under nine characters | no |" in page and "| `half` | one half | no |" in page
+
+    config = GenerateConfig(model_theta="demo", model_t="demo", dataset="d.jsonl", alpha_method="HALF", grader="length")
+    assert config.alpha_method == "half" and config.fingerprint_config()["alpha"] is None  # half takes no --alpha
+    logp = torch.randn(3, 7).log_softmax(-1)
+    assert solve_alpha(logp, logp.flip(-1), method="half").tolist() == [0.5] * 3
+    assert grade(resolve_grader("length", None), "short", {}) == {"correct": True}  # no reference needed
+    with pytest.raises(ConfigError, match="unknown alpha method 'halves'; choose one of kl_symmetry, entropy, fixed, half"):
+        GenerateConfig(model_theta="demo", model_t="demo", dataset="d.jsonl", alpha_method="halves")
+    for unknown in (lambda: resolve_grader("lengths", None), lambda: GraderSpec("lengths")):
+        with pytest.raises(GraderError, match="unknown grader 'lengths'; choose one of math, exact, length, none, FILE.py:FUNCTION"):
+            unknown()

@@ -18,19 +18,18 @@ The main file and the sidecar are read line by line in lockstep, twice: once for
 log-weights (n floats), which fix gamma and the self-normalisation, then to write rows in chunks.
 Neither file is ever held whole. A pair of lines that cannot be read (a line torn by a crash, or one
 file longer than the other) is skipped and counted, like a sample the writer would not count as done.
-The output is written to ``FILE.tmp`` and renamed when complete.
+The output is written through a temporary beside it, renamed when complete (:mod:`qstar_cli.runfiles.output`).
 """
 
 from __future__ import annotations
 
-import os
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import pyarrow as pa
@@ -38,8 +37,17 @@ import pyarrow.parquet as pq
 
 from qstar_cli.analysis.statistics import ESS_FLOOR, REQUIRED_KEYS, SequenceWeights, sequence_log_weight, sequence_weights
 from qstar_cli.errors import QstarInputError
-from qstar_cli.paths import check_output_file, check_writable
-from qstar_cli.runfiles.format import LineFacts, OutputPaths, TeacherTopK, not_one_run, pair_mismatch, read_line, sidecar_record
+from qstar_cli.runfiles.format import (
+    LineFacts,
+    OutputPaths,
+    TeacherTopK,
+    not_one_run,
+    pair_mismatch,
+    read_line,
+    read_manifest,
+    sidecar_record,
+)
+from qstar_cli.runfiles.output import atomic_output, check_output
 
 FORMATS = (".parquet", ".jsonl")
 #: ``--keep``: every sample, or those graded right (rejection-sampling fine-tuning).
@@ -48,6 +56,10 @@ KEEP = ("all", "correct")
 CHUNK_TOKENS = 1 << 16
 #: How often, in bytes read, the progress callback hears from a pass.
 PROGRESS_BYTES = 1 << 20
+#: The columns a trainer reads by name beside the token ids (:mod:`qstar_cli.training.weighted_sft`).
+WEIGHT, LOGP_T, LOGP_Q = "weight", "logp_t", "logp_q"
+TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_TAIL = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail"
+#: The training set's columns, in the order :func:`training_row` gives their values.
 SCHEMA = pa.schema(
     [
         ("input_ids", pa.list_(pa.int32())),
@@ -55,19 +67,19 @@ SCHEMA = pa.schema(
         ("sample_idx", pa.int64()),
         ("response_idx", pa.int64()),
         ("finish_reason", pa.string()),
-        ("weight", pa.float64()),
+        (WEIGHT, pa.float64()),
         ("logp_theta", pa.list_(pa.float64())),
-        ("logp_t", pa.list_(pa.float64())),
-        ("logp_q", pa.list_(pa.float64())),
+        (LOGP_T, pa.list_(pa.float64())),
+        (LOGP_Q, pa.list_(pa.float64())),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ]
 )
-#: The columns ``teacher_topk`` adds.
+#: The columns ``teacher_topk`` adds, in the order :func:`training_row` gives their values.
 TEACHER_TOPK_SCHEMA = pa.schema(
     [
-        ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
-        ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
-        ("teacher_topk_tail", pa.list_(pa.float32())),
+        (TEACHER_TOPK_IDS, pa.list_(pa.list_(pa.int32()))),
+        (TEACHER_TOPK_LOGPROBS, pa.list_(pa.list_(pa.float32()))),
+        (TEACHER_TOPK_TAIL, pa.list_(pa.float32())),
     ]
 )
 
@@ -150,10 +162,7 @@ class _LockstepReader:
                     continue
                 record = sidecar_record(record)
                 if "per_token" not in record or "prompt_ids_theta" not in record:
-                    raise QstarInputError(
-                        f"{sidecar} holds no token ids (diagnostics level summary); export needs level full: "
-                        "generate with --diagnostics full"
-                    )
+                    raise needs_level_full(sidecar, "summary")
                 if (mismatch := pair_mismatch(LineFacts.of(main), LineFacts.of(record))) is not None:
                     raise QstarInputError(f"{not_one_run(number, main_path, sidecar, mismatch)}; export the run's own files")
                 if self.config.teacher_topk:
@@ -177,6 +186,29 @@ class _LockstepReader:
             self.progress(phase, total, total)
 
 
+def needs_level_full(what: Path | str, level: str) -> QstarInputError:
+    """The refusal of a sidecar or run at diagnostics ``level`` (summary or none), which keeps no token ids."""
+    return QstarInputError(
+        f"{what} was written at diagnostics level {level}, which keeps no token ids; export needs level full: generate with --diagnostics full"
+    )
+
+
+def missing_sidecar(run: Path) -> QstarInputError:
+    """Why ``run`` has no sidecar beside it, from its manifest: a run at another level, a sidecar gone,
+    or no run at all (a copy, such as one that ``qstar grade --output`` wrote)."""
+    paths = OutputPaths(run)
+    if not paths.meta.is_file():
+        return QstarInputError(
+            f"{run} is not a run's main file: neither its sidecar {paths.diagnostics.name} nor its manifest {paths.meta.name} lies "
+            "beside it; export the run's own OUT.jsonl (to export new grades, write them into the run: qstar grade OUT.jsonl --in-place)"
+        )
+    meta = read_manifest(paths.meta, ("config",), "qstar generate writes it beside the run")
+    level = meta["config"].get("diagnostics", "full")
+    if level != "full":
+        return needs_level_full(f"the run {run}", level)
+    return QstarInputError(f"the sidecar {paths.diagnostics} of {run} is missing (the run wrote it at level full); restore it to export")
+
+
 def _load(line: bytes | None, keys: tuple[str, ...], path: Path, number: int) -> dict[str, Any] | None:
     """Line ``number`` of ``path`` as a dict holding ``keys``, or None (absent, torn or not a sample);
     a line of a newer format than this qstar reads is refused."""
@@ -197,7 +229,7 @@ def check_graded(run: Path) -> None:
     if first is not None and "grade" not in first:
         raise QstarInputError(
             f"--keep correct keeps the responses graded right, but {run} is not graded; "
-            f"grade it first (qstar grade {run} --grader math --output GRADED.jsonl) or generate with --grader"
+            f"grade it in place first (qstar grade {run} --in-place --grader math) or generate with --grader"
         )
 
 
@@ -217,31 +249,23 @@ def _teacher_topk(record: dict[str, Any], sidecar: Path, number: int) -> Teacher
 def training_row(main: dict[str, Any], record: dict[str, Any], weight: float) -> dict[str, Any]:
     """One row of the training set from a sample's main line and sidecar line (with its decoded
     :class:`TeacherTopK` under ``teacher_topk`` when the export writes those columns)."""
-    prompt, response = record["prompt_ids_theta"], record["per_token"]["token_id"]
-    top = record.get("teacher_topk")
-    topk_columns = {} if top is None else {
-        "teacher_topk_ids": top.ids.tolist(), "teacher_topk_logprobs": top.logprobs.tolist(), "teacher_topk_tail": top.tail.tolist(),
-    }  # fmt: skip
-    return {
-        "input_ids": prompt + response,
-        "completion_mask": [0] * len(prompt) + [1] * len(response),
-        "sample_idx": record["sample_idx"],
-        "response_idx": record["response_idx"],
-        "finish_reason": record["finish_reason"],
-        "weight": weight,
-        "logp_theta": record["per_token"]["logp_theta"],
-        "logp_t": record["per_token"]["logp_t"],
-        "logp_q": record["per_token"]["logp_q"],
-        "messages": main["messages"],
-        **topk_columns,
-    }
+    prompt, per_token = record["prompt_ids_theta"], record["per_token"]
+    response = per_token["token_id"]
+    values = (
+        prompt + response, [0] * len(prompt) + [1] * len(response), record["sample_idx"], record.get("response_idx", 0),
+        record["finish_reason"], weight, per_token["logp_theta"], per_token["logp_t"], per_token["logp_q"], main["messages"],
+    )  # fmt: skip
+    row = dict(zip(SCHEMA.names, values, strict=True))
+    if (top := record.get("teacher_topk")) is not None:
+        row.update(zip(TEACHER_TOPK_SCHEMA.names, (top.ids.tolist(), top.logprobs.tolist(), top.tail.tolist()), strict=True))
+    return row
 
 
 class _ParquetSink:
-    def __init__(self, path: Path, metadata: dict[str, Any], schema: pa.Schema):
+    def __init__(self, out: BinaryIO, metadata: dict[str, Any], schema: pa.Schema):
         # What was kept and dropped travels in the file's own key-value metadata ("qstar").
         self.schema = schema.with_metadata({"qstar": orjson.dumps(metadata)})
-        self.writer = pq.ParquetWriter(path, self.schema)
+        self.writer = pq.ParquetWriter(out, self.schema)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
@@ -254,8 +278,8 @@ class _ParquetSink:
 
 
 class _JsonlSink:
-    def __init__(self, path: Path, metadata: dict[str, Any], schema: pa.Schema):  # JSON Lines has no place for metadata or a schema
-        self.file = path.open("wb")
+    def __init__(self, out: BinaryIO, metadata: dict[str, Any], schema: pa.Schema):  # JSON Lines has no place for metadata or a schema
+        self.file = out
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.file.write(b"".join(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows))
@@ -264,7 +288,7 @@ class _JsonlSink:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        pass
 
 
 def export_training_set(config: ExportConfig, progress: Progress | None = None) -> ExportSummary:
@@ -272,14 +296,8 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
     if not config.run.is_file():
         raise QstarInputError(f"run file not found: {config.run}")
     if not config.sidecar.is_file():
-        raise QstarInputError(
-            f"diagnostics sidecar not found: {config.sidecar}; export needs it at level full (generate with --diagnostics full)"
-        )
-    if config.output.resolve() in (config.run.resolve(), config.sidecar.resolve()):
-        raise QstarInputError(f"--output {config.output} would overwrite the run it reads")
-    for path in (config.output, config.output.with_name(config.output.name + ".tmp")):  # the file and its partial copy
-        check_output_file(path, "--output")
-    check_writable(config.output, "--output")
+        raise missing_sidecar(config.run)
+    check_output(config.output, "--output", [config.run, config.sidecar, OutputPaths(config.run).meta])
     if config.keep == "correct":
         check_graded(config.run)
 
@@ -298,24 +316,18 @@ def export_training_set(config: ExportConfig, progress: Progress | None = None) 
     dropped = dict(sorted(reader.dropped.items()))
     metadata = {"keep": config.keep, "exported": len(log_w), "dropped": dropped, "truncated_left_out": reader.truncated}
 
-    config.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = config.output.with_name(config.output.name + ".tmp")
-    try:
-        schema = pa.unify_schemas([SCHEMA, TEACHER_TOPK_SCHEMA]) if config.teacher_topk else SCHEMA
-        with (_ParquetSink if config.output.suffix == ".parquet" else _JsonlSink)(partial, metadata, schema) as sink:
-            chunk, chunk_tokens = [], 0
-            for weight, (main, record) in zip(weights.weights, reader.samples("writing"), strict=True):
-                chunk.append(training_row(main, record, float(weight)))
-                chunk_tokens += len(chunk[-1]["input_ids"])
-                if chunk_tokens >= config.chunk_tokens:
-                    sink.write(chunk)
-                    chunk, chunk_tokens = [], 0
-            if chunk:
+    schema = pa.unify_schemas([SCHEMA, TEACHER_TOPK_SCHEMA]) if config.teacher_topk else SCHEMA
+    sink_type = _ParquetSink if config.output.suffix == ".parquet" else _JsonlSink
+    with atomic_output(config.output) as out, sink_type(out, metadata, schema) as sink:
+        chunk, chunk_tokens = [], 0
+        for weight, (main, record) in zip(weights.weights, reader.samples("writing"), strict=True):
+            chunk.append(training_row(main, record, float(weight)))
+            chunk_tokens += len(chunk[-1]["input_ids"])
+            if chunk_tokens >= config.chunk_tokens:
                 sink.write(chunk)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, config.output)
+                chunk, chunk_tokens = [], 0
+        if chunk:
+            sink.write(chunk)
     return ExportSummary(config.output, len(log_w), reader.truncated, reader.skipped, weights, _incomplete(config.run), dropped)
 
 

@@ -43,8 +43,9 @@ from qstar_cli.analysis.tables import field_table, fmt, overview_table, run_labe
 from qstar_cli.errors import QstarInputError
 from qstar_cli.generate.config import path_settings
 from qstar_cli.grading.statistics import grade_mark
-from qstar_cli.paths import check_output_file, check_writable, local_path, replace_atomically
+from qstar_cli.paths import local_path
 from qstar_cli.runfiles.format import LineFacts, OutputPaths, not_one_run, pair_mismatch, read_manifest
+from qstar_cli.runfiles.output import atomic_output, check_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -421,8 +422,7 @@ def build_report(
     # The run's files, the tokenizer, and every local input the run names (its models, dataset, templates).
     specs = [tokenizer, *(meta["config"].get(name) for name in path_settings())]
     inputs = [paths.main, paths.diagnostics, paths.meta, *(p for spec in specs if isinstance(spec, str) and (p := local_path(spec)))]
-    check_output_file(out, "--output", [p.resolve() for p in inputs])
-    check_writable(out, "--output")
+    check_output(out, "--output", inputs)
     selection = SampleSelection(max_samples, seed)
     # Level summary has no per-token arrays, so it needs no token strings; a missing tokenizer fails before the pass.
     pi_t_tokenizer = _tokenizer(tokenizer, meta["config"]) if meta["config"].get("diagnostics", "full") == "full" else None
@@ -485,7 +485,8 @@ def build_report(
         why_plain=why_plain,
         data_json=script_json(data),
     )
-    replace_atomically(out, page.encode("utf-8"))
+    with atomic_output(out) as written:
+        written.write(page.encode("utf-8"))
     return ReportSummary(out, len(views), run.samples, out.stat().st_size, notes)
 
 

@@ -13,13 +13,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from qstar_cli.analysis.statistics import ALPHA_BINS, RunAnalysis
+from qstar_cli.runfiles.output import atomic_output
 
 SCATTER_POINTS = 20_000
 
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as out:
+        fig.savefig(out, dpi=110, format="png")
     return path
 
 

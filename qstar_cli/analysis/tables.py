@@ -11,25 +11,24 @@ from rich import box
 from rich.table import Table
 
 from qstar_cli.analysis.statistics import CHECKS, PERCENTILES, RunAnalysis
-from qstar_cli.runfiles.format import SIDECAR_SUFFIX, SUMMARY_FIELDS, OutputPaths
+from qstar_cli.runfiles.format import SUMMARY_FIELDS, OutputPaths
 
 
 def run_label(sidecar: Path) -> str:
     """The run's alpha method (``fixed=0.3`` for fixed) from its manifest, else the file's stem."""
-    name = sidecar.name.removesuffix(SIDECAR_SUFFIX)
-    meta_path = OutputPaths(sidecar.with_name(name + ".jsonl")).meta
+    run = OutputPaths.of(sidecar)
     try:
-        config = orjson.loads(meta_path.read_bytes())["config"]
+        config = orjson.loads(run.meta.read_bytes())["config"]
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return name
-    method = config.get("alpha_method", name)
+        return run.stem.name
+    method = config.get("alpha_method", run.stem.name)
     return f"fixed={config.get('alpha')}" if method == "fixed" else method
 
 
 def run_labels(sidecars: list[Path]) -> list[str]:
     """Labels for several runs; a label shared by two runs gets the file stem added."""
     labels = [run_label(p) for p in sidecars]
-    return [f"{label} ({p.name.removesuffix(SIDECAR_SUFFIX)})" if labels.count(label) > 1 else label for label, p in zip(labels, sidecars)]
+    return [f"{label} ({OutputPaths.of(p).stem.name})" if labels.count(label) > 1 else label for label, p in zip(labels, sidecars)]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -99,11 +98,20 @@ def grade_rows(row: Callable[[str, list[str]], None], grades: list[dict[str, Any
     """Accuracy, failures, pass@k and majority vote of graded runs, and accuracy beside the weight."""
     row("graded (of samples)", [f"{g['graded']} of {g['samples']}" if g else "-" for g in grades])
     row("accuracy", [fmt(g.get("accuracy"), 3) for g in grades])
+    if any(g.get("truncated") for g in grades):
+        row("graded wrong: truncated", [str(g.get("truncated", 0)) for g in grades])
     for reason in sorted({r for g in grades for r in g.get("failures", {})}):
         row(f"ungraded: {reason}", [str(g.get("failures", {}).get(reason, 0)) for g in grades])
+    if any(g.get("not_graded") for g in grades):
+        row("not graded (no grade in the line)", [str(g.get("not_graded", 0)) for g in grades])
+    row("prompts all graded (pass@k, vote)", [f"{g['prompts_all_graded']} of {g['prompts']}" if g else "-" for g in grades])
     for k in sorted({k for g in grades for k in g.get("pass_at_k", {})}, key=int):
         row(f"pass@{k}", [fmt(g.get("pass_at_k", {}).get(k), 3) for g in grades])
-    row("majority-vote accuracy", [fmt(g.get("majority_accuracy"), 3) for g in grades])
+    # A graded run without extracted answers (a custom grader's grades) has no vote to take: n/a.
+    row(
+        "majority-vote accuracy",
+        [fmt(g["majority_accuracy"], 3) if g.get("majority_accuracy") is not None else "n/a" if g else "-" for g in grades],
+    )
     weights = [g.get("by_weight") or {} for g in grades]
     row(
         "log w mean, right / wrong",

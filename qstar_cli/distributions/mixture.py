@@ -13,13 +13,14 @@ produce NaN. Every function keeps the dtype it is given (float32 in the sampler,
 from __future__ import annotations
 
 import math
-from typing import Literal
+import sys
 
 import torch
 from torch import Tensor
 
-AlphaMethod = Literal["kl_symmetry", "entropy", "fixed"]
-ALPHA_METHODS: tuple[str, ...] = ("kl_symmetry", "entropy", "fixed")
+from qstar_cli.distributions.alpha_methods import ALPHA_METHODS, AlphaMethod, check_alpha_method
+
+__all__ = ["AlphaMethod", "check_alpha_method", "mixture_logprobs", "solve_alpha", "token_diagnostics"]
 
 #: Rows whose log-ratio ``d`` has variance below this (nats^2) under q are "the same distribution"
 #: for the solver: alpha* is then ill-determined (float32 normalisation error alone moves it) and
@@ -29,18 +30,6 @@ DEGENERATE_VAR = 1e-6
 #: The solver keeps alpha in [ALPHA_EPS, 1 - ALPHA_EPS]: at exactly 0 or 1, q would put mass on tokens
 #: that the other model cannot emit (an infinite KL) whenever the supports differ.
 ALPHA_EPS = 1e-6
-
-DIAGNOSTIC_FIELDS: tuple[str, ...] = (
-    "kl_theta",
-    "kl_t",
-    "ess_theta",
-    "ess_t",
-    "ess_ratio",
-    "entropy_theta",
-    "entropy_t",
-    "entropy_q",
-)
-
 
 #: Devices on which :func:`solve_kl_symmetry` reads whether any row still moves, to stop early.
 EARLY_EXIT_DEVICES: tuple[str, ...] = ("cpu",)
@@ -61,7 +50,7 @@ def entropy(logp: Tensor) -> Tensor:
     return -_expectation(logp.exp(), logp)
 
 
-def solve_kl_symmetry(logp_theta: Tensor, logp_t: Tensor, tol: float = 1e-5, max_iter: int = 5) -> Tensor:
+def solve_kl_symmetry(logp_theta: Tensor, logp_t: Tensor, tol: float = 1e-5, max_iter: int = 5, **_) -> Tensor:
     """Root alpha* of ``F(alpha) = E_q[d]`` in [0, 1], per row.
 
     F is solved through the equivalent equation ``G(alpha) = log P - log N = 0`` with
@@ -130,19 +119,16 @@ def solve_kl_symmetry(logp_theta: Tensor, logp_t: Tensor, tol: float = 1e-5, max
     return torch.where(p1.isnan(), 0.0, alpha)
 
 
-def entropy_alpha(logp_theta: Tensor, logp_t: Tensor) -> Tensor:
+def entropy_alpha(logp_theta: Tensor, logp_t: Tensor, **_) -> Tensor:
     """``H(pi_theta) / (H(pi_theta) + H(pi_t))``; 0.5 where both entropies are 0."""
     h_theta, h_t = entropy(logp_theta), entropy(logp_t)
     total = h_theta + h_t
     return torch.where(total > 0, h_theta / torch.where(total > 0, total, 1.0), 0.5)
 
 
-def check_alpha_method(method: str, alpha: float = 0.5) -> None:
-    """Raise ``ValueError`` for an unknown method or a fixed alpha outside [0, 1]."""
-    if method not in ALPHA_METHODS:
-        raise ValueError(f"unknown alpha method {method!r}; choose one of {', '.join(ALPHA_METHODS)}")
-    if method == "fixed" and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"fixed alpha must lie in [0, 1], got {alpha}")
+def fixed_alpha(logp_theta: Tensor, logp_t: Tensor, alpha: float, **_) -> Tensor:
+    """The constant ``alpha`` for every row."""
+    return torch.full(logp_theta.shape[:-1], alpha, dtype=logp_theta.dtype, device=logp_theta.device)
 
 
 def solve_alpha(
@@ -153,17 +139,15 @@ def solve_alpha(
     tol: float = 1e-5,
     max_iter: int = 5,
 ) -> Tensor:
-    """The mixture exponent for each row of ``[batch, vocab]`` log-probs, as a ``[batch]`` tensor.
-
-    ``method``: ``kl_symmetry`` (default, :func:`solve_kl_symmetry`), ``entropy``
-    (:func:`entropy_alpha`) or ``fixed`` (the constant ``alpha``).
+    """The mixture exponent for each row of ``[batch, vocab]`` log-probs, as a ``[batch]`` tensor, by
+    the solver of ``method`` in :data:`~qstar_cli.distributions.alpha_methods.ALPHA_METHODS`
+    (``kl_symmetry``, the default: :func:`solve_kl_symmetry`; ``entropy``: :func:`entropy_alpha`;
+    ``fixed``: the constant ``alpha``).
     """
     check_alpha_method(method, alpha)
-    if method == "kl_symmetry":
-        return solve_kl_symmetry(logp_theta, logp_t, tol=tol, max_iter=max_iter)
-    if method == "entropy":
-        return entropy_alpha(logp_theta, logp_t)
-    return torch.full(logp_theta.shape[:-1], alpha, dtype=logp_theta.dtype, device=logp_theta.device)
+    solver = ALPHA_METHODS[method].solver
+    solve = getattr(sys.modules[__name__], solver) if isinstance(solver, str) else solver
+    return solve(logp_theta, logp_t, alpha=alpha, tol=tol, max_iter=max_iter)
 
 
 def mixture_logprobs(logp_theta: Tensor, logp_t: Tensor, alpha: Tensor) -> Tensor:
@@ -207,7 +191,8 @@ def _ess(logp_q: Tensor, logp_other: Tensor) -> Tensor:
 def token_diagnostics(logp_theta: Tensor, logp_t: Tensor, logp_q: Tensor) -> dict[str, Tensor]:
     """Per-row diagnostics for the full (untempered) mixture ``logp_q``.
 
-    Returns ``[batch]`` tensors keyed by :data:`DIAGNOSTIC_FIELDS`. Each KL and entropy is one
+    Returns ``[batch]`` tensors keyed by the sidecar's ``DIAGNOSTIC_FIELDS``
+    (:mod:`qstar_cli.runfiles.format`), in their order. Each KL and entropy is one
     masked dot product over the vocabulary (a token q cannot draw adds 0; one it can draw but a
     model cannot emit makes that KL +inf).
     """

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sample_tokens, sampling_logprobs
 from qstar_cli.distributions.speculative import log1mexp, verify_drafts
-from qstar_cli.runfiles.format import MAX_TEACHER_TOPK
+from qstar_cli.runfiles.format import check_teacher_topk_k
 
 #: Uniform streams of the counter-based generator: the round's last token (0, plain sampling's
 #: draw), drafts, and acceptance tests.
@@ -108,10 +108,9 @@ def teacher_topk(logp_t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def check_teacher_topk(k: int, vocab: int) -> int:
-    """``teacher_topk``: an integer from 0 (off) to :data:`MAX_TEACHER_TOPK`, and no more than the
-    shared vocabulary."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TEACHER_TOPK:
-        raise ValueError(f"teacher_topk must be an integer from 0 (off) to {MAX_TEACHER_TOPK}, got {k!r}")
+    """``teacher_topk``: an integer from 0 (off) to :data:`~qstar_cli.runfiles.format.MAX_TEACHER_TOPK`,
+    and no more than the shared vocabulary."""
+    check_teacher_topk_k(k)
     if k > vocab:
         raise ValueError(f"teacher_topk {k} needs a shared vocabulary of at least {k} ids, not {vocab}")
     return k

@@ -277,6 +277,22 @@ class HostRows:
         return np.nonzero(self.produced[:n] == self.limit[:n])[0].tolist()
 
 
+@dataclass(frozen=True)
+class RoundFeed:
+    """What a round feeds (step 1 of :meth:`~qstar_cli.engine.sampler.DualModelSampler._round`), from the
+    rows' state. Per-side tensors are indexed by :class:`~qstar_cli.engine.roles.Side`."""
+
+    k: int  # the most drafts a row makes this round
+    draft_len_host: np.ndarray  # [n] drafts each row makes
+    draft_len: Tensor  # the same, on the device
+    forced: Tensor | None  # [n] a replayed row's tokens this round as written (-1: a new row); None without drafts
+    pending: Tensor  # [2, n] the pending tokens
+    positions: Tensor  # [2, n, k + 1] the queries' positions (-1 past a row's drafts)
+    longest: list[int]  # per side, the forwards' attention width
+    counter_key: Tensor  # [n] the keys of the rows' draws
+    produced: Tensor  # [n] tokens each row emitted before the round (the token index of its first draw)
+
+
 @dataclass
 class RoundOutcome:
     """What the host takes from a round: the rows that finished, the tokens each emitted, NaN flags of new rows ``[n, 2]``,

@@ -47,7 +47,7 @@ from qstar_cli.engine.models import (
 from qstar_cli.engine.prefill import prefill
 from qstar_cli.engine.prompts import Messages, PromptFormat
 from qstar_cli.engine.roles import DRAFT_PAIR, PLAIN_SCORERS, Role, RoleModel, Side, run_roles
-from qstar_cli.engine.rows import DeviceRows, FinishedRows, HostRows, RoundOutcome, to_device, to_host
+from qstar_cli.engine.rows import DeviceRows, FinishedRows, HostRows, RoundFeed, RoundOutcome, to_device, to_host
 from qstar_cli.engine.samples import SampleRequest, SampleResult, StreamStats
 from qstar_cli.engine.scheduler import Row, SlotScheduler
 from qstar_cli.engine.slots import SlotCache, check_versions, use_slot_attention
@@ -475,21 +475,6 @@ class DualModelSampler:
                 text_ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
                 result.text = self.target.tokenizer.decode(text_ids)
                 yield position, result
-
-
-@dataclass(frozen=True)
-class RoundFeed:
-    """What a round feeds (step 1). Per-side tensors are indexed by :class:`Side`."""
-
-    k: int  # the most drafts a row makes this round
-    draft_len_host: np.ndarray  # [n] drafts each row makes
-    draft_len: Tensor  # the same, on the device
-    forced: Tensor | None  # [n] a replayed row's tokens this round as written (-1: a new row); None without drafts
-    pending: Tensor  # [2, n] the pending tokens
-    positions: Tensor  # [2, n, k + 1] the queries' positions (-1 past a row's drafts)
-    longest: list[int]  # per side, the forwards' attention width
-    counter_key: Tensor  # [n] the keys of the rows' draws
-    produced: Tensor  # [n] tokens each row emitted before the round (the token index of its first draw)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from qstar_cli.distributions.mixture import mixture_logprobs, token_diagnostics
 from qstar_cli.explain.cases import EVOLUTION_CASE, Explanation, gaussians, geometric_mixture, mixture_kls
+from qstar_cli.runfiles.output import atomic_output
 
 BEHAVIOR_PNG = "q_star_behavior_2d.png"
 EVOLUTION_PNG = "q_alpha_evolution.png"
@@ -70,8 +71,7 @@ def behavior_figure(explanation: Explanation, path: Path) -> Path:
     fig.legend(
         handles=handles, loc="outside upper center", ncols=3, fontsize=12, title="contours at 1 (solid) and 2 (dashed) standard deviations"
     )
-    fig.savefig(path, dpi=90)
-    return path
+    return _save(fig, path)
 
 
 def _star(ax, x: float, y: float, label: str) -> None:
@@ -116,7 +116,12 @@ def evolution_figure(explanation: Explanation, path: Path, case: int = EVOLUTION
     )
     right.grid(alpha=0.3)
     right.legend()
-    fig.savefig(path, dpi=90)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with atomic_output(path) as out:
+        fig.savefig(out, dpi=90, format="png")
     return path
 
 

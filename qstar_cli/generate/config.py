@@ -13,17 +13,19 @@ docs' flag table (:func:`flag_table`) are all derived from these fields.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 import pydantic
 
+from qstar_cli.distributions.alpha_methods import ALPHA_METHODS, alpha_method_help, check_alpha_method
 from qstar_cli.engine.roles import ROLES
 from qstar_cli.errors import QstarInputError
-from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS
-from qstar_cli.paths import DEMO, check_output_file, check_writable, local_path, resolved_spec
-from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, MAX_TEACHER_TOPK, SIDECAR_SUFFIX, OutputPaths
+from qstar_cli.grading.graders import DEFAULT_TIMEOUT, DEFAULT_WORKERS, grader_help
+from qstar_cli.paths import DEMO, check_output_file, check_writable, file_sha256, local_path, resolved_spec
+from qstar_cli.runfiles.format import DIAGNOSTICS_LEVELS, SIDECAR_SUFFIX, OutputPaths, check_teacher_topk_k
 
 if TYPE_CHECKING:
     from qstar_cli.distributions.sampling import SamplingParams
@@ -49,7 +51,8 @@ class ConfigError(QstarInputError):
 class SettingInfo:
     """What a setting is beside its name, type and default (a field's ``metadata["setting"]``)."""
 
-    help: str
+    #: What the help and the docs say; a function where it is read from a registry (graders, alpha methods).
+    help: str | Callable[[], str]
     #: A resumed run must have the same value, since it decides what is sampled.
     fingerprinted: bool = True
     #: The setting may name a local file or directory (resolved for the fingerprint and protected
@@ -69,6 +72,10 @@ class SettingInfo:
     #: The default as the help shows it, where the field's default (None) means "derived".
     shown_default: str | None = None
     since: str = "0.1.0"
+
+    @property
+    def text(self) -> str:
+        return self.help() if callable(self.help) else self.help
 
 
 def setting(default: Any, help: str, **info: Any) -> Any:
@@ -90,16 +97,23 @@ def draft_settings(config_class: type | None = None) -> dict[str, Any]:
     return {f.name: f.default for f, info in settings(config_class) if info.draft}
 
 
+#: What a graded run's manifest without the setting had: before grade_truncated, truncated responses were graded as any other.
+_GRADED_BEFORE = {"grader": "none", "grade_truncated": True}
+#: The settings that may name a user's code (FILE.py:NAME), and the key of its content digest in the fingerprint.
+USER_CODE = {"grader": "grader_sha256", "adapter": "adapter_sha256"}
+
+
 def grading_settings(config_class: type | None = None) -> dict[str, Any]:
-    """The grading settings with their values when grading is off (``grader`` none, the others their defaults)."""
-    return {f.name: "none" if f.name == "grader" else f.default for f, info in settings(config_class) if info.grading}
+    """The grading settings with the values a manifest without them had (:data:`_GRADED_BEFORE`, else the defaults)."""
+    return {f.name: _GRADED_BEFORE.get(f.name, f.default) for f, info in settings(config_class) if info.grading}
 
 
 def optional_settings(config_class: type | None = None) -> dict[str, Any]:
     """The settings a fingerprint holds only when they are on, with their values when off: a run's
-    manifest that lacks one had it off (:meth:`~qstar_cli.runfiles.writer.CheckpointedWriter.check_config`)."""
+    manifest that lacks one had it off (:meth:`~qstar_cli.runfiles.writer.CheckpointedWriter.check_config`);
+    likewise the digests of user code, absent without it."""
     when_set = {f.name: f.default for f, info in settings(config_class) if info.when_set}
-    return {**draft_settings(config_class), **grading_settings(config_class), **when_set}
+    return {**draft_settings(config_class), **grading_settings(config_class), **when_set, **dict.fromkeys(USER_CODE.values())}
 
 
 def path_settings(config_class: type | None = None) -> dict[str, tuple[str, ...]]:
@@ -125,7 +139,7 @@ def flag_table(config_class: type | None = None) -> str:
     for f, info in settings(config_class):
         default = shown_default(f, info)
         fingerprinted = "when drafting" if info.draft else "when grading" if info.grading else ("yes" if info.fingerprinted else "no")
-        meaning = info.help.replace("|", "\\|")
+        meaning = info.text.replace("|", "\\|")
         rows.append(f"| `{flag(f.name)}` | {meaning} | {f'`{default}`' if default else ''} | {fingerprinted} | {info.since} |")
     return "\n".join(rows) + "\n"
 
@@ -160,7 +174,7 @@ class GenerateConfig:
     output: str = setting("data/generated.jsonl", "Main JSONL; sidecar and manifest beside it.", fingerprinted=False)
     num_samples: int | None = setting(None, "Rows to take (the schedule may grow on resume).", fingerprinted=False, shown_default="all")
     start_index: int = setting(0, "First row.")
-    alpha_method: str = setting("kl_symmetry", "kl_symmetry, entropy or fixed.")
+    alpha_method: str = setting("kl_symmetry", lambda: f"How alpha is chosen: {alpha_method_help()}")
     alpha: float = setting(0.5, "The alpha of --alpha-method fixed.")
     max_new_tokens: int = setting(512, "Response length cap.")
     temperature: float = setting(1.0, "Applied to q after alpha is solved; 0 is greedy.")
@@ -212,8 +226,7 @@ class GenerateConfig:
         "in the sidecar for distillation (0 = off; at most 64; needs --diagnostics full).", when_set=True, since="0.3.0",
     )  # fmt: skip
     grader: str | None = setting(
-        None, "Grade every response against the dataset's answer: math (HF math-verify), exact (normalised text), none, or "
-        "FILE.py:FUNCTION, called with (response, row) and returning a bool or a score in [0, 1].",
+        None, lambda: f"Grade every response against the dataset's answer: {grader_help()}.",
         grading=True, shown_default="math where the adapter names an answer column (deepscaler), else none", since="0.2.0",
     )  # fmt: skip
     answer_field: str | None = setting(
@@ -225,10 +238,11 @@ class GenerateConfig:
         grading=True, since="0.2.0",
     )  # fmt: skip
     grader_workers: int = setting(DEFAULT_WORKERS, "Worker processes that grade beside the decode.", fingerprinted=False, since="0.2.0")
+    grade_truncated: bool = setting(False, "Grade responses cut off by --max-new-tokens as any other; by default they have no "
+                                    "final answer: graded wrong (reason truncated).", grading=True, since="0.3.0")  # fmt: skip
 
     def __post_init__(self) -> None:
         # Imported here: the command line derives its options from this module without loading torch.
-        from qstar_cli.distributions.mixture import check_alpha_method
         from qstar_cli.engine.compiled import COMPILE_MODES
         from qstar_cli.engine.scheduler import SCHEDULERS
 
@@ -273,19 +287,18 @@ class GenerateConfig:
             raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.diagnostics not in DIAGNOSTICS_LEVELS:
             raise ConfigError(f"--diagnostics must be one of {', '.join(DIAGNOSTICS_LEVELS)}, got {self.diagnostics!r}")
-        if isinstance(self.teacher_topk, bool) or not isinstance(self.teacher_topk, int) or not 0 <= self.teacher_topk <= MAX_TEACHER_TOPK:
-            raise ConfigError(f"--teacher-topk must be an integer from 0 (off) to {MAX_TEACHER_TOPK}, got {self.teacher_topk!r}")
+        try:
+            check_teacher_topk_k(self.teacher_topk, "--teacher-topk")
+            self.sampling_params()
+            check_alpha_method(self.alpha_method, self.alpha)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.teacher_topk and self.diagnostics != "full":
             raise ConfigError(
                 f"--teacher-topk keeps pi_t's top-K in the sidecar's per-token arrays, which --diagnostics {self.diagnostics} does not "
                 "write: add --diagnostics full, or drop --teacher-topk"
             )
-        try:
-            self.sampling_params()
-            check_alpha_method(self.alpha_method, self.alpha)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        if self.alpha_method != "fixed" and self.alpha != GenerateConfig.alpha:
+        if not ALPHA_METHODS[self.alpha_method].uses_alpha and self.alpha != GenerateConfig.alpha:
             raise ConfigError(
                 f"--alpha {self.alpha} is for --alpha-method fixed (--alpha-method {self.alpha_method} chooses alpha itself); "
                 "add --alpha-method fixed, or drop --alpha"
@@ -400,8 +413,8 @@ class GenerateConfig:
         """The settings a resumed run must share with the run it continues; local paths resolved,
         so that two spellings of one file are one input."""
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in not_fingerprinted(type(self))}
-        if self.alpha_method != "fixed":
-            values["alpha"] = None  # unused by the other methods
+        if not ALPHA_METHODS[self.alpha_method].uses_alpha:
+            values["alpha"] = None  # unused by the method
         if not self.draft_k:  # plain sampling: fingerprinted as before speculative sampling existed
             for name in draft_settings(type(self)):
                 values.pop(name, None)
@@ -414,20 +427,24 @@ class GenerateConfig:
         for name, keywords in path_settings(type(self)).items():
             if values.get(name) is not None and values[name] not in keywords:
                 values[name] = resolved_spec(values[name])
-        adapter_file, _, class_name = self.adapter.rpartition(":")
-        if adapter_file.endswith(".py"):
-            values["adapter"] = f"{resolved_spec(adapter_file)}:{class_name}"
-        grader_file, _, function = (self.grader or "").rpartition(":")
-        if grader_file.endswith(".py"):
-            values["grader"] = f"{resolved_spec(grader_file)}:{function}"
+        for setting_name, digest in USER_CODE.items():  # a user's file by its path and its content
+            file, _, name = (getattr(self, setting_name) or "").rpartition(":")
+            if file.endswith(".py"):
+                values[setting_name] = f"{resolved_spec(file)}:{name}"
+                if (path := local_path(file)) is not None:
+                    values[digest] = file_sha256(path)
         values["fingerprint_version"] = FINGERPRINT_VERSION
         return values
+
+    def user_code_changes(self) -> dict[str, str]:
+        """What a resume refused for changed user code says, by digest."""
+        files = {name: (getattr(self, name) or "").rpartition(":")[0] for name in USER_CODE}
+        return {USER_CODE[name]: f"the {name} {file} changed in content since the run began" for name, file in files.items()}
 
     def local_inputs(self) -> list[Path]:
         """The local files and directories this run reads (an output may replace none of them)."""
         specs = [getattr(self, name) for name, keywords in path_settings(type(self)).items() if getattr(self, name) not in keywords]
-        specs.append(self.adapter.rpartition(":")[0])
-        specs.append((self.grader or "").rpartition(":")[0])
+        specs += [(getattr(self, name) or "").rpartition(":")[0] for name in USER_CODE]
         return [path for spec in specs if spec and (path := local_path(spec)) is not None]
 
 

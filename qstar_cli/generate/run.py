@@ -245,7 +245,7 @@ def check_settings(writer: CheckpointedWriter, config: GenerateConfig) -> tuple[
     """Before the models load: the settings (fingerprinted), checked against the run being continued
     with its files, and the digests of the local model files (:func:`check_model_digests`)."""
     settings = config.fingerprint_config()
-    writer.check_config(settings, overwrite=config.overwrite, optional=optional_settings())
+    writer.check_config(settings, overwrite=config.overwrite, descriptions=config.user_code_changes(), optional=optional_settings())
     if not config.overwrite:
         check_shard_of(writer, config)
         writer.check_files(speculative=bool(config.draft_k))
@@ -405,7 +405,9 @@ class _Commits:
                 for position, result in self.engine.stream(requests, self._round, self.stats):
                     self.waiting[position + first] = result
                     if self.grades is not None:
-                        self.grades.submit(position + first, result.text, row_of(schedule[position + first][0].metadata))
+                        self.grades.submit(
+                            position + first, result.text, row_of(schedule[position + first][0].metadata), result.finish_reason
+                        )
                     self._write_ready(wait=False)
             except Interrupted:
                 status = "interrupted"

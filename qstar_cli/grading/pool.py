@@ -28,15 +28,17 @@ from qstar_cli.grading.graders import (
     DEFAULT_ANSWER_FIELD,
     DEFAULT_TIMEOUT,
     DEFAULT_WORKERS,
+    GRADERS,
     METADATA_PREFIX,
     TIMEOUT,
     WORKER_DIED,
     Grade,
-    GraderError,
     GraderSpec,
     failed,
     grade,
+    missing_reference,
     resolve_grader,
+    start_worker,
     warm_up,
 )  # fmt: skip
 
@@ -47,8 +49,8 @@ class GradingPool:
     def __init__(self, spec: GraderSpec, workers: int = DEFAULT_WORKERS, timeout: float = DEFAULT_TIMEOUT):
         self.spec, self.timeout = spec, timeout
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["qstar_cli.grading.graders"])
-        self._pool = pebble.ProcessPool(max_workers=workers, initializer=warm_up, initargs=(spec,), context=context)
+        context.set_forkserver_preload(["qstar_cli.grading.forkserver"])
+        self._pool = pebble.ProcessPool(max_workers=workers, initializer=start_worker, initargs=(spec,), context=context)
         self._futures: dict[Any, pebble.ProcessFuture] = {}
         # Start the workers now (a pool starts them with its first task): they load the grader while the models load.
         self._pool.schedule(warm_up, (spec,))
@@ -65,8 +67,8 @@ class GradingPool:
         self._pool.stop()
         self._pool.join()
 
-    def submit(self, key: Any, response: str, row: dict[str, Any]) -> None:
-        self._futures[key] = self._pool.schedule(grade, (self.spec, response, row), timeout=self.timeout)
+    def submit(self, key: Any, response: str, row: dict[str, Any], finish_reason: str | None = None) -> None:
+        self._futures[key] = self._pool.schedule(grade, (self.spec, response, row, finish_reason), timeout=self.timeout)
 
     def ready(self, key: Any) -> bool:
         return self._futures[key].done()
@@ -82,14 +84,17 @@ class GradingPool:
             result = failed(WORKER_DIED)
         self.counts["graded"] += result["correct"] is not None
         self.counts["correct"] += result["correct"] is True
+        self.counts["truncated"] += result.get("reason") == "truncated"
         if result["correct"] is None:
             self.counts[f"failed: {result['failure']}"] += 1
         return result
 
     def record(self) -> dict[str, Any]:
-        """What a manifest's session says of the grades taken: counts, failures by reason."""
+        """What a manifest's session says of the grades taken: counts (the graded wrong because
+        truncated among them), failures by reason."""
         failures = {k.removeprefix("failed: "): n for k, n in sorted(self.counts.items()) if k.startswith("failed: ")}
-        return {"grader": self.spec.name, "graded": self.counts["graded"], "correct": self.counts["correct"], "failed": failures}
+        record = {"grader": self.spec.name, "graded": self.counts["graded"], "correct": self.counts["correct"], "failed": failures}
+        return {**record, **({"truncated": self.counts["truncated"]} if self.counts["truncated"] else {})}
 
 
 def run_grader(config: Any, adapter: Any, prompts: list) -> tuple[Any, GraderSpec | None]:
@@ -99,15 +104,12 @@ def run_grader(config: Any, adapter: Any, prompts: list) -> tuple[Any, GraderSpe
     the columns there are."""
     name = config.grader or ("math" if adapter.answer_field else "none")
     answer_field = config.answer_field or adapter.answer_field or DEFAULT_ANSWER_FIELD
-    spec = resolve_grader(name, answer_field)
-    if name in ("math", "exact") and not any(f"{METADATA_PREFIX}{answer_field}" in p.metadata for p in prompts):
-        columns = sorted({k.removeprefix(METADATA_PREFIX) for p in prompts for k in p.metadata})
-        raise GraderError(
-            f"--grader {name} grades against column {answer_field!r}, which the dataset lacks (or its adapter uses as the prompt); "
-            f"columns there are: {', '.join(columns) or '(none)'}; name one with --answer-field"
-        )
-    resolved = dataclasses.replace(config, grader=name, answer_field=answer_field)
-    return resolved, spec if name != "none" else None
+    spec = resolve_grader(name, answer_field, config.grade_truncated)
+    reference = f"{METADATA_PREFIX}{answer_field}"
+    if name in GRADERS and GRADERS[name].needs_reference and not any(reference in p.metadata for p in prompts):
+        columns = {k.removeprefix(METADATA_PREFIX) for p in prompts for k in p.metadata}
+        raise missing_reference(answer_field, "the dataset (or its adapter, as the prompt)", list(columns))
+    return dataclasses.replace(config, grader=name, answer_field=answer_field), spec
 
 
 @contextlib.contextmanager

@@ -1,10 +1,13 @@
 """What the grades of a run say: accuracy, failures by reason, pass@k, majority vote, and accuracy
-beside the sequence weight.
+beside the sequence weight, counted over all the run's samples: graded, ungraded (the grader failed,
+with its reason) and not graded (no grade in the line).
 
 pass@k is the unbiased estimator of Chen et al. (2021): with ``n`` graded responses to a prompt, ``c``
 of them right, ``pass@k = 1 - C(n - c, k) / C(n, k)`` (the chance that k of the n drawn without
-replacement hold a right one), averaged over the prompts with at least k graded responses, for
-k = 1, 2, 4 ... and K, the most responses a prompt has.
+replacement hold a right one), averaged over the prompts whose responses are all graded with at
+least k of them, for k = 1, 2, 4 ... and K, the most responses a prompt has. The majority vote is
+over the same prompts; it is null where no grade holds an extracted answer (a custom grader that
+returns none).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-#: What a main-file line contributes: (sample_idx, response_idx, grade).
-GradedLine = tuple[int, int, dict[str, Any]]
+#: A sample and its grade: (sample_idx, response_idx, grade), the grade None where the line has none.
+GradedLine = tuple[int, int, dict[str, Any] | None]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,9 +38,9 @@ def k_values(largest: int) -> list[int]:
     return [*ks, largest] if largest >= 1 else []
 
 
-def read_grades(main: Path) -> list[GradedLine]:
-    """The grades of a main file, in file order (lines without a ``grade`` or unreadable are left out)."""
-    lines = []
+def read_grades(main: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    """The grades of a main file by (sample_idx, response_idx) (lines without a ``grade`` or unreadable are left out)."""
+    grades = {}
     with Path(main).open("rb") as f:
         for raw in f:
             try:
@@ -46,56 +49,59 @@ def read_grades(main: Path) -> list[GradedLine]:
                 continue
             grade = record.get("grade") if isinstance(record, dict) else None
             if isinstance(grade, dict) and isinstance(record.get("sample_idx"), int):
-                lines.append((record["sample_idx"], record.get("response_idx", 0), grade))
-    return lines
+                grades[(record["sample_idx"], record.get("response_idx", 0))] = grade
+    return grades
 
 
 def _majority_correct(grades: list[dict[str, Any]]) -> bool:
     """Whether the answer most responses give (ties: the one given first) is right; no answer is wrong."""
-    answers = [g["extracted"] for g in grades if g["extracted"] is not None]
+    answers = [g["extracted"] for g in grades if g.get("extracted") is not None]
     if not answers:
         return False
     counts = Counter(answers)
     top = max(counts.values())
     chosen = next(a for a in answers if counts[a] == top)
-    return any(g["correct"] is True for g in grades if g["extracted"] == chosen)
+    return any(g["correct"] is True for g in grades if g.get("extracted") == chosen)
 
 
 def grade_summary(lines: Iterable[GradedLine], log_w: dict[tuple[int, int], float] | None = None) -> dict[str, Any] | None:
-    """``analyze``'s ``grades`` object (None without grades): counts, accuracy, failures by reason,
-    pass@k, majority-vote accuracy, and (given each sample's log w) accuracy beside the weight."""
-    by_prompt: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    failures: Counter[str] = Counter()
+    """``analyze``'s ``grades`` object over every sample of ``lines`` (None when none is graded): counts,
+    accuracy, failures by reason, pass@k and majority-vote accuracy over the fully graded prompts, and
+    (given each sample's log w) accuracy beside the weight."""
+    by_prompt: dict[int, list[dict[str, Any] | None]] = defaultdict(list)
     weighted: list[tuple[float, bool]] = []
-    total = 0
     for sample_idx, response_idx, grade in lines:
-        total += 1
-        if grade.get("correct") is None:
-            failures[str(grade.get("failure", "unknown"))] += 1
-            continue
         by_prompt[sample_idx].append(grade)
-        if log_w is not None and np.isfinite(log_w.get((sample_idx, response_idx), np.nan)):
-            weighted.append((log_w[(sample_idx, response_idx)], grade["correct"] is True))
-    if not total:
+        if grade is not None and grade.get("correct") is not None and log_w is not None:
+            if np.isfinite(log_w.get((sample_idx, response_idx), np.nan)):
+                weighted.append((log_w[(sample_idx, response_idx)], grade["correct"] is True))
+    grades = [g for gs in by_prompt.values() for g in gs]
+    if all(g is None for g in grades):
         return None
-    graded = sum(len(g) for g in by_prompt.values())
-    correct = sum(g["correct"] is True for gs in by_prompt.values() for g in gs)
-    counts = {p: (len(gs), sum(g["correct"] is True for g in gs)) for p, gs in by_prompt.items()}
-    largest = max((n for n, _ in counts.values()), default=0)
+    graded = [g for g in grades if g is not None and g.get("correct") is not None]
+    failures = Counter(str(g.get("failure", "unknown")) for g in grades if g is not None and g.get("correct") is None)
+    correct = sum(g["correct"] is True for g in graded)
+    # pass@k and the vote: over the prompts whose responses are all graded.
+    complete = [gs for gs in by_prompt.values() if all(g is not None and g.get("correct") is not None for g in gs)]
+    largest = max((len(gs) for gs in complete), default=0)
     pass_k = {}
     for k in k_values(largest):
-        values = [pass_at_k(n, c, k) for n, c in counts.values() if n >= k]
+        values = [pass_at_k(len(gs), sum(g["correct"] is True for g in gs), k) for gs in complete if len(gs) >= k]
         pass_k[str(k)] = float(np.mean(values))
+    extracted = any(g.get("extracted") is not None for gs in complete for g in gs)
     return {
-        "samples": total,
-        "graded": graded,
+        "samples": len(grades),
+        "graded": len(graded),
         "correct": correct,
+        "truncated": sum(g.get("reason") == "truncated" for g in graded),
         "failed": sum(failures.values()),
         "failures": dict(sorted(failures.items())),
-        "accuracy": correct / graded if graded else None,
+        "not_graded": sum(g is None for g in grades),
+        "accuracy": correct / len(graded) if graded else None,
         "prompts": len(by_prompt),
+        "prompts_all_graded": len(complete),
         "pass_at_k": pass_k,
-        "majority_accuracy": float(np.mean([_majority_correct(gs) for gs in by_prompt.values()])) if by_prompt else None,
+        "majority_accuracy": float(np.mean([_majority_correct(gs) for gs in complete])) if extracted else None,
         "by_weight": _by_weight(weighted),
     }
 
@@ -119,13 +125,14 @@ def _by_weight(weighted: list[tuple[float, bool]]) -> dict[str, Any] | None:
 def run_grades(sidecar: Path, sample_idx: np.ndarray, response_idx: np.ndarray, log_w: np.ndarray) -> dict[str, Any] | None:
     """The :func:`grade_summary` of the run whose sidecar is ``sidecar`` (its main file beside it; None
     when it is not there or holds no grades), with the sidecar's log w of each sample."""
-    from qstar_cli.runfiles.format import MAIN_SUFFIX, SIDECAR_SUFFIX
+    from qstar_cli.runfiles.format import SIDECAR_SUFFIX, OutputPaths
 
-    main = sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + MAIN_SUFFIX)
+    main = OutputPaths.of(sidecar).main
     if not sidecar.name.endswith(SIDECAR_SUFFIX) or not main.is_file():
         return None
-    weights = {(int(i), int(r)): float(w) for i, r, w in zip(sample_idx, response_idx, log_w)}
-    return grade_summary(read_grades(main), weights)
+    grades = read_grades(main)
+    keys = [(int(i), int(r)) for i, r in zip(sample_idx, response_idx)]
+    return grade_summary([(*key, grades.get(key)) for key in keys], dict(zip(keys, map(float, log_w))))
 
 
 def grade_mark(grade: dict[str, Any] | None) -> str | None:

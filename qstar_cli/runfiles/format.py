@@ -54,6 +54,13 @@ MAX_TEACHER_TOPK = 64
 LOGPROB_ROUNDING = 1e-5
 
 
+def check_teacher_topk_k(k: Any, name: str = "teacher_topk") -> int:
+    """``k`` if it is a top-K size: an integer from 0 (off) to :data:`MAX_TEACHER_TOPK`; else ValueError saying so of ``name``."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TEACHER_TOPK:
+        raise ValueError(f"{name} must be an integer from 0 (off) to {MAX_TEACHER_TOPK}, got {k!r}")
+    return k
+
+
 @dataclass(frozen=True)
 class TeacherTopK:
     """pi_t's K most likely ids at each emitted token's position, their log-probabilities (pi_t's own,
@@ -89,8 +96,11 @@ class TeacherTopK:
             if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
                 raise ValueError(f"teacher_topk is damaged ({name} is {record.get(name)!r:.40}, not {kind.__name__})")
         k = record["k"]
-        if not 0 < k <= MAX_TEACHER_TOPK:
-            raise ValueError(f"teacher_topk is damaged (k is {k}, not 1 to {MAX_TEACHER_TOPK})")
+        try:
+            if not check_teacher_topk_k(k, "k"):
+                raise ValueError("k must not be 0 (off) in a line that holds a top-K")
+        except ValueError as err:
+            raise ValueError(f"teacher_topk is damaged ({err})") from None
         try:
             ids, logprobs, tail = (np.frombuffer(base64.b64decode(record[name], validate=True), dtype) for name, dtype in
                                    (("ids", "<i4"), ("logprobs", "<f4"), ("tail", "<f4")))  # fmt: skip
@@ -226,6 +236,14 @@ class OutputPaths:
     """The files of one run, named after the main JSONL path."""
 
     main: Path
+
+    @classmethod
+    def of(cls, path: Path) -> OutputPaths:
+        """The run whose sidecar, manifest or lock ``path`` is named as; any other file is a main file of its own."""
+        for suffix, main in ((SIDECAR_SUFFIX, MAIN_SUFFIX), (META_SUFFIX, MAIN_SUFFIX), (LOCK_SUFFIX, "")):
+            if path.name.endswith(suffix) and path.name != suffix:
+                return cls(path.with_name(path.name.removesuffix(suffix) + main))
+        return cls(path)
 
     @property
     def stem(self) -> Path:

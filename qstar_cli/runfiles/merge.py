@@ -16,7 +16,6 @@ counts and keeps each shard's manifest, run history included, under ``shards``.
 from __future__ import annotations
 
 import heapq
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -26,12 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import filelock
 import orjson
 
 import qstar_cli
 from qstar_cli.errors import QstarInputError
 from qstar_cli.runfiles.format import FORMAT_VERSION, format_version, read_manifest
+from qstar_cli.runfiles.output import atomic_output, lock_held
 from qstar_cli.runfiles.writer import DIAGNOSTICS_LEVELS, CheckpointedWriter, OutputPaths, config_differences
 
 #: A sidecar line's first keys (their order is fixed): format_version in the lines that have it, the sample, the response.
@@ -107,26 +106,11 @@ def check_shards(shards: list[OutputPaths]) -> list[dict[str, Any]]:
             )
         counts = meta["counts"]
         if meta.get("status") != "complete" or counts["done"] != counts["samples"]:
-            fix = "wait for it to finish" if being_written(shard) else "re-run its generate command to finish it"
+            fix = "wait for it to finish" if lock_held(shard.lock) else "re-run its generate command to finish it"
             raise MergeError(f"shard {shard.main} is incomplete ({counts['done']} of {counts['samples']} samples): {fix}")
     if sum(m["counts"]["samples"] for m in metas) != schedule:
         raise MergeError(f"the shards of {len(shards)} hold {sum(m['counts']['samples'] for m in metas)} samples, not the run's {schedule}")
     return metas
-
-
-def being_written(paths: OutputPaths) -> bool:
-    """Whether a process holds the run's lock now (a generate still writing it)."""
-    if not paths.lock.exists():  # a writer removes its lock when it ends
-        return False
-    lock = filelock.FileLock(paths.lock, timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        return True
-    except OSError:  # no lock can be taken there: nothing writes it
-        return False
-    lock.release()
-    return False
 
 
 def _shard_lines(shard: OutputPaths, index: int, samples: int, sidecar: bool) -> Iterator[tuple[tuple[int, int], int, bytes, bytes | None]]:
@@ -181,27 +165,19 @@ def merge_shards(output: Path) -> MergeSummary:
         previous = writer.previous_meta()
         if (previous is None and paths.main.exists()) or (previous is not None and previous.get("fingerprint") != metas[0]["fingerprint"]):
             raise MergeError(f"{paths.main} exists and holds another run; move it away to merge its shards there")
-        targets = writer.data_files
-        partial = [p.with_name(p.name + ".merging") for p in targets]
-        try:
-            _write_merged(shards, metas, level != "none", partial)
-        except BaseException:
-            for p in partial:
-                p.unlink(missing_ok=True)
-            raise
-        # Without a manifest, a crash between the renames leaves files that generate refuses and merge redoes.
-        paths.meta.unlink(missing_ok=True)
-        for tmp, target in zip(partial, targets):
-            os.replace(tmp, target)
+        _write_merged(shards, metas, writer.data_files, paths.meta)
         writer.write_meta(_merged_meta(paths, shards, metas))
     return MergeSummary(paths, len(shards), sum(m["counts"]["done"] for m in metas))
 
 
-def _write_merged(shards: list[OutputPaths], metas: list[dict[str, Any]], sidecar: bool, outputs: list[Path]) -> None:
-    """The shards' lines, interleaved in schedule order, into ``outputs`` (main file, sidecar), durably."""
+def _write_merged(shards: list[OutputPaths], metas: list[dict[str, Any]], outputs: list[Path], meta: Path) -> None:
+    """The shards' lines, interleaved in schedule order, into ``outputs`` (main file, and sidecar but at
+    level none), each replaced once complete (the caller holds the run's lock); the manifest ``meta``
+    removed before the renames."""
+    sidecar = len(outputs) > 1
     streams = [_shard_lines(s, i, m["counts"]["samples"], sidecar) for i, (s, m) in enumerate(zip(shards, metas))]
     with ExitStack() as files:
-        outs = [files.enter_context(p.open("wb")) for p in outputs]
+        outs = [files.enter_context(atomic_output(p, locked=True)) for p in outputs]
         last = (-1, -1)
         for key, index, main_line, side_line in heapq.merge(*streams, key=lambda line: line[0]):
             if key <= last:
@@ -209,9 +185,8 @@ def _write_merged(shards: list[OutputPaths], metas: list[dict[str, Any]], sideca
             last = key
             for out, line in zip(outs, (main_line, side_line)):
                 out.write(line)
-        for out in outs:
-            out.flush()
-            os.fsync(out.fileno())
+        # Without a manifest, a crash between the two files' renames leaves files that generate refuses and merge redoes.
+        meta.unlink(missing_ok=True)
 
 
 def _merged_meta(paths: OutputPaths, shards: list[OutputPaths], metas: list[dict[str, Any]]) -> dict[str, Any]:

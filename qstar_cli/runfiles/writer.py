@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import filelock
 import numpy as np
 import orjson
 
 from qstar_cli.errors import QstarInputError
-from qstar_cli.paths import missing_parents, remove_empty, replace_atomically
+from qstar_cli.paths import missing_parents, remove_empty
 from qstar_cli.runfiles.format import (
     DIAGNOSTICS_LEVELS,
     FORMAT_VERSION,
@@ -40,6 +39,7 @@ from qstar_cli.runfiles.format import (
     read_line,
     read_manifest,
 )
+from qstar_cli.runfiles.output import OutputLock, atomic_output
 
 if TYPE_CHECKING:
     from qstar_cli.engine.samples import SampleResult
@@ -218,7 +218,7 @@ class CheckpointedWriter:
             raise QstarInputError(f"unknown diagnostics level {diagnostics!r}; choose {', '.join(DIAGNOSTICS_LEVELS)}")
         self.paths = OutputPaths(Path(output))
         self.level = diagnostics
-        self._lock = filelock.FileLock(self.paths.lock, timeout=0)
+        self._lock = OutputLock(self.paths.main)
         self._files: list = []
         self._lines: dict[Path, list[_Line] | None] | None = None  # each data file's lines, once read
         self._replay: list[_Line] | None = None
@@ -233,11 +233,9 @@ class CheckpointedWriter:
         try:
             self._created = missing_parents(self.paths.main)
             self.paths.main.parent.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire()
-        except filelock.Timeout as err:
-            raise ResumeError(
+            self._lock.acquire(
                 f"another qstar process is writing {self.paths.main} (lock {self.paths.lock}); wait for it or choose another --output"
-            ) from err
+            )
         except OSError as err:
             raise ResumeError(f"cannot write beside {self.paths.main}: {err.strerror}") from err
         return self
@@ -252,10 +250,7 @@ class CheckpointedWriter:
             with contextlib.suppress(OSError):
                 f.close()
         self._files = []
-        if self._lock.is_locked:
-            # Removed while held: a process that opened it meanwhile finds it unlinked and makes a new one.
-            self.paths.lock.unlink(missing_ok=True)
-            self._lock.release()
+        self._lock.release()
         remove_empty(self._created)
 
     @property
@@ -438,5 +433,6 @@ class CheckpointedWriter:
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Replace the manifest atomically (a crash leaves the old one or the new one, never half);
         ``meta`` is then the writer's copy of it (:meth:`previous_meta`)."""
-        replace_atomically(self.paths.meta, orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))
+        with atomic_output(self.paths.meta, locked=True, sync=False) as out:
+            out.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE, default=str))
         self._manifest = meta

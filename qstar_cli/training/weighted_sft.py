@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qstar_cli.analysis.export import LOGP_Q, LOGP_T, TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_TAIL, WEIGHT
 from qstar_cli.training.losses import RATIO_CLIP, reverse_kl_loss, to_label_positions, topk_forward_kl
 
 try:
@@ -34,9 +35,6 @@ try:
 except ImportError as err:  # trl is an optional extra
     raise ImportError("qstar_cli.training.weighted_sft needs TRL: pip install 'qstar[train]'") from err
 
-WEIGHT = "weight"
-LOGP_T, LOGP_Q = "logp_t", "logp_q"
-TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_TAIL = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail"
 #: The per-completion-token columns each distillation loss reads, with their tensor types.
 TOKEN_COLUMNS: dict[str, dict[str, torch.dtype]] = {
     "none": {},

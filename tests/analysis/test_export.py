@@ -235,14 +235,18 @@ def test_bad_input_exit_2_with_one_line(runs, tmp_path):
         runs["full"], tmp_path, lambda lines: b"".join(lines), lambda lines: b"".join(lines).replace(b'"k":5', b'"k":6'), "bad_topk"
     )
     cases = {
-        "(diagnostics level summary); export needs level full": [runs["summary"], "--output", tmp_path / "a.parquet"],
-        "diagnostics sidecar not found": [only_main, "--output", tmp_path / "b.parquet"],
+        "diagnostics level summary, which keeps no token ids; export needs level full": [
+            runs["summary"],
+            "--output",
+            tmp_path / "a.parquet",
+        ],
+        "is not a run's main file: neither its sidecar": [only_main, "--output", tmp_path / "b.parquet"],
         "run file not found": [tmp_path / "nope.jsonl", "--output", tmp_path / "c.parquet"],
         "add --include-truncated": [truncated_only, "--output", tmp_path / "d.parquet"],
         "--output must end in .parquet or .jsonl": [runs["full"], "--output", tmp_path / "e.csv"],
         "--gamma must lie in [0, 1]": [runs["full"], "--output", tmp_path / "f.parquet", "--gamma", "1.5"],
         "--ess-floor must lie in (0, 1]": [runs["full"], "--output", tmp_path / "g.parquet", "--ess-floor", "0"],
-        "would overwrite the run it reads": [runs["full"], "--output", sidecar_of(runs["full"])],
+        "would overwrite the input": [runs["full"], "--output", sidecar_of(runs["full"])],
         "holds no teacher top-K: the run was generated without --teacher-topk": [
             without_topk,
             "--output",

@@ -251,7 +251,8 @@ def test_diagnostics_against_explicit_float64_formulas():
 
 
 def test_the_sidecar_fields_are_the_diagnostics_in_order():
-    from qstar_cli.distributions.mixture import DIAGNOSTIC_FIELDS
-    from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
+    from qstar_cli.runfiles.format import DIAGNOSTIC_FIELDS, PER_TOKEN_FIELDS
 
+    logp = torch.randn(2, 5).log_softmax(-1)
+    assert tuple(token_diagnostics(logp, logp.flip(-1), logp)) == DIAGNOSTIC_FIELDS
     assert PER_TOKEN_FIELDS == ("token_id", "alpha", "logp_theta", "logp_t", "logp_q", *DIAGNOSTIC_FIELDS)

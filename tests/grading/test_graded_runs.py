@@ -4,7 +4,6 @@ on them; each bad input one line and exit 2 before the models load."""
 
 import json
 import re
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,8 +23,9 @@ def graded(tiny_model_dirs, tmp_path_factory):
     """Model and dataset flags, and a parity grader file that sleeps ``delay`` seconds per response."""
     root = tmp_path_factory.mktemp("graded")
     theta, target = tiny_model_dirs
+    # Most responses of a tiny random model run to the token budget: graded too, so that grades vary.
     args = ["--model-theta", theta, "--model-t", target, "--theta-format", "plain", "--dataset", str(write_jsonl(root / "rows.jsonl", ROWS)),
-            "--max-new-tokens", "16", "--batch-size", "3", "--device", "cpu"]  # fmt: skip
+            "--max-new-tokens", "16", "--batch-size", "3", "--device", "cpu", "--grade-truncated"]  # fmt: skip
 
     def grader(delay: float) -> str:
         path = root / f"parity_{str(delay).replace('.', '_')}.py"
@@ -56,7 +56,7 @@ def test_grades_in_the_main_file_and_qstar_grade_gives_the_same_bytes(graded, tm
     assert meta["sessions"][-1]["grades"] == {"grader": meta["fingerprint_config"]["grader"], "graded": 8, "correct": correct, "failed": {}}
 
     regraded = tmp_path / "regraded.jsonl"
-    result = invoke("grade", plain, "--grader", grader(0.0), "--output", regraded)
+    result = invoke("grade", plain, "--grader", grader(0.0), "--grade-truncated", "--output", regraded)
     assert result.exit_code == 0, result.output
     assert f"8 lines graded in {regraded}: accuracy {correct / 8:.3f}" in result.stdout
     assert regraded.read_bytes() == out.read_bytes()
@@ -95,12 +95,15 @@ def test_pass_at_k_of_a_run_with_k_responses(graded, tmp_path):
 
 
 def test_sleeping_grader_and_pathological_reference_end_ungraded_within_the_limit(graded, tmp_path):
-    args, grader, root = graded
-    out = tmp_path / "sleep.jsonl"
-    started = time.perf_counter()
-    result = cli(*args, "--num-samples", "4", "--grader", grader(30.0), "--grader-timeout", "0.5", "--output", out)
+    """Bounded by work, not seconds: the sleeping grader marks each start and end, and none of its sleeps ends."""
+    args, _, root = graded
+    out, marks = tmp_path / "sleep.jsonl", tmp_path / "marks"
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(f"import time\n\ndef slow(response, row):\n    open({str(marks)!r}, 'a').write('start\\n')\n"
+                       f"    time.sleep(600)\n    open({str(marks)!r}, 'a').write('end\\n')\n")  # fmt: skip
+    result = cli(*args, "--num-samples", "4", "--grader", f"{sleeper}:slow", "--grader-timeout", "0.5", "--output", out)
     assert result.exit_code == 0, result.output
-    assert time.perf_counter() - started < 20  # four 30 s sleeps, two workers: ended at the limit
+    assert marks.read_text() == "start\n" * 4  # each began, none ran on: every worker was stopped at its limit
     assert [line["grade"] for line in read_lines(out)] == [{"correct": None, "score": None, "extracted": None, "failure": "timeout"}] * 4
     assert json.loads(open(paths(out)[2]).read())["sessions"][-1]["grades"]["failed"] == {"timeout": 4}
 
@@ -109,10 +112,8 @@ def test_sleeping_grader_and_pathological_reference_end_ungraded_within_the_limi
     chat = [{"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}], "original_answer": "0.5"}
             for reply in (tower, right, tower, right)]  # fmt: skip
     graded_file = tmp_path / "tower.graded.jsonl"
-    started = time.perf_counter()
     result = invoke("grade", write_jsonl(root / "tower.jsonl", chat), "--grader-timeout", "1", "--output", graded_file)
     assert result.exit_code == 0, result.output
-    assert time.perf_counter() - started < 20  # two hangs on two workers: about 1 s
     assert [line["grade"].get("failure") or line["grade"]["correct"] for line in read_lines(graded_file)] == ["timeout", True] * 2
     assert "accuracy 1.000 (2 of 2 right); ungraded: 2 timeout" in result.stdout
 
@@ -196,6 +197,8 @@ def test_keep_correct_on_an_ungraded_run_and_grade_misuse_are_refused(graded, tm
     one_line_error(invoke("grade", out, "--output", out), "would overwrite the input")
     one_line_error(invoke("grade", tmp_path / "nope.jsonl", "--output", tmp_path / "g.jsonl"), "file to grade not found")
     one_line_error(
-        invoke("grade", out, "--answer-field", "solution", "--output", tmp_path / "g.jsonl"), "no original_solution", "answer, id"
+        invoke("grade", out, "--answer-field", "solution", "--output", tmp_path / "g.jsonl"),
+        "column 'solution'",
+        "columns there are: answer, id",
     )
     assert not (tmp_path / "g.jsonl").exists() and not (tmp_path / "x.parquet").exists()
