@@ -95,8 +95,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", metavar="", help="Print the traceback of a failure (also QSTAR_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", metavar="", callback=_print_version, is_eager=True, help="Print the qstar version."),
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of a failure (also QSTAR_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the qstar version."),
 ) -> None:
     """qstar: training responses close to a target model and likely under the policy."""
     if debug:
@@ -190,7 +190,7 @@ def generate_options(config_class: type | None = None) -> list[inspect.Parameter
         text = escape(info.text) + (f" (default: {escape(default)})" if default and hints[f.name] is not bool else "")
         if hints[f.name] is bool:
             # Both spellings, so that a YAML config's ``overwrite: true`` can be turned off here.
-            option = typer.Option(None, f"{flag(f.name)}/--no-{flag(f.name)[2:]}", metavar="", help=text)
+            option = typer.Option(None, f"{flag(f.name)}/--no-{flag(f.name)[2:]}", help=text)
             annotation = bool | None
         else:
             members = [t for t in getattr(hints[f.name], "__args__", (hints[f.name],)) if t is not type(None)]
@@ -293,7 +293,7 @@ def _report(runs, labels, as_json: bool, plots: Path | None, single: bool) -> No
 @app.command()
 def analyze(
     sidecar: Path = typer.Argument(..., help="A run's OUT.diagnostics.jsonl."),
-    json_output: bool = typer.Option(False, "--json", metavar="", help="Print the statistics as JSON instead of tables."),
+    json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of tables."),
     plots: Path = typer.Option(None, help="Write PNG plots into this directory."),
     export_weights: Path = typer.Option(None, help="Write per-sample training weights (JSONL) to this file."),
     ess_floor: float = typer.Option(ESS_FLOOR, help="Smallest ESS/n allowed for the exported weights w^gamma."),
@@ -321,7 +321,7 @@ def analyze(
 @app.command()
 def compare(
     sidecars: list[Path] = typer.Argument(..., help="Two or more OUT.diagnostics.jsonl files."),
-    json_output: bool = typer.Option(False, "--json", metavar="", help="Print the statistics as JSON instead of a table."),
+    json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of a table."),
     plots: Path = typer.Option(None, help="Write overlaid PNG plots into this directory."),
 ) -> None:
     """Several runs side by side (e.g. fixed vs entropy vs kl_symmetry): one table, overlaid plots."""
@@ -361,9 +361,7 @@ def explain(
     output: Path = typer.Option(
         None, help="Directory for q_star_behavior_2d.png and q_alpha_evolution.png. (default: ., or none with --json)"
     ),
-    json_output: bool = typer.Option(
-        False, "--json", metavar="", help="Print the table as JSON instead of a table (figures only with --output)."
-    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the table as JSON instead of a table (figures only with --output)."),
 ) -> None:
     """q* on two 2-D Gaussians: the pictures and alpha* table, closed form beside solve_alpha on a grid."""
     import orjson
@@ -393,14 +391,14 @@ def explain(
 def export(
     run: Path = typer.Argument(..., help="A run's main OUT.jsonl; its OUT.diagnostics.jsonl (level full) must lie beside it."),
     output: Path = typer.Option(..., help="The training set to write: FILE.parquet or FILE.jsonl."),
-    include_truncated: bool = typer.Option(False, "--include-truncated", metavar="", help="Keep samples that hit max_new_tokens."),
+    include_truncated: bool = typer.Option(False, "--include-truncated", help="Keep samples that hit max_new_tokens."),
     ess_floor: float = typer.Option(ESS_FLOOR, help="Smallest ESS/n allowed for the weights w^gamma."),
     gamma: float = typer.Option(None, help="Fix the exponent of w^gamma in [0, 1] instead of choosing it at --ess-floor."),
     keep: str = typer.Option(
         "all", help="all, or correct: only the responses graded right (a graded run), weights renormalised over them."
     ),
     teacher_topk: bool = typer.Option(
-        False, "--teacher-topk", metavar="", help="Add pi_t's top-K per token (a run generated with --teacher-topk K), for distillation."
+        False, "--teacher-topk", help="Add pi_t's top-K per token (a run generated with --teacher-topk K), for distillation."
     ),
 ) -> None:
     """A pre-tokenized, weighted training set: the exact ids pi_theta saw and sampled, for TRL's SFTTrainer."""
