@@ -330,7 +330,16 @@ def compare(
             raise QstarInputError(f"compare needs two or more runs, got {len(sidecars)}; for one run use qstar analyze")
         if plots is not None:
             check_output_dir(plots, "--plots")
+        from qstar_cli.analysis.tables import differing_settings
+
         runs = _load_runs(sidecars)
+        if differing := differing_settings(sidecars):
+            shown = "; ".join(f"{name} {', '.join(map(str, values))}" for name, values in differing.items())
+            err_console.print(
+                f"note: the runs differ in more than their alpha method ({shown}): their statistics are not like for like",
+                highlight=False,
+                soft_wrap=True,
+            )
         _report(runs, _labels(sidecars), json_output, plots, single=False)
 
 

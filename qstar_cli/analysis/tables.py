@@ -13,16 +13,35 @@ from rich.table import Table
 from qstar_cli.analysis.statistics import CHECKS, PERCENTILES, RunAnalysis
 from qstar_cli.runfiles.format import SUMMARY_FIELDS, OutputPaths
 
+#: Settings that change what a run's statistics measure, beside how alpha is chosen (what ``compare``
+#: is for): runs that differ in them are compared only with a note saying so.
+COMPARED_SETTINGS = ("model_theta", "model_t", "dataset", "max_new_tokens", "temperature", "top_k", "top_p", "samples_per_prompt")
+
+
+def run_config(sidecar: Path) -> dict[str, Any] | None:
+    """The configuration in the manifest of the run of ``sidecar`` (None without a readable one)."""
+    try:
+        config = orjson.loads(OutputPaths.of(sidecar).meta.read_bytes())["config"]
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return config if isinstance(config, dict) else None
+
 
 def run_label(sidecar: Path) -> str:
     """The run's alpha method (``fixed=0.3`` for fixed) from its manifest, else the file's stem."""
-    run = OutputPaths.of(sidecar)
-    try:
-        config = orjson.loads(run.meta.read_bytes())["config"]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return run.stem.name
-    method = config.get("alpha_method", run.stem.name)
+    config, stem = run_config(sidecar), OutputPaths.of(sidecar).stem.name
+    if config is None:
+        return stem
+    method = config.get("alpha_method", stem)
     return f"fixed={config.get('alpha')}" if method == "fixed" else method
+
+
+def differing_settings(sidecars: list[Path]) -> dict[str, list[Any]]:
+    """The :data:`COMPARED_SETTINGS` whose values differ between the runs, each with its value per run
+    (None where a run has no manifest)."""
+    configs = [run_config(p) or {} for p in sidecars]
+    values = {name: [c.get(name) for c in configs] for name in COMPARED_SETTINGS}
+    return {name: v for name, v in values.items() if len({repr(x) for x in v}) > 1}
 
 
 def run_labels(sidecars: list[Path]) -> list[str]:
@@ -79,8 +98,8 @@ def overview_table(runs: list[RunAnalysis], labels: list[str]) -> Table:
     if any(s["per_prompt"] for s in summaries):
         spread = [s["per_prompt"] or {} for s in summaries]
         row("responses per prompt", [fmt(p.get("responses_per_prompt"), 3) for p in spread])
-        row("log w std within a prompt", [fmt(p.get("within_std_mean")) for p in spread])
-        row("log w variance within prompts", [fmt(p.get("within_share"), 3) for p in spread])
+        row("log w std within a prompt (mean)", [fmt(p.get("within_std_mean")) for p in spread])
+        row("share of log w variance within prompts", [fmt(p.get("within_share"), 3) for p in spread])
     if any(s.get("speculative") for s in summaries):
         rounds = [s.get("speculative") or {} for s in summaries]
         row("draft acceptance rate", [fmt(r.get("acceptance_rate"), 3) for r in rounds])

@@ -140,6 +140,17 @@ def test_compare(runs, tmp_path):
     assert "kl_symmetry" in table and "fixed=0.3" in table
 
 
+def test_compare_says_when_runs_differ_in_more_than_alpha(runs, tmp_path):
+    for suffix in (".jsonl", ".diagnostics.jsonl", ".meta.json"):
+        (tmp_path / f"long{suffix}").write_bytes(runs["kl"].with_name(f"kl{suffix}").read_bytes())
+    meta = json.loads((tmp_path / "long.meta.json").read_text())
+    meta["config"]["max_new_tokens"] = 64
+    (tmp_path / "long.meta.json").write_text(json.dumps(meta))
+    result = invoke("compare", str(runs["kl"]), str(tmp_path / "long.diagnostics.jsonl"))
+    assert result.exit_code == 0 and "note: the runs differ in more than their alpha method (max_new_tokens 24, 64)" in result.stderr
+    assert "note:" not in invoke("compare", str(runs["kl"]), str(runs["fixed"])).stderr
+
+
 def test_acceptance_of_a_speculative_run_where_users_look(runs, tmp_path):
     lines, _ = raw(runs["speculative"])
     rounds = sum(len(r["draft_lengths"]) for r in lines)
