@@ -34,13 +34,18 @@ times each, and the table keeps each side's best process.
   included).
 
 Start-up (imports, loading, vLLM's compilation and warm-up) is outside both timers. tok/s is
-``batch * 1000 / ms per step``. Not part of CI: it needs the vLLM virtualenv.
+``batch * 1000 / ms per step``. Not part of CI: it needs the vLLM virtualenv, and a quiet machine:
+while other processes load the 2 cores, q*'s two OpenMP threads spin-wait on each other and a
+round takes up to 10x longer, while vLLM's one pinned thread barely slows (the load average at the
+start and the end is printed). ``OMP_NUM_THREADS=1`` in front of the command runs q* on one
+thread, like vLLM's model (vLLM sets its worker's own).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -121,6 +126,7 @@ def main() -> None:
     chat = PromptFormat("chat", load_tokenizer("demo"))  # pi_t's prompts, as q* encodes them
     prompts = {str(batch): [chat.encode(c) for c in padded_prompts(batch, 0)] for batch in args.batches}
     steps: dict[str, list[dict[str, float]]] = {"q*": [], "vLLM": []}
+    load = [os.getloadavg()[0]]  # on a shared machine the figures mean little without it
     for repeat in range(args.repeats):
         steps["q*"].append(measure(REPO, args))
         print(f"q*   process {repeat + 1}: ms per step {steps['q*'][-1]}", flush=True)
@@ -129,9 +135,11 @@ def main() -> None:
         if repeat == 0:
             print("vLLM's threads:\n  " + "\n  ".join(thread_lines))
         print(f"vLLM process {repeat + 1}: ms per step {steps['vLLM'][-1]}", flush=True)
+    load.append(os.getloadavg()[0])
     print(
         f"torch={torch.__version__}, q* threads={torch.get_num_threads()}; demo model, float32, {args.new_tokens} new tokens per row, "
-        f"EOS ignored, temperature 1; best of {args.repeats} processes each (best of {args.runs} runs each)"
+        f"EOS ignored, temperature 1; best of {args.repeats} processes each (best of {args.runs} runs each); "
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
     )
     print("| batch | q* tok/s | vLLM one model tok/s | q* / vLLM |\n|---|---|---|---|")
     for batch in map(str, args.batches):
