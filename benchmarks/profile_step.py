@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/profile_step.py --batches 8 32 128 --new-tokens 16
 
-Each function of the round (the solve, the mixture, the diagnostics, the draw, the host transfer,
-the rows' bookkeeping on the device and the host) is wrapped with a timer; a warm-up run, then one timed ``generate`` per
+Each step of the round (the forwards, the solve, the mixture, the diagnostics, the token choice,
+the host transfer, the rows' bookkeeping on the device and the host) is wrapped with a timer; a warm-up run, then one timed ``generate`` per
 batch (EOS ignored). Milliseconds per round, and each item's share of the round. ``--diagnostics
 none`` shows the round without the per-token diagnostics.
 """
@@ -27,17 +27,16 @@ from qstar_cli.engine.slots import SlotCache
 TIMES: dict[str, float] = collections.defaultdict(float)
 #: Rounds in progress: everything but the round itself is timed only inside one (not the prefill).
 INSIDE: list[bool] = []
-#: (owner, attribute, label) of every timed function.
+#: (owner, attribute, label) of every timed function: the round's numbered steps
+#: (:meth:`~qstar_cli.engine.sampler.DualModelSampler._round`) and the round itself.
 TIMED = [
     (SlotCache, "forward", "forwards"),
-    (sampler_module, "sample_tokens", "draw (sample_tokens)"),
-    (sampler_module, "counter_uniform", "counter_uniform"),
-    (sampler_module.DualModelSampler, "_nan_rows", "NaN check"),
-    (sampler_module, "to_host", "host transfer"),
-    (DeviceRows, "feed", "feed tensors"),
-    (DeviceRows, "advance", "rows advance (device)"),
-    (HostRows, "advance", "rows advance (host)"),
-    (DeviceRows, "record", "record values"),
+    (sampler_module.DualModelSampler, "_feed", "1. feed"),
+    (sampler_module, "choose_tokens", "5. accept and draw (choose_tokens)"),
+    (DeviceRows, "advance", "6. advance on the device"),
+    (sampler_module, "to_host", "7. the one transfer"),
+    (HostRows, "advance", "7. advance on the host"),
+    (sampler_module.DualModelSampler, "_record", "8. record (incl. token_diagnostics)"),
     (sampler_module.DualModelSampler, "_round", "round"),
 ]
 
