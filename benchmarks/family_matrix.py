@@ -1,6 +1,6 @@
 """The model-family matrix's figures: per family and run, the worst error of every stored per-token
 number against a float64 full forward of transformers' own model (tests/engine/test_families.py
-bounds them by 1e-4; this prints them, with every family compiled, which the test suite does for four).
+bounds them by 1e-4; this prints them, with every family compiled, which the test suite does for two).
 
     .venv/bin/python benchmarks/family_matrix.py                      # every family, every run (compiled: a minute or more each)
     .venv/bin/python benchmarks/family_matrix.py --modes plain draft_k=3 --families gemma3_text gpt_oss
@@ -25,12 +25,12 @@ from qstar_cli.testing.tiny import build_tiny_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--families", nargs="+", default=[f.model_type for f in FAMILIES], help="model types")
+    parser.add_argument("--families", nargs="+", default=[f.key for f in FAMILIES], help="their keys (model types)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # tiny models: one thread is fastest
     tokenizer = build_tiny_tokenizer()
-    families = [f for f in FAMILIES if f.model_type in args.families]
+    families = [f for f in FAMILIES if f.key in args.families]
     print(
         f"torch {torch.__version__}; worst |stored - float64 full forward| over every stored per-token number (alpha: float64 KL imbalance)"
     )

@@ -113,8 +113,11 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except Exception as err:  # gguf and transformers each fail in their own way on a damaged or unknown file
+        raise ModelLoadError(f"cannot load model {gguf_file}: {one_line(err)}") from err
     # The weights are dequantised float32 now: detach the GGUF quantizer (it refuses to save) and its
     # config entry (loading would then expect GGUF again).
     model.hf_quantizer = None

@@ -108,10 +108,13 @@ AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
 
 
 def use_slot_attention(model) -> None:
-    """Give a model on transformers' SDPA attention :func:`slot_attention` (the same results, for any
-    cache); other implementations (eager, flash kernels) are left as they are."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(SLOT_ATTENTION)
+    """Give a model :func:`slot_attention` (transformers' SDPA attention: the same results, for any
+    cache) where it takes SDPA, else eager attention; a model on eager attention stays there. Other
+    implementations (flash and flex kernels) would not read the slot cache's 4D masks: a model
+    loaded on one is switched to these."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in ("eager", SLOT_ATTENTION):
+        model.set_attn_implementation(SLOT_ATTENTION if implementation == "sdpa" or model._supports_sdpa else "eager")
 
 
 class SlotLayer(CacheLayerMixin):

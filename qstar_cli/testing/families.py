@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,8 +37,23 @@ class Family:
     #: What its attention has beyond the layer types (which the table reads from the config).
     features: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: Tells two rows of one model type apart (their :attr:`key`).
+    variant: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_type}-{self.variant}" if self.variant else self.model_type
 
 
+def family(key: str) -> Family:
+    """The family of :data:`FAMILIES` whose :attr:`Family.key` is ``key``."""
+    return next(f for f in FAMILIES if f.key == key)
+
+
+_MOE4 = dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96, interleave_moe_layer_step=1)
+_MLA = dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12)
+
+# fmt: off
 FAMILIES = (
     Family("Llama", "llama"),
     Family("Qwen2", "qwen2"),
@@ -45,97 +61,40 @@ FAMILIES = (
     Family("Qwen3-MoE", "qwen3_moe", "MoE routing", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     Family("Phi-3", "phi3", "fused projections", dict(sliding_window=WINDOW)),
     Family("OLMo 2", "olmo2", "query and key norms"),
-    Family(
-        "Granite",
-        "granite",
-        "attention, residual, embedding and logit multipliers",
-        dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0),
-    ),  # fmt: skip
+    Family("Granite", "granite", "attention, residual, embedding and logit multipliers",
+           dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
     Family("SmolLM3", "smollm3", "layers without rotary embeddings", dict(no_rope_layer_interval=2)),
     Family("GLM-4", "glm4", "partial rotary embeddings"),
     Family("Mistral", "mistral", "", dict(sliding_window=WINDOW)),
     Family("Mixtral", "mixtral", "MoE routing", dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
-    Family(
-        "Qwen2-MoE",
-        "qwen2_moe",
-        "MoE routing with a shared expert",
-        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
-    ),  # fmt: skip
+    Family("Qwen2-MoE", "qwen2_moe", "MoE routing with a shared expert",
+           dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
     Family("Starcoder2", "starcoder2", "biases, layer norms", dict(sliding_window=WINDOW)),
     Family("Gemma", "gemma", "embedding scaled by the hidden size"),
-    Family(
-        "Gemma 2",
-        "gemma2",
-        "attention and final logit soft caps, query pre-attention scalar (eager attention)",
-        dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
-    ),  # fmt: skip
-    Family(
-        "Gemma 3",
-        "gemma3_text",
-        "query pre-attention scalar, local and global rotary bases",
-        dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED, query_pre_attn_scalar=24),
-    ),  # fmt: skip
-    Family(
-        "Cohere 2",
-        "cohere2",
-        "parallel attention and MLP, logit scale",
-        dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED),
-    ),
+    Family("Gemma 2", "gemma2", "attention and final logit soft caps, query pre-attention scalar (eager attention)",
+           dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=10.0)),
+    Family("Gemma 3", "gemma3_text", "query pre-attention scalar, local and global rotary bases",
+           dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED, query_pre_attn_scalar=24)),
+    Family("Cohere 2", "cohere2", "parallel attention and MLP, logit scale", dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED)),
     Family("OLMo 3", "olmo3", "query and key norms", dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED)),
     Family("EXAONE 4", "exaone4", "query and key norms", dict(sliding_window=WINDOW, num_hidden_layers=3, layer_types=_MIXED)),
-    Family(
-        "gpt-oss",
-        "gpt_oss",
-        "attention sinks, MoE routing (eager attention)",
-        dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
-    ),  # fmt: skip
-    Family(
-        "Llama 4",
-        "llama4_text",
-        "MoE routing, layers without rotary embeddings",
-        dict(
-            attention_chunk_size=WINDOW,
-            layer_types=["chunked_attention", "full_attention"],
-            num_local_experts=4,
-            num_experts_per_tok=1,
-            intermediate_size_mlp=96,
-            interleave_moe_layer_step=1,
-        ),
-    ),  # fmt: skip
-    Family(
-        "DeepSeek-V3",
-        "deepseek_v3",
-        "latent KV (MLA: key head size 16, value head size 12), MoE routing",
-        dict(
-            num_key_value_heads=4,
-            head_dim=8,
-            kv_lora_rank=16,
-            q_lora_rank=24,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=12,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-            n_group=1,
-            topk_group=1,
-        ),
-    ),  # fmt: skip
-    Family(
-        "Qwen3-Next",
-        "qwen3_next",
-        "gated delta-net linear attention beside full attention, MoE",
-        dict(layer_types=["linear_attention", "full_attention"]),
-    ),  # fmt: skip
+    Family("gpt-oss", "gpt_oss", "attention sinks, MoE routing (eager attention)",
+           dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2)),
+    Family("Llama 4, rotary embeddings in every layer", "llama4_text", "MoE routing",
+           dict(attention_chunk_size=WINDOW, layer_types=["chunked_attention", "full_attention"], **_MOE4), variant="rotary"),
+    Family("DeepSeek-V3", "deepseek_v3", "latent KV (MLA: key head size 16, value head size 12), MoE routing",
+           dict(**_MLA, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)),
+    Family("Llama 4", "llama4_text", "layers without rotary embeddings whose queries are scaled by position (temperature tuning), MoE",
+           dict(attention_chunk_size=WINDOW, num_hidden_layers=4, no_rope_layer_interval=2, **_MOE4)),
+    Family("Qwen3-Next", "qwen3_next", "gated delta-net linear attention beside full attention, MoE",
+           dict(layer_types=["linear_attention", "full_attention"])),
     Family("Falcon-H1", "falcon_h1", "Mamba-2 mixers beside attention in every layer"),
     Family("LFM2", "lfm2", "short convolutions beside attention", dict(layer_types=["conv", "full_attention"])),
     Family("Jamba", "jamba", "Mamba layers beside attention, MoE", dict(attn_layer_period=2, attn_layer_offset=1)),
-    Family(
-        "Granite 4 hybrid", "granitemoehybrid", "Mamba-2 layers beside attention", dict(layer_types=["linear_attention", "full_attention"])
-    ),
+    Family("Granite 4 hybrid", "granitemoehybrid", "Mamba-2 layers beside attention", dict(layer_types=["linear_attention", "full_attention"])),
     Family("Nemotron-H", "nemotron_h", "Mamba-2, MLP and attention layers"),
 )
+# fmt: on
 
 
 def family_config(family: Family, vocab_size: int, eos_token_id: int | None = None, pad_token_id: int | None = None):
@@ -235,9 +194,17 @@ def worst_errors(refs, pair, mode: str) -> tuple[dict[str, float], int]:
     return worst, max(len(r.prompt_ids_t) + len(r.token_ids) for r in results)
 
 
+def sidecar_sample(record: dict[str, Any]) -> SimpleNamespace:
+    """A sidecar line (level full) as :func:`stored_number_errors` takes a sample."""
+    return SimpleNamespace(
+        prompt_ids_theta=record["prompt_ids_theta"], prompt_ids_t=record["prompt_ids_t"],
+        token_ids=record["per_token"]["token_id"], per_token=record["per_token"],
+    )  # fmt: skip
+
+
 def stored_number_errors(refs, vocab: int, result) -> dict[str, float]:
     """The largest difference of each stored per-token number of ``result`` (a
-    :class:`~qstar_cli.engine.samples.SampleResult`) from what the float64 full forwards of ``refs``
+    :class:`~qstar_cli.engine.samples.SampleResult`, or a sidecar line's :func:`sidecar_sample`) from what the float64 full forwards of ``refs``
     (pi_theta's and pi_t's :func:`reference_model`) give at the stored alpha; for alpha itself, the
     float64 ``|KL(q||pi_theta) - KL(q||pi_t)|`` there, its distance from a root (near-equal models make
     alpha ill-conditioned, not the KLs). Sampled with temperature 1 and no truncation, as ``logp_q``

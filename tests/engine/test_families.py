@@ -14,7 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from transformers import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from qstar_cli.engine.architectures import UnsupportedModelError, attention_layout
 from qstar_cli.engine.models import LoadedModel
@@ -23,9 +23,12 @@ from qstar_cli.testing.families import (
     MODES,
     WINDOW,
     build_family_model,
+    family,
     family_config,
     family_status,
     reference_model,
+    sidecar_sample,
+    stored_number_errors,
     worst_errors,
 )
 from tests.helpers import (
@@ -49,7 +52,7 @@ REFUSED = [f for f in FAMILIES if f not in ACCEPTED]
 COMPILED = ("gpt_oss", "deepseek_v3")
 
 
-@pytest.fixture(scope="module", params=ACCEPTED, ids=lambda f: f.model_type)
+@pytest.fixture(scope="module", params=ACCEPTED, ids=lambda f: f.key)
 def family_pair(request, tiny_tokenizer):
     family = request.param
     theta = build_family_model(family, tiny_tokenizer, seed=1)
@@ -66,7 +69,7 @@ def test_every_stored_number_equals_transformers_full_forward(family_pair, mode,
     assert longest > 4 * WINDOW, "sequences longer than the windows and chunks"
 
 
-@pytest.mark.parametrize("family", [f for f in ACCEPTED if f.model_type in COMPILED], ids=lambda f: f.model_type)
+@pytest.mark.parametrize("family", [f for f in ACCEPTED if f.key in COMPILED], ids=lambda f: f.key)
 def test_compiled_forwards_equal_transformers_full_forward(family, tiny_tokenizer, one_torch_thread):
     """``compile=True`` on one model in both roles (pi_theta on the plain format, pi_t on the chat
     template, as the demo pair): its decode and verify forwards compiled."""
@@ -87,12 +90,13 @@ def config_only_dir(path, config, tokenizer):
     return str(path)
 
 
-@pytest.mark.parametrize("family", REFUSED, ids=lambda f: f.model_type)
+@pytest.mark.parametrize("family", REFUSED, ids=lambda f: f.key)
 def test_a_state_keeping_family_is_refused_from_its_config_before_loading(family, tiny_tokenizer, prompts_file, tmp_path):
     model = config_only_dir(tmp_path / "model", family_config(family, len(tiny_tokenizer)), tiny_tokenizer)
     out = tmp_path / "out.jsonl"
     line = one_line_error(cli("--model-theta", model, "--model-t", model, "--dataset", prompts_file, "--output", out, "--device", "cpu"))
-    assert f"({family.model_type}) keeps a " in line and "docs/model-families.md" in line, line
+    reason = family_status(family)[1].removeprefix("refused: ")
+    assert f"({family.model_type}) {reason}" in line and "see Model families in qstar's docs" in line, line
     assert not list(tmp_path.glob("out*")), "nothing written"
 
 
@@ -101,6 +105,11 @@ def test_a_state_keeping_family_is_refused_from_its_config_before_loading(family
     [
         ("qwen3", {"layer_types": ["full_attention", "indexed_attention"]}, "has layers of type indexed_attention"),
         ("bloom", {}, "computes its attention outside transformers' attention interface (BloomForCausalLM)"),
+        ("qwen3", {"is_causal": False}, "declares non-causal attention (is_causal: false)"),
+        ("gemma3_text", {"use_bidirectional_attention": True}, "attends both ways (use_bidirectional_attention)"),
+        ("roberta", {"is_decoder": True}, "is an encoder's architecture (BERT-style)"),
+        ("moshi", {"sliding_window": 8}, "declares sliding_attention layers that its attention code never applies"),
+        ("t5", {}, "is not a causal LM that transformers' AutoModelForCausalLM loads (T5Config)"),
     ],
 )
 def test_an_unknown_attention_pattern_is_refused_not_guessed(model_type, config, refusal, tiny_tokenizer, prompts_file, tmp_path):
@@ -138,22 +147,27 @@ def test_the_python_api_refuses_what_generate_refuses(tiny_tokenizer):
 def sliding_model_dirs(tiny_tokenizer, tmp_path_factory):
     """A Gemma 3 pair (sliding windows of 8 on 2 of 3 layers) saved as model directories."""
     root = tmp_path_factory.mktemp("gemma3")
-    family = next(f for f in FAMILIES if f.model_type == "gemma3_text")
+    gemma3 = family("gemma3_text")
     dirs = []
     for seed in (1, 2):
-        build_family_model(family, tiny_tokenizer, seed=seed).save_pretrained(root / str(seed))
+        build_family_model(gemma3, tiny_tokenizer, seed=seed).save_pretrained(root / str(seed))
         tiny_tokenizer.save_pretrained(root / str(seed))
         dirs.append(str(root / str(seed)))
     return dirs
 
 
-def test_kill_9_and_resume_is_byte_identical_on_a_sliding_family(sliding_model_dirs, prompts_file, tmp_path):
+def test_kill_9_and_resume_is_byte_identical_on_a_sliding_family(sliding_model_dirs, tiny_tokenizer, prompts_file, tmp_path):
     args = tiny_run_flags(sliding_model_dirs, prompts_file, max_new_tokens=60, batch_size=2)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "k.jsonl"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     assert spawn(args, ref, **quiet).wait(timeout=300) == 0
-    lengths = [r["num_tokens"] for r in read_lines(paths(ref)[1])]
+    lines = read_lines(paths(ref)[1])
+    lengths = [r["num_tokens"] for r in lines]
     assert max(lengths) > 3 * WINDOW and len(set(lengths)) > 2, lengths
+    # The files' numbers, read as the docs' recipe reads them, against the float64 full forwards.
+    refs = [reference_model(AutoModelForCausalLM.from_pretrained(d)) for d in sliding_model_dirs]
+    for record in lines[:3]:
+        assert max(stored_number_errors(refs, len(tiny_tokenizer), sidecar_sample(record)).values()) < 1e-4
     assert kill_at_random_moments(lambda: spawn(args, out, **quiet), out, np.random.default_rng(40), max_delay=0.8) >= 2
     assert spawn(args, out, **quiet).wait(timeout=300) == 0
     assert file_bytes(out) == file_bytes(ref)

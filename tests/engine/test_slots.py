@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from qstar_cli.engine.slots import SLOT_ATTENTION, SlotCache, slot_attention, use_slot_attention
 from qstar_cli.errors import QstarInputError
 from qstar_cli.runfiles.format import PER_TOKEN_FIELDS
-from qstar_cli.testing.families import FAMILIES, build_family_model
+from qstar_cli.testing.families import build_family_model, family
 from qstar_cli.testing.tiny import build_tiny_model
 from tests.helpers import CONVERSATIONS, make_sampler
 
@@ -36,7 +36,9 @@ def test_packed_grouped_query_attention_equals_repeated_keys(queries):
     torch.testing.assert_close(packed, repeated, rtol=0, atol=1e-12)
 
 
-def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tokenizer):
+def test_forwards_read_the_storage_in_place_and_attention_reads_the_masks(tiny_tokenizer):
+    """SDPA models switch to the slot attention, eager ones stay; a model on a kernel that would not
+    read the 4D masks (flex attention here) switches to the slot attention, or eager without SDPA."""
     model = build_tiny_model(tiny_tokenizer, seed=1)
     use_slot_attention(model)
     assert model.config._attn_implementation == SLOT_ATTENTION
@@ -44,6 +46,10 @@ def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tok
     eager.set_attn_implementation("eager")
     use_slot_attention(eager)
     assert eager.config._attn_implementation == "eager"
+    for key, expected in (("llama", SLOT_ATTENTION), ("gemma2", "eager")):
+        flex = build_family_model(family(key), tiny_tokenizer, attn_implementation="flex_attention")
+        use_slot_attention(flex)
+        assert flex.config._attn_implementation == expected, key
 
     cache = SlotCache(model.config, slots=3, capacity=40)
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
@@ -56,12 +62,12 @@ def test_forwards_read_the_storage_in_place_and_only_sdpa_models_switch(tiny_tok
     assert layer.keys[0].abs().sum() == 0, "slot 0 untouched by a forward on slots 1 and 2"
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer, family):
+@pytest.mark.parametrize("key", ["llama", "gemma3_text"])
+def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer, key):
     """CUDA graphs' bucketed shapes (rows and width padded to buckets, the padding rows at
     position -1 in free slots): the same log-probs as the exact shapes, and no valid column written;
     for a model whose layers all attend fully, and for one with sliding windows of 8 on 2 of 3."""
-    model = build_family_model(next(f for f in FAMILIES if f.model_type == family), tiny_tokenizer, seed=1)
+    model = build_family_model(family(key), tiny_tokenizer, seed=1)
     use_slot_attention(model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, 50, (3, 9), generator=gen)

@@ -6,7 +6,7 @@ import pytest
 from qstar_cli.engine import memory
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.engine.slots import CAPACITY_CHUNK, SlotCache
-from qstar_cli.testing.families import FAMILIES, build_family_model
+from qstar_cli.testing.families import build_family_model, family
 from tests.helpers import CONVERSATIONS, file_bytes, invoke, make_sampler, one_line_error, run_files
 
 GIB = 1 << 30
@@ -47,8 +47,7 @@ def test_slots_follow_the_arithmetic_by_hand(pair, monkeypatch):
 def test_kv_bytes_per_token_are_what_the_slots_hold(model_type, tiny_tokenizer):
     """Latent keys and values (DeepSeek: key heads of 16, value heads of 12, their config's head_dim
     is 8) and mixed layers take what a run's storage takes, per column."""
-    family = next(f for f in FAMILIES if f.model_type == model_type)
-    loaded = LoadedModel(build_family_model(family, tiny_tokenizer, seed=1), tiny_tokenizer, model_type)
+    loaded = LoadedModel(build_family_model(family(model_type), tiny_tokenizer, seed=1), tiny_tokenizer, model_type)
     sampler = make_sampler((loaded, loaded), max_new_tokens=4)
     caches = []
     real_init = SlotCache.__init__
