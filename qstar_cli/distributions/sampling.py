@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
+#: Devices whose ``cumsum`` adds a row's entries in order into one accumulator (:func:`sample_tokens`).
+SEQUENTIAL_SCAN_DEVICES = ("cpu",)
 
 
 def _as_int64(value: int) -> int:
@@ -111,12 +113,16 @@ def sample_tokens(logp: Tensor, uniform: Tensor) -> Tensor:
 
     The cdf steps at entries with mass only, so zero-probability tokens are never drawn: a parallel
     scan (CUDA's ``cumsum``) sums each prefix in its own order and may round the prefix at a zero
-    entry above the one before it, so a zero entry's prefix is replaced by the running maximum of
-    the prefixes before it (which also keeps the cdf sorted). The first index whose cdf reaches
-    ``u * total`` is then one where the cdf rises. A row of NaN (a model that emitted NaN, caught
-    after the round) draws id 0.
+    entry above the one before it, so there a zero entry's prefix is replaced by the running maximum
+    of the prefixes before it (which also keeps the cdf sorted). A CPU's ``cumsum`` adds the entries
+    in order into one accumulator, so a zero entry's prefix already equals the one before it (the
+    same cdf, without the running maximum's pass). The first index whose cdf reaches ``u * total`` is
+    then one where the cdf rises. A row of NaN (a model that emitted NaN, caught after the round)
+    draws id 0.
     """
     probs = logp.exp()
-    cdf = torch.where(probs > 0, probs.cumsum(dim=-1), 0.0).cummax(dim=-1).values
+    cdf = probs.cumsum(dim=-1)
+    if cdf.device.type not in SEQUENTIAL_SCAN_DEVICES:
+        cdf = torch.where(probs > 0, cdf, 0.0).cummax(dim=-1).values
     target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target).squeeze(-1)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from qstar_cli.distributions import sampling
 from qstar_cli.distributions.sampling import SamplingParams, counter_uniform, sampling_logprobs
 from qstar_cli.distributions.token_choice import choose_tokens
 from tests.helpers import chi_square_pvalue
@@ -130,6 +131,16 @@ def test_zero_probability_tokens_are_never_drawn_even_at_extreme_uniforms():
     assert sample_tokens(rows, u).tolist() == [1, 1, 3, 3]
 
 
+def test_a_cpu_scan_gives_a_zero_entry_the_prefix_before_it():
+    """The CPU's cumsum adds in order: a zero entry's prefix is its predecessor's, bit for bit, so
+    the running maximum a parallel scan needs would change nothing there."""
+    gen = torch.Generator().manual_seed(5)
+    logp = torch.randn(16, 5000, generator=gen).log_softmax(-1).masked_fill(torch.rand(16, 5000, generator=gen) < 0.3, -math.inf)
+    probs = logp.exp()
+    cdf = probs.cumsum(-1)
+    assert torch.equal(cdf, torch.where(probs > 0, cdf, 0.0).cummax(-1).values)
+
+
 def test_a_scan_that_rounds_a_prefix_up_never_lands_a_draw_on_a_zero_entry(monkeypatch):
     """A parallel scan (CUDA's cumsum) sums each prefix in its own order, so the prefix at a zero
     entry can come out an ulp above the one before it; a uniform in that gap must not draw it."""
@@ -142,6 +153,7 @@ def test_a_scan_that_rounds_a_prefix_up_never_lands_a_draw_on_a_zero_entry(monke
         return torch.where(self == 0, torch.nextafter(cdf, torch.tensor(math.inf)), cdf)
 
     monkeypatch.setattr(torch.Tensor, "cumsum", rounding_scan)
+    monkeypatch.setattr(sampling, "SEQUENTIAL_SCAN_DEVICES", ())  # as on a GPU
     logp = torch.tensor([[math.log(0.25), -math.inf, math.log(0.75)], [-math.inf, 0.0, -math.inf]])
     gap = torch.nextafter(torch.tensor(0.25), torch.tensor(1.0))  # the rounded-up prefix at entry 1
     assert rounding_scan(logp.exp(), dim=-1)[0, 1] == gap  # the scan does round up there
