@@ -118,11 +118,11 @@ def sample_tokens(logp: Tensor, uniform: Tensor) -> Tensor:
     in order into one accumulator, so a zero entry's prefix already equals the one before it (the
     same cdf, without the running maximum's pass). The first index whose cdf reaches ``u * total`` is
     then one where the cdf rises. A row of NaN (a model that emitted NaN, caught after the round)
-    draws id 0.
+    draws an id within the vocabulary (the search returns one past the end for a NaN target).
     """
     probs = logp.exp()
     cdf = probs.cumsum(dim=-1)
     if cdf.device.type not in SEQUENTIAL_SCAN_DEVICES:
         cdf = torch.where(probs > 0, cdf, 0.0).cummax(dim=-1).values
     target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)

@@ -161,6 +161,17 @@ def test_a_scan_that_rounds_a_prefix_up_never_lands_a_draw_on_a_zero_entry(monke
     assert sample_tokens(logp, u).tolist() == [2, 1]
 
 
+@pytest.mark.parametrize("devices", [("cpu",), ()], ids=["sequential scan", "parallel scan"])
+def test_a_nan_row_draws_an_id_within_the_vocabulary(monkeypatch, devices):
+    """A model's NaN row is caught after the round; until then its draw must index the vocabulary."""
+    from qstar_cli.distributions.sampling import sample_tokens
+
+    monkeypatch.setattr(sampling, "SEQUENTIAL_SCAN_DEVICES", devices)
+    logp = torch.tensor([[math.nan] * 4, [math.log(0.5), math.log(0.5), -math.inf, -math.inf]])
+    ids = sample_tokens(logp, torch.tensor([0.5, 1.0]))
+    assert 0 <= ids[0] < 4 and ids[1] == 1
+
+
 def test_invalid_parameters_are_named():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

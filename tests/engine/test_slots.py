@@ -87,7 +87,9 @@ def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer,
     assert caches[1].rows == (0, 4) and caches[1].width == 64, "3 rows run as 4, width 15 as 64"
     torch.testing.assert_close(logps[1], logps[0], rtol=1e-6, atol=1e-6)  # wider attention sums in another order
     for exact, padded in zip(caches[0].layers, caches[1].layers):
-        torch.testing.assert_close(padded.keys[:3, :, :-1], exact.keys[:3, :, :-1], rtol=0, atol=1e-6)
+        # Float32's rounding of the wider attention's sums and of matmuls over 4 rows instead of 3, carried
+        # through the layers below (up to 1.7e-6 on Gemma 3's keys).
+        torch.testing.assert_close(padded.keys[:3, :, :-1], exact.keys[:3, :, :-1], rtol=1e-6, atol=1e-5)
         assert padded.keys[3:, :, :-1].abs().sum() == 0, "padding rows write their scratch column only"
 
 

@@ -214,9 +214,10 @@ CASES = [
         ["adapter Boom failed on row 0", "KeyError: 'boom'"],
         True,
     ),
-    # generate: found once the models are loaded
     case("damaged line in a run", gen(out=at("torn.jsonl")), ["torn.diagnostics.jsonl line 6 is damaged"], True),
-    case("hub id not there", gen("--model-t", "no-such-org/no-such-model"), ["cannot load model", "as a hub id"], False),
+    # generate: found from a model's config, before any weight loads
+    case("hub id not there", gen("--model-t", "no-such-org/no-such-model"), ["cannot load model", "as a hub id"], True),
+    # generate: found once the models are loaded
     case("vocabularies differ", gen("--model-t", lambda w: w.swapped), ["do not share a vocabulary"], False),
     case(
         "no prompt fits the context",
@@ -237,7 +238,7 @@ CASES = [
     case("unknown command", lambda w: ["generat"], ["No such command 'generat'"], True),
     case("version with an argument", lambda w: ["version", "now"], ["unexpected extra argument", "(now)"], True),
     # analyze
-    case("analyze without a file", lambda w: ["analyze"], ["Missing argument 'sidecar'"], True),
+    case("analyze without a file", lambda w: ["analyze"], ["Missing argument 'SIDECAR'"], True),
     case("analyze a missing file", lambda w: ["analyze", w.root / "none.diagnostics.jsonl"], ["diagnostics file not found"], True),
     case("analyze a directory", lambda w: ["analyze", w.root / "a_dir"], ["a_dir is a directory"], True),
     case(
