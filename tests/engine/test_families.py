@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+from qstar_cli.engine import cpu_linears
 from qstar_cli.engine.architectures import UnsupportedModelError, attention_layout
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.testing.families import (
@@ -62,7 +63,10 @@ def family_pair(request, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "compiled"])
-def test_every_stored_number_equals_transformers_full_forward(family_pair, mode, one_torch_thread):
+def test_every_stored_number_equals_transformers_full_forward(family_pair, mode, one_torch_thread, monkeypatch):
+    # Every linear on oneDNN and siblings fused, as at real shapes (these weights are under the size
+    # from which packing pays).
+    monkeypatch.setattr(cpu_linears, "MIN_PACKED_ELEMENTS", 0)
     pair, refs = family_pair
     worst, longest = worst_errors(refs, pair, mode)
     assert max(worst.values()) < 1e-4, worst
