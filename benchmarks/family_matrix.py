@@ -1,6 +1,7 @@
 """The model-family matrix's figures: per family and run, the worst error of every stored per-token
 number against a float64 full forward of transformers' own model (tests/engine/test_families.py
 bounds them by 1e-4; this prints them, with every family compiled, which the test suite does for two).
+As in the test, every linear runs on oneDNN with q/k/v and gate/up fused, as at real shapes.
 
     .venv/bin/python benchmarks/family_matrix.py                      # every family, every run (compiled: a minute or more each)
     .venv/bin/python benchmarks/family_matrix.py --modes plain draft_k=3 --families gemma3_text gpt_oss
@@ -17,6 +18,7 @@ import warnings
 
 import torch
 
+from qstar_cli.engine import cpu_linears
 from qstar_cli.engine.models import LoadedModel
 from qstar_cli.testing.families import FAMILIES, MODES, build_family_model, family_status, reference_model, worst_errors
 from qstar_cli.testing.tiny import build_tiny_tokenizer
@@ -29,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # tiny models: one thread is fastest
+    cpu_linears.MIN_PACKED_ELEMENTS = 0  # every linear on oneDNN, siblings fused, as at real shapes (and in the test)
     tokenizer = build_tiny_tokenizer()
     families = [f for f in FAMILIES if f.key in args.families]
     print(

@@ -14,7 +14,7 @@ computes every sibling's output for its input, each other sibling's call on that
 about 15 us a call more than sgemm, which packing saves only on larger weights: a weight (or fused
 group) under :data:`MIN_PACKED_ELEMENTS` stays a plain linear.
 
-Float32 forwards on the CPU use the packed copy, made at their first call and again whenever a
+Float32 forwards on the CPU use the packed copy, made by :func:`prepack_linears` and again whenever a
 weight changes (new values, another dtype or device: then a plain linear again). The weights are
 held twice on the CPU (the originals stay: a tied output head shares its weight with the embedding,
 and whatever reads a weight keeps working), so a CPU run's model memory doubles. Compiled forwards
@@ -88,7 +88,7 @@ class PackedWeights:
                 for sibling in self.linears:
                     sibling.packed = own_packing(sibling)
                 return linear(x)
-        if not self._pack():  # a weight is no longer float32 on the CPU
+        if not self.pack():  # a weight is no longer float32 on the CPU
             return functional.linear(x, linear.weight, linear.bias)
         out = torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, "none", [], "")
         if len(self.linears) == 1:
@@ -97,7 +97,7 @@ class PackedWeights:
         self._pending = (x, version, columns, set(range(len(self.linears))) - {index})
         return columns[index].contiguous()
 
-    def _pack(self) -> bool:
+    def pack(self) -> bool:
         """Pack the weights if they changed; whether they can be (float32, on the CPU)."""
         weights = [m.weight for m in self.linears]
         if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
@@ -134,6 +134,9 @@ def prepack_linears(model: nn.Module) -> int:
                 shared = PackedWeights(siblings)
                 for linear in siblings:
                     linear.packed = shared
+    packings = {id(linear.packed): linear.packed for linear in linears if linear.packed is not None}
+    for packing in packings.values():
+        packing.pack()  # now, so that the memory free after this counts the packed copies
     return sum(linear.packed is not None for linear in linears)
 
 

@@ -291,6 +291,8 @@ class Manifest(TypedDict, total=False):
     counts: Counts
     sessions: list[dict[str, Any]]
     shard: dict[str, Any]  # a shard's index, count, schedule_samples and split
+    slot_plan: dict[str, Any]  # --batch-size auto: how the slots were sized (memory.SlotPlan's fields)
+    compile_seconds: float  # --compile: how long this session's warm-up compiled
     merged: str  # a merged run: when
     shards: list[dict[str, Any]]  # a merged run: each shard's manifest
 

@@ -39,10 +39,10 @@ def test_packed_linears_equal_float64_to_rounding_and_each_row_is_its_own(pack_a
     model = layers()
     reference = copy.deepcopy(model).double()
     assert prepack_linears(model) == 2 and all(type(m) is PackedLinear for m in (model[0], model[2]))
+    assert model[0].packed._weight is not None, "packed at once (the memory free after it counts the copies)"
     x = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         out = model(x)
-        assert model[0].packed._weight is not None, "the packed path ran"
         expected = reference(x.double())
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
         # Bitwise: a row computes the same alone as in a batch of 32 (sgemm's blocking does not promise it).
