@@ -52,6 +52,9 @@ def main() -> None:
         refs = reference_model(theta), reference_model(target)
         for mode in args.modes:
             if mode == "compiled":  # one model in both roles, as the test does (one compilation)
+                # Each family compiled afresh, as in its own process: dynamo's cache of transformers'
+                # shared forward wrapper would otherwise fill up (32 entries) and run later ones eager.
+                torch._dynamo.reset()
                 worst, _ = worst_errors((refs[0], refs[0]), (pair[0], pair[0]), mode)
             else:
                 worst, _ = worst_errors(refs, pair, mode)

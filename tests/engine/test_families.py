@@ -14,6 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from qstar_cli.engine import cpu_linears
@@ -77,6 +78,7 @@ def test_every_stored_number_equals_transformers_full_forward(family_pair, mode,
 def test_compiled_forwards_equal_transformers_full_forward(family, tiny_tokenizer, one_torch_thread):
     """``compile=True`` on one model in both roles (pi_theta on the plain format, pi_t on the chat
     template, as the demo pair): its decode and verify forwards compiled."""
+    torch._dynamo.reset()  # compiled afresh: a full cache of transformers' shared forward wrapper runs it eager
     model = build_family_model(family, tiny_tokenizer, seed=1)
     loaded = LoadedModel(model, tiny_tokenizer, "model")
     worst, _ = worst_errors((reference_model(model),) * 2, (loaded, loaded), "compiled")
