@@ -15,7 +15,8 @@ about 15 us a call more than sgemm, which packing saves only on larger weights: 
 group) under :data:`MIN_PACKED_ELEMENTS` stays a plain linear.
 
 Float32 forwards on the CPU use the packed copy, made by :func:`prepack_linears` and again whenever a
-weight changes (new values, another dtype or device: then a plain linear again). The weights are
+weight changes (new values, another dtype or device: then a plain linear again); a forward that
+records gradients takes the plain linear. The weights are
 held twice on the CPU (the originals stay: a tied output head shares its weight with the embedding,
 and whatever reads a weight keeps working), so a CPU run's model memory doubles. Compiled forwards
 take the plain linear: inductor packs its own.
@@ -41,7 +42,9 @@ class PackedLinear(nn.Linear):
     packed: PackedWeights | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None or torch.compiler.is_compiling() or x.dtype != torch.float32:
+        # oneDNN's op has no backward: a forward that records gradients takes the plain linear.
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if self.packed is None or grad or torch.compiler.is_compiling() or x.dtype != torch.float32:
             return functional.linear(x, self.weight, self.bias)
         return self.packed.output(self, x)
 

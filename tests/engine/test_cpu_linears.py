@@ -102,6 +102,17 @@ def test_a_copy_another_dtype_or_new_weights_are_computed_plainly(pack_any_size)
     torch.testing.assert_close(model(x).detach(), plain, rtol=1e-5, atol=1e-6)
 
 
+def test_a_forward_that_records_gradients_takes_the_plain_linear(pack_any_size):
+    model = layers()
+    plain = copy.deepcopy(model)
+    prepack_linears(model)
+    x = torch.randn(4, 48)
+    model(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for ours, theirs in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(ours.grad, theirs.grad)
+
+
 def test_compiled_forwards_take_the_plain_linear(pack_any_size):
     model = layers()
     prepack_linears(model)
