@@ -14,9 +14,12 @@ computes every sibling's output for its input, each other sibling's call on that
 about 15 us a call more than sgemm, which packing saves only on larger weights: a weight (or fused
 group) under :data:`MIN_PACKED_ELEMENTS` stays a plain linear.
 
-Float32 forwards on the CPU use the packed copy, made by :func:`prepack_linears` and again whenever a
-weight changes (new values, another dtype or device: then a plain linear again); a forward that
-records gradients takes the plain linear. The weights are
+Float32 forwards on the CPU in inference mode (the sampler's) use the packed copy, made by
+:func:`prepack_linears`, again at the start of every sampler stream (:func:`repack_linears`: the
+weights may have been trained or overwritten between streams) and whenever a weight's version
+changes within one (another dtype or device: a plain linear again). Every other forward (recording
+gradients, forward-mode derivatives, autocast) takes the plain linear, so a model trained between
+streams is trained as a plain one. The weights are
 held twice on the CPU (the originals stay: a tied output head shares its weight with the embedding,
 and whatever reads a weight keeps working), so a CPU run's model memory doubles. Compiled forwards
 take the plain linear: inductor packs its own.
@@ -42,9 +45,15 @@ class PackedLinear(nn.Linear):
     packed: PackedWeights | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # oneDNN's op has no backward: a forward that records gradients takes the plain linear.
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if self.packed is None or grad or torch.compiler.is_compiling() or x.dtype != torch.float32:
+        # The sampler's forwards run in inference mode; any other (one that records gradients of any
+        # kind, or under autocast) takes the plain linear: oneDNN's op has no derivatives.
+        if (
+            self.packed is None
+            or torch.compiler.is_compiling()
+            or x.dtype != torch.float32
+            or not torch.is_inference_mode_enabled()
+            or torch.is_autocast_enabled("cpu")
+        ):
             return functional.linear(x, self.weight, self.bias)
         return self.packed.output(self, x)
 
@@ -100,6 +109,9 @@ class PackedWeights:
         self._pending = (x, version, columns, set(range(len(self.linears))) - {index})
         return columns[index].contiguous()
 
+    def mark_stale(self) -> None:
+        self._key = None
+
     def pack(self) -> bool:
         """Pack the weights if they changed; whether they can be (float32, on the CPU)."""
         weights = [m.weight for m in self.linears]
@@ -114,6 +126,15 @@ class PackedWeights:
             self._bias = None if biases[0] is None else torch.cat(biases).detach()
             self._key = key
         return True
+
+
+def repack_linears(model: nn.Module) -> None:
+    """Pack ``model``'s packed linears anew at their next call (the sampler does at the start of
+    every stream): a weight written through ``.data``, or by a fused optimizer's step, changes
+    without the version counter that the packing checks otherwise."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and module.packed is not None:
+            module.packed.mark_stale()
 
 
 def own_packing(linear: nn.Linear) -> PackedWeights | None:

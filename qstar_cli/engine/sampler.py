@@ -32,7 +32,7 @@ from qstar_cli.distributions.speculative import AUTO_MAX_DRAFT, auto_draft_len, 
 from qstar_cli.distributions.token_choice import TokenChoice, check_teacher_topk, choose_tokens, draw_drafts, teacher_topk
 from qstar_cli.engine.architectures import check_architecture
 from qstar_cli.engine.compiled import EAGER, compiled_forward, compiled_math, graphed, use_compile
-from qstar_cli.engine.cpu_linears import prepack_linears
+from qstar_cli.engine.cpu_linears import prepack_linears, repack_linears
 from qstar_cli.engine.memory import PREFILL_CHUNK_TOKENS, SlotPlan, keep_freed_host_memory, plan_slots
 from qstar_cli.engine.models import (
     LoadedModel,
@@ -219,6 +219,8 @@ class DualModelSampler:
         the host, and results keep only their token ids per token (the tokens are the same).
         """
         stats = stats if stats is not None else StreamStats()
+        for r in self.roles.values():
+            repack_linears(r.model)  # its weights as they are now
         schedule = SlotScheduler(requests, slots, scheduler, max_waiting or 32 * slots, self._admit)
         caches = {
             r.role: SlotCache(

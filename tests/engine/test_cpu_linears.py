@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from qstar_cli.engine import cpu_linears
-from qstar_cli.engine.cpu_linears import PackedLinear, PackedWeights, prepack_linears
+from qstar_cli.engine.cpu_linears import PackedLinear, PackedWeights, prepack_linears, repack_linears
+from qstar_cli.engine.models import LoadedModel
+from qstar_cli.testing.families import build_family_model, family, reference_model, stored_number_errors
+from tests.helpers import CONVERSATIONS, make_sampler
 
 
 @pytest.fixture
@@ -97,20 +100,58 @@ def test_a_copy_another_dtype_or_new_weights_are_computed_plainly(pack_any_size)
         double = copy.deepcopy(model).double()
         torch.testing.assert_close(double(x.double()), packed.double(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        model[0].weight.mul_(2)  # new values: packed again
+        model[0].weight.mul_(2)  # new values, a new version: packed again
     plain = nn.functional.linear(nn.functional.silu(nn.functional.linear(x, model[0].weight, model[0].bias)), model[2].weight)
-    torch.testing.assert_close(model(x).detach(), plain, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-6)
 
 
-def test_a_forward_that_records_gradients_takes_the_plain_linear(pack_any_size):
+def test_outside_inference_mode_a_forward_is_a_plain_linears(pack_any_size):
+    """Gradients (a frozen weight's trainable bias too) and forward-mode derivatives, which oneDNN's
+    op does not have: every forward outside inference mode (the sampler's) is a plain linear."""
     model = layers()
     plain = copy.deepcopy(model)
     prepack_linears(model)
+    for m in (model, plain):
+        m[0].weight.requires_grad_(False)  # BitFit: the biases alone train
     x = torch.randn(4, 48)
     model(x).square().sum().backward()
     plain(x).square().sum().backward()
     for ours, theirs in zip(model.parameters(), plain.parameters(), strict=True):
-        assert torch.equal(ours.grad, theirs.grad)
+        assert (ours.grad is None and theirs.grad is None) or torch.equal(ours.grad, theirs.grad)
+    with torch.no_grad():
+        tangent = torch.randn(4, 48)
+        ours = torch.func.jvp(model, (x,), (tangent,))[1]
+        torch.testing.assert_close(ours, torch.func.jvp(plain, (x,), (tangent,))[1])
+
+
+def test_weights_written_without_a_version_are_packed_anew_by_repack_linears(pack_any_size):
+    """``param.data`` writes and fused optimizers change a weight without its version counter: the
+    sampler repacks at the start of every stream."""
+    model, other = layers(), layers(seed=1)
+    prepack_linears(model)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        for param, new in zip(model.parameters(), other.parameters(), strict=True):
+            param.data.copy_(new)
+    repack_linears(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), other(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sampler_reads_its_models_weights_as_they_are_when_a_stream_begins(tiny_tokenizer, pack_any_size):
+    """A model trained between two generates (weights written through ``.data``): the second samples
+    from the new weights, every stored number as a float64 forward of them gives."""
+    theta, target = (build_family_model(family("llama"), tiny_tokenizer, seed=s) for s in (1, 2))
+    pair = LoadedModel(theta, tiny_tokenizer, "theta"), LoadedModel(target, tiny_tokenizer, "target")
+    sampler = make_sampler(pair, max_new_tokens=8)
+    sampler.generate(CONVERSATIONS[:1])
+    with torch.no_grad():
+        for param, new in zip(target.parameters(), build_family_model(family("llama"), tiny_tokenizer, seed=3).parameters(), strict=True):
+            param.data.copy_(new)
+    refs = reference_model(theta), reference_model(target)
+    for result in sampler.generate(CONVERSATIONS[:1]):
+        assert max(stored_number_errors(refs, sampler.vocab, result).values()) < 1e-4
 
 
 def test_compiled_forwards_take_the_plain_linear(pack_any_size):

@@ -81,12 +81,13 @@ def test_bucketed_forwards_pad_rows_and_width_and_change_nothing(tiny_tokenizer,
     logps, caches = [], []
     for bucketed in (False, True):
         cache = SlotCache(model.config, slots=8, capacity=40, bucketed=bucketed)
-        cache.forward(model, prompt, positions, 0, 9, 50)
-        steps = []
-        for step in range(3):
-            ids = torch.randint(1, 50, (3, 2), generator=torch.Generator().manual_seed(step))
-            at = positions[:, -1:] + 1 + 2 * step + torch.arange(2)
-            steps.append(cache.forward(model, ids, at, 0, int(at.max()) + 1, 50, every_query=True, run=model))
+        with torch.inference_mode():  # as the sampler runs them: on the packed linears
+            cache.forward(model, prompt, positions, 0, 9, 50)
+            steps = []
+            for step in range(3):
+                ids = torch.randint(1, 50, (3, 2), generator=torch.Generator().manual_seed(step))
+                at = positions[:, -1:] + 1 + 2 * step + torch.arange(2)
+                steps.append(cache.forward(model, ids, at, 0, int(at.max()) + 1, 50, every_query=True, run=model))
         logps.append(torch.stack(steps))
         caches.append(cache)
     assert caches[1].rows == (0, 4) and caches[1].width == 64, "3 rows run as 4, width 15 as 64"
